@@ -1,0 +1,331 @@
+"""Clients, brands, prices, the per-call usage ledger and invoices."""
+
+from __future__ import annotations
+
+import uuid
+from decimal import Decimal
+
+from django.conf import settings
+from django.core.validators import MinValueValidator, RegexValidator
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+MONEY = {"max_digits": 12, "decimal_places": 6}
+HEX_COLOR = RegexValidator(r"^#[0-9a-fA-F]{6}$", "Enter a colour as #rrggbb, for example #1f6feb.")
+LOGO_URL = RegexValidator(
+    r"^(https?://[^\s\"'<>]+|/[^\s\"'<>]*)?$",
+    "Enter an http(s) URL or a path starting with /.",
+)
+
+
+class Provider(models.TextChoices):
+    OLLAMA = "ollama", "Ollama"
+    OPENAI = "openai", "OpenAI"
+    ANTHROPIC = "anthropic", "Anthropic"
+
+
+class TokenSource(models.TextChoices):
+    PROVIDER = "provider", "Reported by provider"
+    ESTIMATED = "estimated", "Estimated"
+
+
+class ClientDomainQuerySet(models.QuerySet):
+    def active(self) -> ClientDomainQuerySet:
+        return self.filter(is_active=True)
+
+    def open_to(self, user) -> ClientDomainQuerySet:
+        """Clients this user may bill: open ones (no members) and those listing them."""
+        if user.is_staff:
+            return self
+        return self.filter(Q(members__isnull=True) | Q(members=user)).distinct()
+
+
+class ClientDomain(models.Model):
+    """A client: the party time and LLM cost are billed to."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    name = models.CharField(max_length=200)
+    slug = models.SlugField(max_length=100, unique=True)
+    hostname = models.CharField(
+        max_length=253,
+        unique=True,
+        null=True,
+        blank=True,
+        help_text="Requests for this Host get this client's branding.",
+    )
+    hourly_rate = models.DecimalField(
+        max_digits=10, decimal_places=2, default=Decimal("0"), validators=[MinValueValidator(0)]
+    )
+    currency = models.CharField(max_length=3, default="USD")
+    llm_markup_percent = models.DecimalField(
+        max_digits=6, decimal_places=2, default=Decimal("0"), validators=[MinValueValidator(0)]
+    )
+    billing_increment_minutes = models.PositiveSmallIntegerField(
+        default=6, validators=[MinValueValidator(1)], help_text="Billable time is rounded up to this increment."
+    )
+    is_active = models.BooleanField(default=True)
+    members = models.ManyToManyField(
+        settings.AUTH_USER_MODEL,
+        blank=True,
+        related_name="client_memberships",
+        help_text="Consultants who may bill this client. Empty: open to every consultant.",
+    )
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    objects = ClientDomainQuerySet.as_manager()
+
+    class Meta:
+        db_table = "domain_portfolio"
+        ordering = ["name"]
+        verbose_name = "client"
+        constraints = [
+            models.CheckConstraint(condition=Q(hourly_rate__gte=0), name="client_rate_non_negative"),
+            models.CheckConstraint(condition=Q(llm_markup_percent__gte=0), name="client_markup_non_negative"),
+            models.CheckConstraint(condition=Q(billing_increment_minutes__gte=1), name="client_increment_positive"),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def save(self, *args, **kwargs):
+        # An empty hostname means "none"; store NULL so uniqueness ignores it.
+        if not self.hostname:
+            self.hostname = None
+        else:
+            self.hostname = self.hostname.strip().lower()
+        super().save(*args, **kwargs)
+
+
+class Brand(models.Model):
+    FONTS = [
+        ("system", "System UI"),
+        ("serif", "Serif (Georgia)"),
+        ("humanist", "Humanist (Seravek, Gill Sans)"),
+        ("geometric", "Geometric (Avenir, Montserrat)"),
+        ("mono", "Monospace"),
+    ]
+    FONT_STACKS = {
+        "system": 'system-ui, -apple-system, "Segoe UI", Roboto, sans-serif',
+        "serif": 'Georgia, Cambria, "Times New Roman", serif',
+        "humanist": 'Seravek, "Gill Sans Nova", Ubuntu, Calibri, sans-serif',
+        "geometric": 'Avenir, Montserrat, Corbel, "URW Gothic", sans-serif',
+        "mono": 'ui-monospace, "Cascadia Code", Menlo, Consolas, monospace',
+    }
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    client = models.ForeignKey(ClientDomain, on_delete=models.CASCADE, related_name="brands")
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="brands"
+    )
+    name = models.CharField(max_length=200)
+    logo = models.CharField(max_length=500, blank=True, validators=[LOGO_URL], help_text="URL or /static/ path.")
+    primary_color = models.CharField(max_length=7, default="#1f6feb", validators=[HEX_COLOR])
+    accent_color = models.CharField(max_length=7, default="#8250df", validators=[HEX_COLOR])
+    background_color = models.CharField(max_length=7, default="#ffffff", validators=[HEX_COLOR])
+    font = models.CharField(max_length=20, choices=FONTS, default="system")
+    welcome_text = models.TextField(blank=True)
+    is_default = models.BooleanField(default=False, help_text="The brand used for this client unless one is chosen.")
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    class Meta:
+        db_table = "user_brands"
+        ordering = ["client__name", "name"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["client"], condition=Q(is_default=True), name="one_default_brand_per_client"
+            ),
+            models.CheckConstraint(condition=Q(primary_color__regex=r"^#[0-9a-fA-F]{6}$"), name="brand_primary_hex"),
+            models.CheckConstraint(condition=Q(accent_color__regex=r"^#[0-9a-fA-F]{6}$"), name="brand_accent_hex"),
+            models.CheckConstraint(
+                condition=Q(background_color__regex=r"^#[0-9a-fA-F]{6}$"), name="brand_background_hex"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.client})"
+
+    @property
+    def font_stack(self) -> str:
+        return self.FONT_STACKS.get(self.font, self.FONT_STACKS["system"])
+
+
+class ModelPriceQuerySet(models.QuerySet):
+    def in_force(self, at) -> ModelPriceQuerySet:
+        return self.filter(effective_from__lte=at)
+
+
+class ModelPrice(models.Model):
+    """List price of a model, per million tokens, from `effective_from` on."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    provider = models.CharField(max_length=20, choices=Provider.choices)
+    model = models.CharField(max_length=200, help_text="Bare model id; also matches ids it prefixes.")
+    input_per_mtok = models.DecimalField(**MONEY, validators=[MinValueValidator(0)])
+    output_per_mtok = models.DecimalField(**MONEY, validators=[MinValueValidator(0)])
+    effective_from = models.DateTimeField(default=timezone.now)
+    context_window = models.PositiveIntegerField(null=True, blank=True, help_text="Max input tokens, if known.")
+    source = models.CharField(max_length=200, blank=True)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    objects = ModelPriceQuerySet.as_manager()
+
+    class Meta:
+        db_table = "model_prices"
+        ordering = ["provider", "model", "-effective_from"]
+        constraints = [
+            models.UniqueConstraint(fields=["provider", "model", "effective_from"], name="one_price_per_instant"),
+            models.CheckConstraint(condition=Q(input_per_mtok__gte=0), name="price_input_non_negative"),
+            models.CheckConstraint(condition=Q(output_per_mtok__gte=0), name="price_output_non_negative"),
+        ]
+        indexes = [models.Index(fields=["provider", "model", "effective_from"], name="price_lookup_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.provider}:{self.model} {self.input_per_mtok}/{self.output_per_mtok} from {self.effective_from:%Y-%m-%d}"
+
+
+class ModelAlias(models.Model):
+    """A friendly name (`claude-sonnet-4`) for the provider's current id (`claude-sonnet-4-20250514`)."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    provider = models.CharField(max_length=20, choices=Provider.choices)
+    alias = models.CharField(max_length=200)
+    target = models.CharField(max_length=200)
+
+    class Meta:
+        db_table = "model_aliases"
+        ordering = ["provider", "alias"]
+        verbose_name_plural = "model aliases"
+        constraints = [models.UniqueConstraint(fields=["provider", "alias"], name="unique_alias_per_provider")]
+
+    def __str__(self) -> str:
+        return f"{self.provider}:{self.alias} → {self.target}"
+
+
+class UsageStatus(models.TextChoices):
+    OK = "ok", "OK"
+    ERROR = "error", "Error"
+    CANCELLED = "cancelled", "Cancelled"
+
+
+class LLMUsageQuerySet(models.QuerySet):
+    def for_period(self, start, end) -> LLMUsageQuerySet:
+        return self.filter(created_at__gte=start, created_at__lt=end)
+
+    def unpriced(self) -> LLMUsageQuerySet:
+        return self.filter(cost__isnull=True)
+
+
+class LLMUsage(models.Model):
+    """One row per provider call: the ledger cost attribution is reconciled against."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="llm_usage")
+    session = models.ForeignKey(
+        "sessions_app.ChatSession", on_delete=models.PROTECT, null=True, blank=True, related_name="usage"
+    )
+    message = models.ForeignKey(
+        "sessions_app.SessionMessage", on_delete=models.SET_NULL, null=True, blank=True, related_name="usage"
+    )
+    client = models.ForeignKey(ClientDomain, on_delete=models.PROTECT, null=True, blank=True, related_name="usage")
+    provider = models.CharField(max_length=20, choices=Provider.choices)
+    model = models.CharField(max_length=200, help_text="The model as requested.")
+    provider_model = models.CharField(max_length=200, blank=True, help_text="The id the provider reported.")
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0)
+    token_source = models.CharField(max_length=10, choices=TokenSource.choices, default=TokenSource.PROVIDER)
+    cost = models.DecimalField(**MONEY, null=True, blank=True, help_text="Empty: no price known (a problem to fix).")
+    carried_tokens = models.PositiveIntegerField(default=0, help_text="Input tokens that were carried-over context.")
+    time_to_first_token_ms = models.PositiveIntegerField(null=True, blank=True)
+    duration_ms = models.PositiveIntegerField(default=0)
+    status = models.CharField(max_length=10, choices=UsageStatus.choices, default=UsageStatus.OK)
+    error_text = models.TextField(blank=True)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    objects = LLMUsageQuerySet.as_manager()
+
+    class Meta:
+        db_table = "user_llm_usage"
+        ordering = ["-created_at"]
+        verbose_name = "LLM usage"
+        verbose_name_plural = "LLM usage"
+        constraints = [
+            models.CheckConstraint(condition=Q(prompt_tokens__gte=0), name="usage_prompt_non_negative"),
+            models.CheckConstraint(condition=Q(completion_tokens__gte=0), name="usage_completion_non_negative"),
+            models.CheckConstraint(condition=Q(cost__gte=0) | Q(cost__isnull=True), name="usage_cost_non_negative"),
+        ]
+        indexes = [
+            models.Index(fields=["client", "created_at"], name="usage_client_time_idx"),
+            models.Index(fields=["user", "created_at"], name="usage_user_time_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.provider}:{self.model} {self.prompt_tokens}+{self.completion_tokens} @ {self.created_at:%Y-%m-%d %H:%M}"
+
+    @property
+    def price_missing(self) -> bool:
+        return self.cost is None
+
+
+class InvoiceStatus(models.TextChoices):
+    DRAFT = "draft", "Draft"
+    ISSUED = "issued", "Issued"
+
+
+class Invoice(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    client = models.ForeignKey(ClientDomain, on_delete=models.PROTECT, related_name="invoices")
+    period_start = models.DateField()
+    period_end = models.DateField(help_text="Inclusive.")
+    number = models.CharField(max_length=40, unique=True, null=True, blank=True, help_text="Assigned on issue.")
+    status = models.CharField(max_length=10, choices=InvoiceStatus.choices, default=InvoiceStatus.DRAFT)
+    currency = models.CharField(max_length=3, default="USD")
+    time_total = models.DecimalField(max_digits=12, decimal_places=2, default=Decimal("0"))
+    llm_total = models.DecimalField(max_digits=12, decimal_places=2, default=Decimal("0"))
+    total = models.DecimalField(max_digits=12, decimal_places=2, default=Decimal("0"))
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+    issued_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        db_table = "invoices"
+        ordering = ["-created_at"]
+        constraints = [
+            models.CheckConstraint(condition=Q(period_end__gte=models.F("period_start")), name="invoice_period_order"),
+            models.CheckConstraint(condition=Q(total__gte=0), name="invoice_total_non_negative"),
+        ]
+
+    def __str__(self) -> str:
+        return self.number or f"Draft {self.client} {self.period_start}–{self.period_end}"
+
+
+class InvoiceLine(models.Model):
+    class Kind(models.TextChoices):
+        TIME = "time", "Billable time"
+        LLM = "llm", "LLM cost"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    invoice = models.ForeignKey(Invoice, on_delete=models.CASCADE, related_name="lines")
+    position = models.PositiveIntegerField(default=0)
+    kind = models.CharField(max_length=10, choices=Kind.choices)
+    description = models.CharField(max_length=500)
+    session = models.ForeignKey(
+        "sessions_app.ChatSession", on_delete=models.PROTECT, null=True, blank=True, related_name="invoice_lines"
+    )
+    quantity = models.DecimalField(max_digits=14, decimal_places=4, default=Decimal("0"))
+    unit = models.CharField(max_length=20, default="hours")
+    unit_price = models.DecimalField(**MONEY, default=Decimal("0"))
+    amount = models.DecimalField(max_digits=12, decimal_places=2, default=Decimal("0"))
+
+    class Meta:
+        db_table = "invoice_lines"
+        ordering = ["invoice", "position"]
+        constraints = [
+            models.CheckConstraint(condition=Q(quantity__gte=0), name="line_quantity_non_negative"),
+            models.CheckConstraint(condition=Q(amount__gte=0), name="line_amount_non_negative"),
+        ]
+
+    def __str__(self) -> str:
+        return self.description

@@ -1,0 +1,259 @@
+"""Settings, driven by the environment (12-factor, django-environ).
+
+Every variable is listed in `.env.example` and the README. Bad values raise
+`ImproperlyConfigured` naming the variable; secrets have no default outside development.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+from pathlib import Path
+from urllib.parse import urlparse
+
+import environ
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+env = environ.Env()
+if (BASE_DIR / ".env").is_file():
+    environ.Env.read_env(BASE_DIR / ".env")
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def env_bool(name: str, default: bool) -> bool:
+    """Read a boolean strictly: `DEBUG=maybe` is an error, not False."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ImproperlyConfigured(f"{name} must be a boolean (1/0, true/false, yes/no, on/off), got {raw!r}")
+
+
+def env_int(name: str, default: int, *, minimum: int = 0) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise ImproperlyConfigured(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def env_float(name: str, default: float, *, minimum: float = 0.0) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be a number, got {raw!r}") from None
+    if value < minimum:
+        raise ImproperlyConfigured(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def env_url(name: str, default: str, *, schemes: tuple[str, ...] = ("http", "https")) -> str:
+    raw = os.environ.get(name, "").strip() or default
+    parsed = urlparse(raw)
+    if parsed.scheme not in schemes or not parsed.netloc:
+        raise ImproperlyConfigured(f"{name} must be a URL starting with {' or '.join(schemes)}://, got {raw!r}")
+    return raw.rstrip("/")
+
+
+def _ollama_host() -> str:
+    # Ollama's own variable accepts "host:port" without a scheme; so do we.
+    raw = os.environ.get("OLLAMA_HOST", "").strip() or "http://localhost:11434"
+    if "://" not in raw:
+        raw = f"http://{raw}"
+    os.environ["OLLAMA_HOST"] = raw
+    return env_url("OLLAMA_HOST", raw)
+
+
+DEBUG = env_bool("DEBUG", False)
+
+SECRET_KEY = os.environ.get("SECRET_KEY", "")
+if not SECRET_KEY:
+    if not DEBUG:
+        raise ImproperlyConfigured("SECRET_KEY must be set when DEBUG is off")
+    # Development only: a random key kept on disk so sign-ins survive a restart.
+    _key_file = BASE_DIR / ".dev-secret-key"
+    if not _key_file.exists():
+        _key_file.write_text(secrets.token_urlsafe(50))
+    SECRET_KEY = _key_file.read_text().strip()
+
+ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
+CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django.contrib.humanize",
+    "channels",
+    "billing",
+    "sessions_app",
+    "providers",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "config.urls"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+                "billing.context_processors.branding",
+            ],
+        },
+    },
+]
+
+WSGI_APPLICATION = "config.wsgi.application"
+ASGI_APPLICATION = "config.asgi.application"
+
+# Database: SQLite file by default, anything dj-database-url understands otherwise.
+_default_db = f"sqlite:///{BASE_DIR / 'db.sqlite3'}"
+_db_url = os.environ.get("DATABASE_URL", "").strip() or _default_db
+try:
+    _db = environ.Env.db_url_config(_db_url)
+except Exception as exc:  # django-environ raises several kinds for a malformed URL
+    raise ImproperlyConfigured(f"DATABASE_URL is malformed: {exc}") from None
+if not _db.get("ENGINE"):
+    raise ImproperlyConfigured(f"DATABASE_URL has an unknown scheme: {_db_url!r}")
+if _db["ENGINE"].endswith("sqlite3"):
+    _db.setdefault("OPTIONS", {}).update({"timeout": 20})
+else:
+    _db["CONN_MAX_AGE"] = env_int("DB_CONN_MAX_AGE", 0)
+    # The chat service runs in async contexts; pooled connections would leak across threads.
+DATABASES = {"default": _db}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+REDIS_URL = os.environ.get("REDIS_URL", "").strip()
+if REDIS_URL:
+    if urlparse(REDIS_URL).scheme not in ("redis", "rediss", "unix"):
+        raise ImproperlyConfigured(f"REDIS_URL must start with redis:// or rediss://, got {REDIS_URL!r}")
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL], "capacity": 1500, "expiry": 30},
+        }
+    }
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
+else:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = os.environ.get("TIME_ZONE", "UTC")
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STATIC_ROOT = BASE_DIR / "staticfiles"
+
+LOGIN_URL = "/accounts/login/"
+LOGIN_REDIRECT_URL = "/"
+LOGOUT_REDIRECT_URL = "/accounts/login/"
+
+SESSION_COOKIE_HTTPONLY = True
+CSRF_COOKIE_HTTPONLY = False  # the chat page's JS reads it for fetch() calls
+X_FRAME_OPTIONS = "DENY"
+SECURE_CONTENT_TYPE_NOSNIFF = True
+if not DEBUG:
+    SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", True)
+    CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", True)
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
+    "loggers": {"httpx": {"level": "WARNING"}, "daphne": {"level": "WARNING"}},
+}
+
+# --- Providers --------------------------------------------------------------------------
+OLLAMA_HOST = _ollama_host()
+OPENAI_API_KEY = os.environ.get("OPENAI_API_KEY", "")
+OPENAI_BASE_URL = env_url("OPENAI_BASE_URL", "https://api.openai.com/v1")
+ANTHROPIC_API_KEY = os.environ.get("ANTHROPIC_API_KEY", "")
+ANTHROPIC_BASE_URL = env_url("ANTHROPIC_BASE_URL", "https://api.anthropic.com")
+
+PROVIDER_CONNECT_TIMEOUT = env_float("PROVIDER_CONNECT_TIMEOUT", 5.0, minimum=0.01)
+PROVIDER_FIRST_TOKEN_TIMEOUT = env_float("PROVIDER_FIRST_TOKEN_TIMEOUT", 120.0, minimum=0.01)
+PROVIDER_IDLE_TIMEOUT = env_float("PROVIDER_IDLE_TIMEOUT", 60.0, minimum=0.01)
+PROVIDER_MAX_RETRIES = env_int("PROVIDER_MAX_RETRIES", 2)
+OLLAMA_KEEP_ALIVE = os.environ.get("OLLAMA_KEEP_ALIVE", "10m")
+OLLAMA_NUM_CTX = env_int("OLLAMA_NUM_CTX", 8192, minimum=256)
+ANTHROPIC_MAX_TOKENS = env_int("ANTHROPIC_MAX_TOKENS", 4096, minimum=1)
+# Set by `make run` when it started the bundled simulator because no Ollama answered.
+PROVIDER_SIMULATOR = env_bool("PROVIDER_SIMULATOR", False)
+
+# --- Sessions ---------------------------------------------------------------------------
+SESSION_IDLE_TIMEOUT = env_int("SESSION_IDLE_TIMEOUT", 1800, minimum=1)  # seconds
+CHAT_MAX_MESSAGE_CHARS = env_int("CHAT_MAX_MESSAGE_CHARS", 32_000, minimum=1)
+CONTEXT_OVERFLOW = os.environ.get("CONTEXT_OVERFLOW", "truncate")
+if CONTEXT_OVERFLOW not in ("truncate", "summarize"):
+    raise ImproperlyConfigured(f"CONTEXT_OVERFLOW must be 'truncate' or 'summarize', got {CONTEXT_OVERFLOW!r}")
+
+
+def _signing_key() -> str:
+    raw = os.environ.get("SESSION_SIGNING_KEY", "").strip()
+    if raw:
+        try:
+            seed = base64.b64decode(raw, validate=True)
+        except ValueError:
+            raise ImproperlyConfigured("SESSION_SIGNING_KEY must be base64") from None
+        if len(seed) != 32:
+            raise ImproperlyConfigured(f"SESSION_SIGNING_KEY must decode to 32 bytes, got {len(seed)}")
+        return raw
+    if not DEBUG:
+        raise ImproperlyConfigured("SESSION_SIGNING_KEY must be set when DEBUG is off")
+    # Development: generate one and keep it beside the SQLite database.
+    db_name = DATABASES["default"].get("NAME")
+    folder = Path(db_name).parent if _db["ENGINE"].endswith("sqlite3") and db_name else BASE_DIR
+    key_file = folder / ".signing-key"
+    if not key_file.exists():
+        key_file.write_text(base64.b64encode(secrets.token_bytes(32)).decode())
+    return key_file.read_text().strip()
+
+
+SESSION_SIGNING_KEY = _signing_key()
