@@ -176,6 +176,9 @@ class SessionMessage(models.Model):
         help_text="The message this one copies (branch): not billed again.",
     )
     is_imported = models.BooleanField(default=False)
+    context_omitted = models.PositiveIntegerField(
+        default=0, help_text="Older messages left out of this call's context to fit the model's window."
+    )
 
     objects = SessionMessageQuerySet.as_manager()
 
