@@ -6,6 +6,8 @@ import pytest
 
 from tests.factories import BrandFactory, ClientFactory, UserFactory
 
+pytest_plugins = ["providers.testing"]
+
 
 @pytest.fixture
 def owner(db):

@@ -1,0 +1,154 @@
+"""Anthropic Messages streaming on one pooled `anthropic.AsyncAnthropic` per event loop."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import anthropic
+import httpx2
+from django.conf import settings
+
+from providers import errors
+from providers.base import ChatMessage, ErrorKind, ModelInfo, ProviderAdapter, ProviderError, StreamOptions, Usage
+from providers.clients import pooled, timeouts
+from providers.tokens import estimate_messages, estimate_tokens
+
+NAME = "anthropic"
+
+
+def _client() -> anthropic.AsyncAnthropic:
+    key = settings.ANTHROPIC_API_KEY
+    if not key:
+        raise ProviderError(
+            ErrorKind.AUTH, "Anthropic is not configured: set ANTHROPIC_API_KEY.", provider=NAME, retryable=False
+        )
+    base_url = settings.ANTHROPIC_BASE_URL
+    limits = timeouts()
+    return pooled(
+        (NAME, base_url, key, tuple(sorted(limits.items()))),
+        lambda: anthropic.AsyncAnthropic(
+            api_key=key, base_url=base_url, timeout=httpx2.Timeout(**limits), max_retries=0
+        ),
+    )
+
+
+def prepare(messages: list[ChatMessage]) -> tuple[str, list[dict]]:
+    """System messages go to the top-level `system`; consecutive same-role turns are merged."""
+    system: list[str] = []
+    turns: list[dict] = []
+    for message in messages:
+        role, content = message["role"], message["content"]
+        if role == "system":
+            if content:
+                system.append(content)
+            continue
+        if turns and turns[-1]["role"] == role:
+            turns[-1]["content"] = f"{turns[-1]['content']}\n\n{content}"
+        else:
+            turns.append({"role": role, "content": content})
+    return "\n\n".join(system), turns
+
+
+def _status_error(exc: anthropic.APIStatusError, model: str, usage: Usage | None = None) -> ProviderError:
+    body = exc.body if exc.body is not None else exc.message
+    return errors.from_response(NAME, exc.status_code, body, model=model, usage=usage)
+
+
+class AnthropicAdapter(ProviderAdapter):
+    name = NAME
+
+    async def stream(
+        self, model: str, messages: list[ChatMessage], options: StreamOptions | None = None
+    ) -> AsyncIterator[str | Usage]:
+        options = options or StreamOptions()
+        client = _client()
+        system, turns = prepare(messages)
+        params: dict = {
+            "model": model,
+            "messages": turns,
+            "max_tokens": options.max_tokens or settings.ANTHROPIC_MAX_TOKENS,
+            "stream": True,
+        }
+        if system:
+            params["system"] = system
+        if options.temperature is not None:
+            params["temperature"] = min(max(options.temperature, 0.0), 1.0)  # Anthropic's range is 0..1
+        if options.extra:
+            params["extra_body"] = dict(options.extra)
+        parts: list[str] = []
+        input_tokens: int | None = None
+        output_tokens: int | None = None
+        provider_model = ""
+        stop_reason = None
+        finished = False
+        stream = None
+
+        def partial() -> Usage | None:
+            if input_tokens is None and output_tokens is None:
+                return None
+            return Usage(input_tokens or 0, output_tokens or 0, "provider", provider_model, stop_reason)
+
+        try:
+            stream = await client.messages.create(**params)
+            async for event in stream:
+                kind = getattr(event, "type", None)
+                if kind == "content_block_delta":
+                    delta = event.delta
+                    if getattr(delta, "type", None) == "text_delta" and delta.text:
+                        parts.append(delta.text)
+                        yield delta.text
+                elif kind == "message_start":
+                    message = event.message
+                    provider_model = message.model or provider_model
+                    input_tokens, output_tokens = _merge(message.usage, input_tokens, output_tokens)
+                elif kind == "message_delta":
+                    input_tokens, output_tokens = _merge(event.usage, input_tokens, output_tokens)
+                    stop_reason = getattr(event.delta, "stop_reason", None) or stop_reason
+                elif kind == "message_stop":
+                    finished = True
+                # content_block_start/stop, ping and event types added later carry nothing we bill.
+        except anthropic.APIStatusError as exc:
+            raise _status_error(exc, model, partial())
+        except anthropic.APITimeoutError:
+            raise errors.timeout_error(NAME, "no answer in time", usage=partial())
+        except anthropic.APIConnectionError:
+            raise errors.connection_error(NAME, f"nothing answers at {settings.ANTHROPIC_BASE_URL}", usage=partial())
+        except httpx2.TimeoutException:
+            raise errors.timeout_error(NAME, "the model stopped sending tokens", usage=partial())
+        except httpx2.TransportError:
+            raise errors.connection_error(NAME, "the connection closed in the middle of the answer", usage=partial())
+        finally:
+            if stream is not None:
+                await stream.close()
+        if not finished:
+            raise errors.connection_error(NAME, "the answer ended before message_stop", usage=partial())
+        if input_tokens is None and output_tokens is None:
+            text = "".join(parts)
+            yield Usage(estimate_messages(messages), estimate_tokens(text), "estimated", provider_model, stop_reason)
+            return
+        yield Usage(input_tokens or 0, output_tokens or 0, "provider", provider_model, stop_reason)
+
+    async def list_models(self) -> list[ModelInfo]:
+        try:
+            page = await _client().models.list()
+        except anthropic.APIStatusError as exc:
+            raise _status_error(exc, "")
+        except anthropic.APIConnectionError:
+            raise errors.connection_error(NAME, f"nothing answers at {settings.ANTHROPIC_BASE_URL}")
+        return [ModelInfo(name=f"{NAME}:{m.id}", provider=NAME, model=m.id, paid=True) for m in page.data]
+
+
+def _merge(usage, input_tokens: int | None, output_tokens: int | None) -> tuple[int | None, int | None]:
+    """Counts are cumulative; some gateways send 0 first and the real count later: keep the max."""
+    if usage is None:
+        return input_tokens, output_tokens
+    parts = [
+        getattr(usage, f, None) for f in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+    ]
+    if any(p is not None for p in parts):
+        total_in = sum(p or 0 for p in parts)
+        input_tokens = total_in if input_tokens is None else max(input_tokens, total_in)
+    out = getattr(usage, "output_tokens", None)
+    if out is not None:
+        output_tokens = out if output_tokens is None else max(output_tokens, out)
+    return input_tokens, output_tokens

@@ -1,0 +1,123 @@
+"""OpenAI Chat Completions streaming on one pooled `openai.AsyncOpenAI` per event loop."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx2
+import openai
+from django.conf import settings
+
+from providers import errors
+from providers.base import ChatMessage, ErrorKind, ModelInfo, ProviderAdapter, ProviderError, StreamOptions, Usage
+from providers.clients import pooled, timeouts
+from providers.tokens import estimate_messages, estimate_tokens
+
+NAME = "openai"
+
+
+def _client() -> openai.AsyncOpenAI:
+    key = settings.OPENAI_API_KEY
+    if not key:
+        raise ProviderError(
+            ErrorKind.AUTH, "OpenAI is not configured: set OPENAI_API_KEY.", provider=NAME, retryable=False
+        )
+    base_url = settings.OPENAI_BASE_URL
+    limits = timeouts()
+    return pooled(
+        (NAME, base_url, key, tuple(sorted(limits.items()))),
+        # The router owns retries (only before the first token), so the SDK makes none.
+        lambda: openai.AsyncOpenAI(api_key=key, base_url=base_url, timeout=httpx2.Timeout(**limits), max_retries=0),
+    )
+
+
+def _status_error(exc: openai.APIStatusError, model: str) -> ProviderError:
+    body = exc.body if exc.body is not None else exc.message
+    if isinstance(body, dict) and "error" not in body:
+        body = {"error": body}
+    return errors.from_response(NAME, exc.status_code, body, model=model)
+
+
+class OpenAIAdapter(ProviderAdapter):
+    name = NAME
+
+    async def stream(
+        self, model: str, messages: list[ChatMessage], options: StreamOptions | None = None
+    ) -> AsyncIterator[str | Usage]:
+        options = options or StreamOptions()
+        client = _client()
+        params: dict = {
+            "model": model,
+            "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if options.temperature is not None:
+            params["temperature"] = options.temperature
+        if options.max_tokens is not None:
+            params["max_completion_tokens"] = options.max_tokens
+        if options.seed is not None:
+            params["seed"] = options.seed
+        if options.extra:
+            params["extra_body"] = dict(options.extra)
+        parts: list[str] = []
+        usage = None
+        provider_model = ""
+        stop_reason = None
+        stream = None
+        try:
+            stream = await client.chat.completions.create(**params)
+            async for chunk in stream:
+                provider_model = chunk.model or provider_model
+                if chunk.usage is not None:
+                    usage = chunk.usage
+                for choice in chunk.choices:  # the usage chunk has `choices: []`
+                    if choice.index != 0:
+                        continue
+                    text = choice.delta.content if choice.delta is not None else None
+                    if text:
+                        parts.append(text)
+                        yield text
+                    if choice.finish_reason:
+                        stop_reason = choice.finish_reason
+        except openai.APIStatusError as exc:
+            raise _status_error(exc, model)
+        except openai.APITimeoutError:
+            raise errors.timeout_error(NAME, "no answer in time")
+        except openai.APIConnectionError as exc:
+            raise errors.connection_error(NAME, _connection_detail(exc))
+        except openai.APIError as exc:  # a `{"error": ...}` event inside the 200 stream
+            raise errors.from_response(NAME, 200, {"error": exc.body or {"message": exc.message}}, model=model)
+        except httpx2.TimeoutException:
+            raise errors.timeout_error(NAME, "the model stopped sending tokens")
+        except httpx2.TransportError:
+            raise errors.connection_error(NAME, "the connection closed in the middle of the answer")
+        finally:
+            if stream is not None:
+                await stream.close()
+        if usage is None and stop_reason is None:
+            raise errors.connection_error(NAME, "the answer ended before it was finished")
+        text = "".join(parts)
+        if usage is None:
+            # A compatible server that ignores `include_usage`: estimate, and say so.
+            yield Usage(estimate_messages(messages), estimate_tokens(text), "estimated", provider_model, stop_reason)
+            return
+        yield Usage(
+            int(usage.prompt_tokens or 0), int(usage.completion_tokens or 0), "provider", provider_model, stop_reason
+        )
+
+    async def list_models(self) -> list[ModelInfo]:
+        try:
+            page = await _client().models.list()
+        except openai.APIStatusError as exc:
+            raise _status_error(exc, "")
+        except openai.APIConnectionError as exc:
+            raise errors.connection_error(NAME, _connection_detail(exc))
+        return [ModelInfo(name=f"{NAME}:{m.id}", provider=NAME, model=m.id, paid=True) for m in page.data]
+
+
+def _connection_detail(exc: Exception) -> str:
+    cause = exc.__cause__
+    if isinstance(cause, httpx2.ConnectError):
+        return f"nothing answers at {settings.OPENAI_BASE_URL}"
+    return "the connection failed or closed in the middle of the answer"

@@ -1,0 +1,209 @@
+"""From `provider:model` to an adapter, with aliases, timeouts and retries applied.
+
+`stream_chat()` is what the rest of the project calls. It yields text deltas, then exactly
+one `Usage`, and raises `ProviderError`. Closing it (`aclose()`, or cancelling the task that
+iterates it, with `contextlib.aclosing`) closes the upstream HTTP stream, so the provider stops
+generating and billing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.utils import timezone
+
+from providers import errors
+from providers.anthropic_adapter import AnthropicAdapter
+from providers.base import ChatMessage, ModelInfo, ProviderAdapter, ProviderError, StreamOptions, Usage
+from providers.clients import reset_clients
+from providers.naming import PAID_PROVIDERS, PROVIDERS, ModelRef, parse_model
+from providers.ollama_adapter import OllamaAdapter
+from providers.openai_adapter import OpenAIAdapter
+
+log = logging.getLogger(__name__)
+
+ADAPTERS: dict[str, type[ProviderAdapter]] = {
+    "ollama": OllamaAdapter,
+    "openai": OpenAIAdapter,
+    "anthropic": AnthropicAdapter,
+}
+DEFAULT_CONTEXT_WINDOW = 8192
+KEY_SETTINGS = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
+
+ERR_MALFORMED = "Model names look like provider:model, for example ollama:llama3.2 or openai:gpt-4o."
+ERR_UNKNOWN_PROVIDER = "Unknown provider {provider!r}; use one of: {known}."
+ERR_NO_KEY = "{label} is not configured on this server (set {setting}), so {name} cannot be used."
+ERR_NO_PRICE = "{name} has no price on file, so its cost could not be billed; ask staff to add a model price."
+
+__all__ = [
+    "ADAPTERS",
+    "available_models",
+    "context_window",
+    "get_adapter",
+    "reset_clients",
+    "resolve_alias",
+    "stream_chat",
+    "validate_model",
+]
+
+
+def get_adapter(provider: str) -> ProviderAdapter:
+    try:
+        return ADAPTERS[provider]()
+    except KeyError:
+        raise ValueError(ERR_UNKNOWN_PROVIDER.format(provider=provider, known=", ".join(PROVIDERS))) from None
+
+
+def _ref(model: str | ModelRef) -> ModelRef:
+    if isinstance(model, ModelRef):
+        return model
+    try:
+        return parse_model(model)
+    except ValueError as exc:
+        raise ValueError(f"{exc}. {ERR_MALFORMED}") from None
+
+
+def resolve_alias(ref: ModelRef) -> ModelRef:
+    """The provider's id behind a friendly name (`claude-sonnet-4` → `claude-sonnet-4-20250514`)."""
+    from billing.models import ModelAlias
+
+    target = ModelAlias.objects.filter(provider=ref.provider, alias=ref.model).values_list("target", flat=True).first()
+    return ModelRef(ref.provider, target) if target else ref
+
+
+def _has_key(provider: str) -> bool:
+    return bool(getattr(settings, KEY_SETTINGS[provider], ""))
+
+
+def validate_model(name: str) -> ModelRef:
+    """The `ModelRef` for a name a consultant may pick, or ValueError saying why not."""
+    ref = _ref(name)
+    if ref.provider not in ADAPTERS:
+        raise ValueError(ERR_UNKNOWN_PROVIDER.format(provider=ref.provider, known=", ".join(PROVIDERS)))
+    if not ref.model or any(ch.isspace() for ch in ref.model):
+        raise ValueError(f"{name!r} is not a model name. {ERR_MALFORMED}")
+    if ref.paid:
+        from billing.pricing import price_for
+
+        if not _has_key(ref.provider):
+            raise ValueError(
+                ERR_NO_KEY.format(label=errors.LABELS[ref.provider], setting=KEY_SETTINGS[ref.provider], name=ref.name)
+            )
+        target = resolve_alias(ref)
+        if price_for(target.provider, target.model, timezone.now()) is None:
+            raise ValueError(ERR_NO_PRICE.format(name=ref.name))
+    return ref
+
+
+def context_window(ref: ModelRef) -> int:
+    """How many tokens the model accepts (Ollama: the num_ctx we send)."""
+    if ref.provider == "ollama":
+        return settings.OLLAMA_NUM_CTX
+    from billing.pricing import known_context_window, price_for
+
+    target = resolve_alias(ref)
+    price = price_for(target.provider, target.model, timezone.now())
+    if price is not None and price.context_window:
+        return price.context_window
+    return known_context_window(target.provider, target.model) or DEFAULT_CONTEXT_WINDOW
+
+
+async def available_models() -> list[ModelInfo]:
+    """Live Ollama models, plus the paid models that have a key configured and a price."""
+    models: list[ModelInfo] = []
+    try:
+        models.extend(await OllamaAdapter().list_models())
+    except ProviderError as exc:
+        log.warning("Ollama models unavailable: %s", exc)
+    models.extend(await sync_to_async(_paid_models)())
+    return models
+
+
+def _paid_models() -> list[ModelInfo]:
+    from billing.models import ModelAlias, ModelPrice
+
+    now = timezone.now()
+    out: dict[str, ModelInfo] = {}
+    for provider in PAID_PROVIDERS:
+        if not _has_key(provider):
+            continue
+        windows: dict[str, int | None] = {}
+        for model, window in (
+            ModelPrice.objects.in_force(now)
+            .filter(provider=provider)
+            .order_by("model", "-effective_from")
+            .values_list("model", "context_window")
+        ):
+            windows.setdefault(model, window)
+        for alias, target in ModelAlias.objects.filter(provider=provider).values_list("alias", "target"):
+            if target in windows:
+                name = f"{provider}:{alias}"
+                out[name] = ModelInfo(name, provider, alias, windows[target], True)
+        for model, window in windows.items():
+            name = f"{provider}:{model}"
+            out.setdefault(name, ModelInfo(name, provider, model, window, True))
+    return sorted(out.values(), key=lambda m: (m.provider, m.model))
+
+
+async def stream_chat(
+    model: str | ModelRef, messages: list[ChatMessage], options: StreamOptions | None = None
+) -> AsyncIterator[str | Usage]:
+    """Stream one answer: text deltas, then exactly one `Usage`. Raises `ProviderError`.
+
+    Retries (at most PROVIDER_MAX_RETRIES) only before the first token and only when the error
+    says a retry can help; never after a first-token timeout (the consultant already waited).
+    """
+    ref = _ref(model)
+    adapter = get_adapter(ref.provider)
+    ref = await sync_to_async(resolve_alias)(ref)
+    options = options or StreamOptions()
+    first_limit = settings.PROVIDER_FIRST_TOKEN_TIMEOUT
+    idle_limit = settings.PROVIDER_IDLE_TIMEOUT
+    attempt = 0
+    while True:
+        upstream: Any = adapter.stream(ref.model, messages, options)
+        started = False
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(idle_limit if started else first_limit):
+                        item = await upstream.__anext__()
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    if started:
+                        raise errors.timeout_error(
+                            ref.provider, f"no token for {idle_limit:g}s in the middle of the answer"
+                        ) from None
+                    raise errors.timeout_error(
+                        ref.provider, f"no first token within {first_limit:g}s", retryable=False
+                    ) from None
+                if isinstance(item, str):
+                    if not item:
+                        continue
+                    started = True
+                    yield item
+                else:
+                    started = True
+                    yield item
+        except ProviderError as exc:
+            if not exc.provider:
+                exc.provider = ref.provider
+            if started or not exc.retryable or attempt >= settings.PROVIDER_MAX_RETRIES:
+                raise
+            attempt += 1
+            delay = _backoff(attempt)
+            log.info("Retrying %s after %s (attempt %s, in %.2fs)", ref.name, exc.kind, attempt + 1, delay)
+            await asyncio.sleep(delay)
+        finally:
+            await upstream.aclose()
+
+
+def _backoff(attempt: int) -> float:
+    base = getattr(settings, "PROVIDER_RETRY_BACKOFF", 0.5)
+    return min(base * (2 ** (attempt - 1)), 8.0)
