@@ -5,3 +5,7 @@ class BillingConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
     name = "billing"
     verbose_name = "Billing"
+
+    def ready(self) -> None:
+        # Connect the receivers: invoice locks, and the brand cache.
+        from billing import locks, signals  # noqa: F401

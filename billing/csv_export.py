@@ -1,0 +1,156 @@
+"""CSV that spreadsheets open safely: streamed, fixed money format, formula cells escaped."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+from collections.abc import Iterable, Iterator
+from decimal import Decimal
+
+from django.http import StreamingHttpResponse
+
+from billing.reports import BillingLine, Period, money_str
+
+# A cell a spreadsheet would run as a formula starts with one of these (tab and CR too:
+# some programs strip them and then see the "=").
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+REPORT_HEADER = [
+    "client",
+    "client_name",
+    "session_id",
+    "session_name",
+    "consultant",
+    "session_started_at",
+    "session_ended_at",
+    "period_start",
+    "period_end",
+    "seconds",
+    "billable_minutes",
+    "billable_hours",
+    "hourly_rate",
+    "time_amount",
+    "messages",
+    "tokens",
+    "unpriced_calls",
+    "llm_cost",
+    "markup_percent",
+    "llm_markup",
+    "line_total",
+    "currency",
+    "invoice",
+]
+
+INVOICE_HEADER = [
+    "invoice",
+    "status",
+    "issued_at",
+    "client",
+    "client_name",
+    "period_start",
+    "period_end",
+    "line",
+    "kind",
+    "session_id",
+    "description",
+    "quantity",
+    "unit",
+    "unit_price",
+    "amount",
+    "currency",
+]
+
+
+def escape_cell(value) -> str:
+    """Text for one cell; text a spreadsheet would run as a formula gets a leading quote.
+
+    Numbers are written by `cell()` from Decimal/int, so a negative amount never reaches
+    this function as text; anything else starting with = + - @ TAB CR is escaped.
+    """
+    text = "" if value is None else str(value)
+    if text.startswith(FORMULA_STARTS):
+        return "'" + text
+    return text
+
+
+def iso(value: dt.datetime | dt.date | None, tz=None) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, dt.datetime):
+        return (value.astimezone(tz) if tz else value).isoformat()
+    return value.isoformat()
+
+
+class _Echo:
+    """A file-like object whose write() hands the line back, for streaming csv.writer."""
+
+    def write(self, value: str) -> str:
+        return value
+
+
+def stream_rows(header: list[str], rows: Iterable[list]) -> Iterator[str]:
+    writer = csv.writer(_Echo(), lineterminator="\r\n")
+    yield writer.writerow(header)
+    for row in rows:
+        yield writer.writerow(row)
+
+
+def csv_response(filename: str, header: list[str], rows: Iterable[list]) -> StreamingHttpResponse:
+    response = StreamingHttpResponse(stream_rows(header, rows), content_type="text/csv; charset=utf-8")
+    response["Content-Disposition"] = f'attachment; filename="{filename}"'
+    response["X-Content-Type-Options"] = "nosniff"
+    return response
+
+
+def report_rows(lines: Iterable[BillingLine], period: Period) -> Iterator[list]:
+    """One row per billing line (a session's part for one client), as on the report page."""
+    for ln in lines:
+        t = ln.terms
+        yield [
+            escape_cell(t.slug),
+            escape_cell(t.name),
+            str(ln.session_id),
+            escape_cell(ln.session_name),
+            escape_cell(ln.username),
+            iso(ln.started_at, period.tz),
+            iso(ln.ended_at, period.tz),
+            iso(period.start, period.tz),
+            iso(period.end, period.tz),
+            ln.seconds,
+            ln.billable_minutes,
+            f"{ln.billable_hours:.4f}",
+            money_str(t.hourly_rate),
+            money_str(ln.time_amount),
+            ln.messages,
+            ln.tokens,
+            ln.unpriced,
+            money_str(ln.llm_cost),
+            f"{Decimal(t.llm_markup_percent):.2f}",
+            money_str(ln.markup),
+            money_str(ln.total),
+            escape_cell(t.currency),
+            escape_cell(ln.invoice_number or ""),
+        ]
+
+
+def invoice_rows(invoice, tz) -> Iterator[list]:
+    client = invoice.client
+    for line in invoice.lines.all().order_by("position").iterator(chunk_size=2000):
+        yield [
+            escape_cell(invoice.number or ""),
+            invoice.status,
+            iso(invoice.issued_at, tz),
+            escape_cell(client.slug),
+            escape_cell(client.name),
+            invoice.period_start.isoformat(),
+            invoice.period_end.isoformat(),
+            line.position,
+            line.kind,
+            str(line.session_id or ""),
+            escape_cell(line.description),
+            f"{line.quantity:.4f}",
+            escape_cell(line.unit),
+            money_str(line.unit_price),
+            money_str(line.amount),
+            escape_cell(invoice.currency),
+        ]
