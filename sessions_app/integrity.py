@@ -1,0 +1,250 @@
+"""The integrity seal: a SHA-256 hash chain over messages and an Ed25519 signature at the end.
+
+Each message's `hash` is SHA-256 over the previous message's hash and a canonical JSON of
+the message's billed fields. Ending a session signs the chain head plus the session's billed
+fields (totals, times, segments, context streams) with `SESSION_SIGNING_KEY`; the seal is
+stored in `ChatSession.soulfra_hash`. Anyone holding the public key
+(`/api/ollama/signing-key`) can verify an exported session offline: any edited content,
+cost, token count or timestamp fails, and `verify_session` names exactly what.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from datetime import UTC, datetime
+from decimal import Decimal
+from functools import lru_cache
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from django.conf import settings
+
+GENESIS = "0" * 64
+SEAL_VERSION = 1
+ALGORITHM = "Ed25519"
+
+
+# --- canonical forms -------------------------------------------------------------------
+
+
+def canonical_time(value: datetime | None) -> str | None:
+    """ISO 8601 in UTC with microseconds: the same instant always reads the same."""
+    if value is None:
+        return None
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def canonical_money(value: Decimal | None) -> str | None:
+    if value is None:
+        return None
+    return f"{Decimal(value):.6f}"
+
+
+def canonical_json(data: Any) -> bytes:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def message_fields(message) -> dict[str, Any]:
+    """The billed fields of a message, the content of its link in the chain."""
+    return {
+        "message_id": str(message.message_id),
+        "seq": message.seq,
+        "role": message.role,
+        "content": message.content,
+        "timestamp": canonical_time(message.timestamp),
+        "model": message.model,
+        "provider": message.provider,
+        "client": str(message.domain_id),
+        "prompt_tokens": message.prompt_tokens,
+        "completion_tokens": message.completion_tokens,
+        "tokens": message.tokens,
+        "token_source": message.token_source,
+        "cost_usd": canonical_money(message.cost_usd),
+        "status": message.status,
+        "copied_from": str(message.copied_from_id) if message.copied_from_id else None,
+        "is_imported": message.is_imported,
+    }
+
+
+def link_hash(previous: str, message) -> str:
+    return hashlib.sha256(previous.encode() + b"\n" + canonical_json(message_fields(message))).hexdigest()
+
+
+def session_fields(session, chain_head: str) -> dict[str, Any]:
+    """The billed fields of a session that the seal signs, with its segments and streams."""
+    segments = [
+        {
+            "client": str(seg.domain_id),
+            "model": seg.model,
+            "started_at": canonical_time(seg.started_at),
+            "ended_at": canonical_time(seg.ended_at),
+        }
+        for seg in session.segments.order_by("started_at", "id")
+    ]
+    streams = [
+        {
+            "stream_id": str(stream.stream_id),
+            "source_model": stream.source_model,
+            "target_model": stream.target_model,
+            "source_client": str(stream.source_domain_id),
+            "target_client": str(stream.target_domain_id),
+            "message_count": stream.message_count,
+            "total_tokens": stream.total_tokens,
+            "cost_usd": canonical_money(stream.cost_usd),
+            "streamed_at": canonical_time(stream.streamed_at),
+        }
+        for stream in session.context_streams.order_by("streamed_at", "stream_id")
+    ]
+    return {
+        "session_id": str(session.session_id),
+        "user": str(session.user_id),
+        "client": str(session.domain_id),
+        "primary_model": session.primary_model,
+        "current_model": session.current_model,
+        "started_at": canonical_time(session.started_at),
+        "ended_at": canonical_time(session.ended_at),
+        "duration_seconds": session.duration_seconds,
+        "end_reason": session.end_reason,
+        "total_messages": session.total_messages,
+        "total_tokens": session.total_tokens,
+        "estimated_cost_usd": canonical_money(session.estimated_cost_usd),
+        "segments": segments,
+        "context_streams": streams,
+        "chain_head": chain_head,
+    }
+
+
+# --- keys --------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=4)
+def _private_key(seed_b64: str) -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.from_private_bytes(base64.b64decode(seed_b64))
+
+
+def private_key() -> Ed25519PrivateKey:
+    return _private_key(settings.SESSION_SIGNING_KEY)
+
+
+def public_key_bytes() -> bytes:
+    return private_key().public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def key_id(raw_public: bytes | None = None) -> str:
+    return hashlib.sha256(raw_public or public_key_bytes()).hexdigest()[:16]
+
+
+def public_key_info() -> dict[str, str]:
+    """What `/api/ollama/signing-key` serves: the raw key (base64) and its PEM form."""
+    public = private_key().public_key()
+    raw = public.public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return {
+        "algorithm": ALGORITHM,
+        "key_id": key_id(raw),
+        "public_key": base64.b64encode(raw).decode(),
+        "public_key_pem": public.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo).decode(),
+        "format": "raw Ed25519 public key, base64; the signature covers the canonical JSON of `signed`",
+    }
+
+
+# --- chain and seal -----------------------------------------------------------------------
+
+
+def chain_head(session) -> str:
+    last = session.messages.order_by("-seq").values_list("hash", flat=True).first()
+    return last or GENESIS
+
+
+def build_seal(session) -> dict[str, Any]:
+    """Sign the chain head and the session's billed fields; the dict goes in `soulfra_hash`."""
+    signed = session_fields(session, chain_head(session))
+    signature = private_key().sign(canonical_json(signed))
+    return {
+        "version": SEAL_VERSION,
+        "algorithm": ALGORITHM,
+        "key_id": key_id(),
+        "signed": signed,
+        "signature": base64.b64encode(signature).decode(),
+    }
+
+
+def verify_seal_signature(seal: dict[str, Any], public: Ed25519PublicKey | None = None) -> bool:
+    """Check the signature over `seal["signed"]` only (what an offline verifier does first)."""
+    public = public or private_key().public_key()
+    try:
+        signature = base64.b64decode(seal["signature"], validate=True)
+        public.verify(signature, canonical_json(seal["signed"]))
+    except (InvalidSignature, KeyError, TypeError, ValueError):
+        return False
+    return True
+
+
+def _describe(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _diff(sealed: Any, stored: Any, path: str) -> list[str]:
+    """Name every field where the stored value no longer matches the sealed one."""
+    if isinstance(sealed, dict) and isinstance(stored, dict):
+        out: list[str] = []
+        for key in sorted(set(sealed) | set(stored)):
+            out += _diff(sealed.get(key), stored.get(key), f"{path}.{key}" if path else key)
+        return out
+    if isinstance(sealed, list) and isinstance(stored, list):
+        if len(sealed) != len(stored):
+            return [f"{path}: sealed {len(sealed)} entries, stored {len(stored)}"]
+        out = []
+        for index, (a, b) in enumerate(zip(sealed, stored, strict=True)):
+            out += _diff(a, b, f"{path}[{index}]")
+        return out
+    if sealed != stored:
+        return [f"{path}: sealed {_describe(sealed)}, stored {_describe(stored)}"]
+    return []
+
+
+def verify_session(session) -> tuple[bool, str]:
+    """Recompute the chain and check the seal; return (valid, detail naming what fails)."""
+    problems: list[str] = []
+    previous = GENESIS
+    count = 0
+    for message in session.messages.order_by("seq"):
+        count += 1
+        expected = link_hash(previous, message)
+        if message.hash != expected:
+            problems.append(
+                f"message #{message.seq} ({message.message_id}): hash does not match its stored fields "
+                "(content, tokens, cost, timestamp or an earlier link was changed)"
+            )
+            break
+        previous = expected
+    head = previous
+
+    seal = session.soulfra_hash
+    if session.status != "ended":
+        if seal:
+            problems.append("session is active but carries a seal")
+        if problems:
+            return False, "; ".join(problems)
+        return True, f"hash chain of {count} messages intact; not sealed yet (the session is active)"
+
+    if not seal:
+        problems.append("session has ended but has no seal")
+        return False, "; ".join(problems)
+    if not isinstance(seal, dict) or "signed" not in seal or "signature" not in seal:
+        problems.append("seal is malformed (missing 'signed' or 'signature')")
+        return False, "; ".join(problems)
+    if seal.get("key_id") and seal["key_id"] != key_id():
+        problems.append(f"seal was made with key {seal['key_id']}, not the current key {key_id()}")
+    elif not verify_seal_signature(seal):
+        problems.append("seal signature is invalid (the sealed record was altered)")
+    stored = session_fields(session, head)
+    for difference in _diff(seal.get("signed"), stored, ""):
+        problems.append(f"session field {difference}")
+    if problems:
+        return False, "; ".join(problems)
+    return True, f"hash chain of {count} messages intact; seal signature valid (key {key_id()})"

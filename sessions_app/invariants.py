@@ -1,0 +1,197 @@
+"""DESIGN.md's five invariants, checked for one session (`verify_sessions` and the tests use this).
+
+`check_session(session)` returns a list of human-readable violations; empty means sound.
+"""
+
+from __future__ import annotations
+
+import itertools
+from decimal import Decimal
+
+from billing.models import UsageStatus
+from sessions_app import integrity
+from sessions_app.models import ChatSession, MessageRole, MessageStatus, SessionStatus
+
+ZERO = Decimal("0")
+
+
+def _seconds(delta) -> int:
+    return int(delta.total_seconds() // 1)
+
+
+def check_totals(session: ChatSession, messages: list) -> list[str]:
+    """1. A session's totals equal the sums over its messages, exactly."""
+    out = []
+    billable = [m for m in messages if m.copied_from_id is None and not m.is_imported]
+    tokens = sum(m.tokens for m in billable)
+    cost = sum((m.cost_usd or ZERO for m in billable), ZERO)
+    if session.total_messages != len(messages):
+        out.append(f"1: total_messages is {session.total_messages} but {len(messages)} messages are stored")
+    if session.total_tokens != tokens:
+        out.append(f"1: total_tokens is {session.total_tokens} but billable messages sum to {tokens}")
+    if Decimal(session.estimated_cost_usd) != cost:
+        out.append(f"1: estimated_cost_usd is {session.estimated_cost_usd} but billable messages sum to {cost}")
+    for m in messages:
+        if m.tokens != m.prompt_tokens + m.completion_tokens:
+            out.append(f"1: message #{m.seq} has tokens {m.tokens} != {m.prompt_tokens} + {m.completion_tokens}")
+    seqs = [m.seq for m in messages]
+    if seqs != list(range(1, len(seqs) + 1)):
+        out.append(f"1: message sequence numbers are not 1..{len(seqs)}: {seqs[:20]}")
+    return out
+
+
+def check_segments(session: ChatSession) -> list[str]:
+    """2. A session's duration equals the sum of its segments' durations, to the second."""
+    out = []
+    segments = list(session.segments.order_by("started_at", "id"))
+    if not segments:
+        return ["2: the session has no segments"]
+    if segments[0].started_at != session.started_at:
+        out.append("2: the first segment does not start when the session started")
+    for before, after in itertools.pairwise(segments):
+        if before.ended_at != after.started_at:
+            out.append(f"2: segments are not contiguous at {after.started_at.isoformat()}")
+    open_segments = [s for s in segments if s.ended_at is None]
+    if session.status == SessionStatus.ACTIVE:
+        if len(open_segments) != 1 or segments[-1].ended_at is not None:
+            out.append(f"2: an active session must have exactly one open (last) segment, has {len(open_segments)}")
+        return out
+    if open_segments:
+        out.append("2: an ended session still has an open segment")
+        return out
+    if segments[-1].ended_at != session.ended_at:
+        out.append("2: the last segment does not end when the session ended")
+    total = sum((s.ended_at - s.started_at for s in segments), segments[0].started_at - segments[0].started_at)
+    if session.duration_seconds != _seconds(total):
+        out.append(f"2: duration_seconds is {session.duration_seconds} but segments sum to {_seconds(total)}")
+    if session.ended_at and session.duration_seconds != _seconds(session.ended_at - session.started_at):
+        out.append("2: duration_seconds does not match ended_at - started_at")
+    return out
+
+
+def check_streams(session: ChatSession, messages: list, usage: list) -> list[str]:
+    """3. No cost is counted twice: a stream's cost is a breakdown of the settling call's cost."""
+    out = []
+    for stream in session.context_streams.order_by("streamed_at"):
+        if stream.settled_at is None:
+            if stream.cost_usd is not None:
+                out.append(f"3: stream {stream.stream_id} has a cost before it was settled")
+            continue
+        if not stream.total_tokens and not stream.cost_usd:
+            continue
+        settling = next(
+            (
+                m
+                for m in messages
+                if m.role == MessageRole.ASSISTANT
+                and m.copied_from_id is None
+                and m.timestamp >= stream.streamed_at
+                and m.model == stream.target_model
+                and m.prompt_tokens
+            ),
+            None,
+        )
+        if settling is None:
+            out.append(f"3: stream {stream.stream_id} is settled but no call to {stream.target_model} carried it")
+            continue
+        if stream.total_tokens > settling.prompt_tokens:
+            out.append(
+                f"3: stream {stream.stream_id} carried {stream.total_tokens} tokens, more than the call's "
+                f"{settling.prompt_tokens} prompt tokens"
+            )
+        if stream.cost_usd is not None and settling.cost_usd is not None and stream.cost_usd > settling.cost_usd:
+            out.append(
+                f"3: stream {stream.stream_id} costs {stream.cost_usd}, more than its call's {settling.cost_usd}"
+            )
+    # The per-call ledger reconciles with the messages: nothing billed twice, nothing missing.
+    own_usage = [u for u in usage if u.message_id is not None]
+    ledger = sum((u.cost or ZERO for u in own_usage), ZERO)
+    answers = sum(
+        (
+            m.cost_usd or ZERO
+            for m in messages
+            if m.role == MessageRole.ASSISTANT and m.copied_from_id is None and not m.is_imported
+        ),
+        ZERO,
+    )
+    if ledger != answers:
+        out.append(f"3: LLM usage rows cost {ledger} but the answers cost {answers}")
+    return out
+
+
+def check_clients(session: ChatSession, messages: list) -> list[str]:
+    """4. Per-client totals equal the sums of the underlying messages and segments."""
+    from sessions_app.selectors import session_summary
+
+    out = []
+    summary = session_summary(session=session)
+    rows = summary["by_client"]
+    if sum(r["messages"] for r in rows) != len(messages):
+        out.append("4: by_client messages do not add up to the stored messages")
+    if sum(r["tokens"] for r in rows) != session.total_tokens:
+        out.append("4: by_client tokens do not add up to total_tokens")
+    if sum((Decimal(r["cost_usd"]) for r in rows), ZERO) != Decimal(session.estimated_cost_usd):
+        out.append("4: by_client cost does not add up to the session's cost")
+    if session.status == SessionStatus.ENDED and sum(r["seconds"] for r in rows) != session.duration_seconds:
+        out.append("4: by_client seconds do not add up to duration_seconds")
+    slug_of = {str(m.domain_id): m.domain.slug for m in messages}
+    for row in rows:
+        mine = [m for m in messages if slug_of.get(str(m.domain_id)) == row["client"]]
+        billable = [m for m in mine if m.copied_from_id is None and not m.is_imported]
+        if row["tokens"] != sum(m.tokens for m in billable):
+            out.append(f"4: client {row['client']} tokens differ from its messages")
+        if Decimal(row["cost_usd"]) != sum((m.cost_usd or ZERO for m in billable), ZERO):
+            out.append(f"4: client {row['client']} cost differs from its messages")
+    model_rows = summary["by_model"]
+    if sum(r["tokens"] for r in model_rows) != session.total_tokens:
+        out.append("4: by_model tokens do not add up to total_tokens")
+    return out
+
+
+def check_nothing_lost(session: ChatSession, messages: list, usage: list) -> list[str]:
+    """5. Every user message is stored and answered (or the failure is stored with its text)."""
+    out = []
+    usage_by_message = {u.message_id: u for u in usage if u.message_id is not None}
+    for u in usage:
+        if u.message_id is None:
+            out.append(f"5: LLM usage {u.pk} ({u.status}) has no stored answer")
+    for index, m in enumerate(messages):
+        if m.copied_from_id is not None or m.is_imported:
+            continue
+        if m.role == MessageRole.USER:
+            following = messages[index + 1] if index + 1 < len(messages) else None
+            live = session.turn_started_at is not None and following is None
+            if (following is None or following.role != MessageRole.ASSISTANT) and not live:
+                out.append(f"5: user message #{m.seq} has no stored answer (not even a partial or error)")
+        elif m.role == MessageRole.ASSISTANT:
+            row = usage_by_message.get(m.message_id)
+            if row is None:
+                out.append(f"5: answer #{m.seq} has no LLM usage row")
+                continue
+            if m.status == MessageStatus.COMPLETE and row.status != UsageStatus.OK:
+                out.append(f"5: complete answer #{m.seq} has usage status {row.status}")
+            if m.status != MessageStatus.COMPLETE and row.status == UsageStatus.OK:
+                out.append(f"5: {m.status} answer #{m.seq} has usage status ok")
+            if row.prompt_tokens != m.prompt_tokens or row.completion_tokens != m.completion_tokens:
+                out.append(f"5: answer #{m.seq} tokens differ from its usage row")
+    if session.status == SessionStatus.ENDED and session.turn_started_at is not None:
+        out.append("5: an ended session still holds an answer claim")
+    return out
+
+
+def check_session(session: ChatSession) -> list[str]:
+    """All five invariants plus the integrity chain; an empty list means the session is sound."""
+    session = ChatSession.objects.select_related("domain").get(pk=session.pk)
+    messages = list(session.messages.select_related("domain").order_by("seq"))
+    usage = list(session.usage.all())
+    problems = [
+        *check_totals(session, messages),
+        *check_segments(session),
+        *check_streams(session, messages, usage),
+        *check_clients(session, messages),
+        *check_nothing_lost(session, messages, usage),
+    ]
+    valid, detail = integrity.verify_session(session)
+    if not valid:
+        problems.append(f"integrity: {detail}")
+    return problems
