@@ -1,0 +1,192 @@
+"""A small facade over the session services for scripts and notebooks.
+
+    from sessions_app.toolkit import SessionManager
+
+    sm = SessionManager(user="olivia", client="acme", model="ollama:llama3.2")
+    sm.create_session(name="Pricing questions")
+    answer = sm.chat("What is our refund policy?", on_token=lambda t: print(t, end=""))
+    print(answer.tokens, answer.cost_usd)
+    sm.history()                     # the messages as dicts
+    branch = sm.branch(at=2)         # a new session with messages 1..2 (not billed again)
+    sm.search("refund")              # ranked hits in your own sessions
+    document = sm.export()           # the versioned JSON export, as a dict
+    result = sm.import_(document)    # a new session, marked imported; result.valid
+
+Everything goes through the same services as the web pages, so it is billed and sealed the
+same way. `chat` is synchronous; it works from plain scripts and from Jupyter (which already
+runs an event loop) alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Callable
+from contextlib import aclosing
+from pathlib import Path
+
+from asgiref.sync import async_to_sync
+from django.contrib.auth import get_user_model
+
+from sessions_app import conversation, selectors, services, transfer
+from sessions_app.errors import BadInput, NotFound
+from sessions_app.events import Done, Token
+from sessions_app.models import ChatSession, SessionMessage, SessionSource
+
+NO_SESSION = "No current session: call create_session() first or pass session=."
+
+
+class SessionManager:
+    """Chat, branch, search, export and import as one consultant, optionally for one client."""
+
+    def __init__(self, user, client: str | None = None, model: str | None = None) -> None:
+        if isinstance(user, str):
+            User = get_user_model()
+            found = User.objects.filter(**{User.USERNAME_FIELD: user}, is_active=True).first()
+            if found is None:
+                raise NotFound(f"No active user named {user!r}.")
+            user = found
+        self.user = user
+        self.client = client
+        self.model = model
+        self.session: ChatSession | None = None
+
+    def __repr__(self) -> str:
+        current = f" session={str(self.session.session_id)[:8]}" if self.session else ""
+        return f"<SessionManager user={self.user.get_username()} client={self.client} model={self.model}{current}>"
+
+    # --- sessions -----------------------------------------------------------------------------
+
+    def _resolve(self, session) -> ChatSession:
+        if session is None:
+            if self.session is None:
+                raise BadInput(NO_SESSION)
+            return selectors.session_get_for_user(session_id=self.session.pk, user=self.user)
+        if isinstance(session, ChatSession):
+            return selectors.session_get_for_user(session_id=session.pk, user=self.user)
+        return conversation.session_resolve(ident=str(session), user=self.user)
+
+    def use(self, session) -> ChatSession:
+        """Make `session` (object, UUID or unique prefix) the current one."""
+        self.session = self._resolve(session)
+        return self.session
+
+    def create_session(
+        self, *, name: str = "", system_prompt: str = "", client: str | None = None, model: str | None = None
+    ) -> ChatSession:
+        client = client or self.client
+        model = model or self.model
+        if not client:
+            raise BadInput("Name the client: SessionManager(..., client='slug') or create_session(client=...).")
+        if not model:
+            raise BadInput("Name the model: SessionManager(..., model='provider:model') or create_session(model=...).")
+        self.session = services.session_start(
+            user=self.user,
+            client=client,
+            model=model,
+            name=name,
+            system_prompt=system_prompt,
+            source=SessionSource.CLI,
+        )
+        return self.session
+
+    def sessions(self, *, client: str | None = None, status: str | None = None) -> list[ChatSession]:
+        return list(selectors.session_list(user=self.user, client=client, status=status))
+
+    def end(self, session=None) -> dict:
+        target = self._resolve(session)
+        return services.session_end(session_id=target.pk, user=self.user)
+
+    # --- chatting -----------------------------------------------------------------------------
+
+    def chat(self, message: str, *, session=None, on_token: Callable[[str], None] | None = None) -> SessionMessage:
+        """Send `message`, wait for the answer and return the stored assistant message.
+
+        A new session is started (with the manager's client and model) when there is none.
+        `on_token` receives each text delta as it arrives. Provider failures raise
+        `ProviderFailed`/`ProviderTimeout` after the partial answer is stored.
+        """
+        if session is None and self.session is None:
+            self.create_session()
+        target = self._resolve(session)
+        user = self.user
+
+        async def run() -> Done:
+            done = None
+            async with aclosing(services.session_chat(session_id=target.pk, user=user, message=message)) as events:
+                async for event in events:
+                    if isinstance(event, Token) and on_token is not None:
+                        on_token(event.text)
+                    elif isinstance(event, Done):
+                        done = event
+            return done
+
+        done = _run_sync(run)
+        self.session = done.session
+        return done.message
+
+    # --- conversation tools ---------------------------------------------------------------
+
+    def history(self, session=None) -> list[dict]:
+        target = self._resolve(session)
+        if target.archived_at is not None:
+            from sessions_app.archive import archived_messages
+
+            messages = archived_messages(target)
+        else:
+            messages = list(selectors.session_messages(session=target))
+        return [selectors.message_as_dict(m) for m in messages]
+
+    def summary(self, session=None) -> dict:
+        return selectors.session_summary(session=self._resolve(session))
+
+    def branch(self, session=None, *, at: int | None = None, name: str = "") -> ChatSession:
+        """A new session with copies of messages 1..at (all by default); it becomes current."""
+        target = self._resolve(session)
+        self.session = services.session_branch(session_id=target.pk, user=self.user, at_seq=at, name=name)
+        return self.session
+
+    def search(self, query: str, *, limit: int = conversation.SEARCH_DEFAULT_LIMIT) -> list[conversation.SearchHit]:
+        return conversation.messages_search(user=self.user, query=query, limit=limit, client=self.client)
+
+    def export(self, session=None, path: str | Path | None = None) -> dict:
+        """The export document; also written to `path` when given."""
+        document = transfer.session_export(session=self._resolve(session))
+        if path is not None:
+            Path(path).write_text(json.dumps(document, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        return document
+
+    def import_(self, source: dict | str | bytes | Path, *, client: str | None = None) -> transfer.ImportResult:
+        """Import a document (dict, JSON text or a file path); the new session becomes current."""
+        if isinstance(source, Path) or (isinstance(source, str) and not source.lstrip().startswith("{")):
+            source = Path(source).read_bytes()
+        result = transfer.session_import(user=self.user, data=source, client=client or self.client)
+        self.session = result.session
+        return result
+
+    def stats(self) -> dict:
+        return conversation.sessions_stats(user=self.user, client=self.client)
+
+
+def _run_sync(coroutine_function):
+    """Run a coroutine function to completion from sync code, even under a running loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return async_to_sync(coroutine_function)()
+    # Jupyter and friends: the calling thread already runs a loop, so use another thread.
+    box: dict = {}
+
+    def worker() -> None:
+        try:
+            box["value"] = async_to_sync(coroutine_function)()
+        except BaseException as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=worker, name="session-manager-chat")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
