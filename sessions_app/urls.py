@@ -1,3 +1,9 @@
-"""Routes."""
+"""Routes of the web pages."""
 
-urlpatterns: list = []
+from django.urls import path
+
+from sessions_app import views
+
+urlpatterns = [
+    path("", views.home, name="home"),
+]
