@@ -2,13 +2,38 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, fields
 
 from django.core.cache import cache
 
 from billing.models import Brand, ClientDomain
 
 HOST_CACHE_SECONDS = 60
+HOST_CACHE_PREFIX = "brand-host:"
+
+_HEX_COLOR = re.compile(r"^#[0-9a-fA-F]{6}$")
+_LOGO = re.compile(r"^(https?://[^\s\"'<>()\\]+|/[^\s\"'<>()\\]*)$")
+
+
+def safe_color(value: object, fallback: str) -> str:
+    """`value` if it is exactly #rrggbb (lower-cased), else `fallback`: never raw text into CSS."""
+    if isinstance(value, str) and _HEX_COLOR.fullmatch(value):
+        return value.lower()
+    return fallback
+
+
+def safe_font_stack(value: object) -> str:
+    """Only the fixed font stacks of `Brand.FONT_STACKS` ever reach a page."""
+    if isinstance(value, str) and value in Brand.FONT_STACKS.values():
+        return value
+    return Brand.FONT_STACKS["system"]
+
+
+def safe_logo(value: object) -> str:
+    if isinstance(value, str) and _LOGO.fullmatch(value):
+        return value
+    return ""
 
 
 @dataclass(frozen=True)
@@ -23,6 +48,15 @@ class BrandStyle:
     logo: str = ""
     welcome_text: str = ""
     client_slug: str = ""
+
+    def __post_init__(self) -> None:
+        # Re-validate whatever we were given (a form, a cache, an old row): only #rrggbb
+        # colours, known font stacks and http(s)/path logos survive.
+        defaults = {f.name: f.default for f in fields(self)}
+        for name in ("primary_color", "accent_color", "background_color"):
+            object.__setattr__(self, name, safe_color(getattr(self, name), defaults[name]))
+        object.__setattr__(self, "font_stack", safe_font_stack(self.font_stack))
+        object.__setattr__(self, "logo", safe_logo(self.logo))
 
     @classmethod
     def from_brand(cls, brand: Brand) -> BrandStyle:
@@ -46,11 +80,22 @@ def default_brand(client: ClientDomain) -> Brand | None:
     return next((b for b in brands if b.is_default), brands[0] if brands else None)
 
 
+def host_cache_key(host: str) -> str:
+    return f"{HOST_CACHE_PREFIX}{host.strip().lower()}"
+
+
+def forget_hosts(*hosts: str | None) -> None:
+    """Drop the cached brand of these hostnames (a client or brand changed)."""
+    keys = [host_cache_key(h) for h in hosts if h]
+    if keys:
+        cache.delete_many(keys)
+
+
 def brand_for_host(host: str) -> BrandStyle | None:
     host = (host or "").split(":")[0].lower()
     if not host:
         return None
-    key = f"brand-host:{host}"
+    key = host_cache_key(host)
     cached = cache.get(key)
     if cached is None:
         client = ClientDomain.objects.filter(hostname=host, is_active=True).first()

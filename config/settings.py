@@ -93,7 +93,8 @@ if not SECRET_KEY:
         _key_file.write_text(secrets.token_urlsafe(50))
     SECRET_KEY = _key_file.read_text().strip()
 
-ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
+# ".localhost" lets the demo clients' hostnames (acme.localhost, ...) pick their branding locally.
+ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", ".localhost", "127.0.0.1", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
 
 INSTALLED_APPS = [
@@ -142,6 +143,15 @@ TEMPLATES = [
 WSGI_APPLICATION = "config.wsgi.application"
 ASGI_APPLICATION = "config.asgi.application"
 
+
+def _redacted(url: str) -> str:
+    """The URL with any password hidden, for error messages."""
+    parsed = urlparse(url)
+    if parsed.password:
+        return url.replace(f":{parsed.password}@", ":***@", 1)
+    return url
+
+
 # Database: SQLite file by default, anything dj-database-url understands otherwise.
 _default_db = f"sqlite:///{BASE_DIR / 'db.sqlite3'}"
 _db_url = os.environ.get("DATABASE_URL", "").strip() or _default_db
@@ -149,8 +159,13 @@ try:
     _db = environ.Env.db_url_config(_db_url)
 except Exception as exc:  # django-environ raises several kinds for a malformed URL
     raise ImproperlyConfigured(f"DATABASE_URL is malformed: {exc}") from None
-if not _db.get("ENGINE"):
-    raise ImproperlyConfigured(f"DATABASE_URL has an unknown scheme: {_db_url!r}")
+_SUPPORTED_ENGINES = ("django.db.backends.sqlite3", "django.db.backends.postgresql")
+if _db.get("ENGINE") not in _SUPPORTED_ENGINES:
+    raise ImproperlyConfigured(
+        f"DATABASE_URL must start with sqlite:// or postgres:// (PostgreSQL or SQLite only), got {_redacted(_db_url)!r}"
+    )
+if not _db.get("NAME"):
+    raise ImproperlyConfigured(f"DATABASE_URL names no database, got {_redacted(_db_url)!r}")
 if _db["ENGINE"].endswith("sqlite3"):
     _db.setdefault("OPTIONS", {}).update({"timeout": 20})
 else:
@@ -162,7 +177,7 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 REDIS_URL = os.environ.get("REDIS_URL", "").strip()
 if REDIS_URL:
     if urlparse(REDIS_URL).scheme not in ("redis", "rediss", "unix"):
-        raise ImproperlyConfigured(f"REDIS_URL must start with redis:// or rediss://, got {REDIS_URL!r}")
+        raise ImproperlyConfigured(f"REDIS_URL must start with redis:// or rediss://, got {_redacted(REDIS_URL)!r}")
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",

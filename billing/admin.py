@@ -1,0 +1,533 @@
+"""Staff admin for clients, brands, prices, aliases, the usage ledger and invoices.
+
+Every changelist selects its related rows up front (`list_select_related`, annotations,
+one prefetch), so the number of queries does not grow with the number of rows.
+"""
+
+from __future__ import annotations
+
+import re
+
+from django import forms
+from django.contrib import admin
+from django.core.exceptions import NON_FIELD_ERRORS
+from django.db import transaction
+from django.db.models import Count, Exists, OuterRef, Prefetch
+from django.urls import reverse
+from django.utils import timezone
+from django.utils.html import format_html, format_html_join
+
+from billing.branding import safe_color
+from billing.models import (
+    Brand,
+    ClientDomain,
+    Invoice,
+    InvoiceLine,
+    InvoiceStatus,
+    LLMUsage,
+    ModelAlias,
+    ModelPrice,
+)
+
+HOSTNAME = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
+CURRENCY = re.compile(r"^[A-Z]{3}$")
+
+DUPLICATE_SLUG = "Another client already uses the slug “%(slug)s”."
+BAD_HOSTNAME = "Enter a bare hostname such as acme.example.com (no scheme, port or path)."
+BAD_CURRENCY = "Enter a three-letter ISO 4217 currency code, for example USD."
+SECOND_DEFAULT_BRAND = (
+    "%(client)s already has a default brand (%(brand)s). Untick it there first, "
+    "or use the “Make default” action on the brand list."
+)
+
+
+def swatch(color: str, label: str = "") -> str:
+    """A small colour square; the colour is re-validated, the label escaped."""
+    return format_html(
+        '<span class="bs-swatch" title="{}" style="display:inline-block;width:1.1em;height:1.1em;'
+        'border-radius:3px;border:1px solid rgba(0,0,0,.25);vertical-align:middle;background:{}"></span>',
+        label or color,
+        safe_color(color, "#ffffff"),
+    )
+
+
+def money(value, places: int = 6) -> str:
+    if value is None:
+        return "—"
+    return f"{value:,.{places}f}"
+
+
+class ColorInput(forms.TextInput):
+    """A native colour picker that still posts plain #rrggbb (validated by the model)."""
+
+    input_type = "color"
+
+
+# --- Clients ------------------------------------------------------------------------------
+
+
+class ClientDomainForm(forms.ModelForm):
+    class Meta:
+        model = ClientDomain
+        fields = (
+            "name",
+            "slug",
+            "hostname",
+            "is_active",
+            "hourly_rate",
+            "currency",
+            "llm_markup_percent",
+            "billing_increment_minutes",
+            "members",
+        )
+
+    def clean_slug(self) -> str:
+        slug = self.cleaned_data["slug"].strip().lower()
+        clash = ClientDomain.objects.filter(slug__iexact=slug)
+        if self.instance.pk:
+            clash = clash.exclude(pk=self.instance.pk)
+        if clash.exists():
+            raise forms.ValidationError(DUPLICATE_SLUG, code="unique", params={"slug": slug})
+        return slug
+
+    def clean_hostname(self) -> str | None:
+        host = (self.cleaned_data.get("hostname") or "").strip().lower()
+        if not host:
+            return None
+        if not HOSTNAME.fullmatch(host):
+            raise forms.ValidationError(BAD_HOSTNAME, code="invalid")
+        return host
+
+    def clean_currency(self) -> str:
+        currency = (self.cleaned_data.get("currency") or "").strip().upper()
+        if not CURRENCY.fullmatch(currency):
+            raise forms.ValidationError(BAD_CURRENCY, code="invalid")
+        return currency
+
+
+class BrandInline(admin.TabularInline):
+    model = Brand
+    extra = 0
+    fields = ("preview", "name", "is_default", "font", "primary_color", "accent_color", "background_color")
+    readonly_fields = ("preview",)
+    show_change_link = True
+
+    def formfield_for_dbfield(self, db_field, request, **kwargs):
+        if db_field.name in ("primary_color", "accent_color", "background_color"):
+            kwargs["widget"] = ColorInput
+        return super().formfield_for_dbfield(db_field, request, **kwargs)
+
+    @admin.display(description="Colours")
+    def preview(self, obj: Brand) -> str:
+        if not obj.pk:
+            return "—"
+        return format_html("{}{}{}", swatch(obj.primary_color), swatch(obj.accent_color), swatch(obj.background_color))
+
+
+@admin.register(ClientDomain)
+class ClientDomainAdmin(admin.ModelAdmin):
+    form = ClientDomainForm
+    list_display = (
+        "name",
+        "slug",
+        "hostname",
+        "rate",
+        "llm_markup_percent",
+        "billing_increment_minutes",
+        "default_brand",
+        "member_count",
+        "is_active",
+    )
+    list_display_links = ("name",)
+    list_filter = ("is_active", "currency", "billing_increment_minutes")
+    search_fields = ("name", "slug", "hostname")
+    prepopulated_fields = {"slug": ("name",)}
+    filter_horizontal = ("members",)
+    readonly_fields = ("id", "created_at")
+    inlines = [BrandInline]
+    fieldsets = (
+        (None, {"fields": ("name", "slug", "hostname", "is_active")}),
+        ("Billing", {"fields": ("hourly_rate", "currency", "llm_markup_percent", "billing_increment_minutes")}),
+        ("Who may bill this client", {"fields": ("members",)}),
+        ("Record", {"fields": ("id", "created_at"), "classes": ("collapse",)}),
+    )
+
+    def get_queryset(self, request):
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(member_total=Count("members", distinct=True))
+            .prefetch_related(Prefetch("brands", queryset=Brand.objects.filter(is_default=True), to_attr="defaults"))
+        )
+
+    @admin.display(description="Hourly rate", ordering="hourly_rate")
+    def rate(self, obj: ClientDomain) -> str:
+        return f"{obj.hourly_rate:,.2f} {obj.currency}"
+
+    @admin.display(description="Default brand")
+    def default_brand(self, obj: ClientDomain) -> str:
+        defaults = getattr(obj, "defaults", None)
+        if defaults is None:
+            defaults = list(obj.brands.filter(is_default=True))
+        if not defaults:
+            return "—"
+        brand = defaults[0]
+        return format_html("{} {}", swatch(brand.primary_color), brand.name)
+
+    @admin.display(description="Members", ordering="member_total")
+    def member_count(self, obj: ClientDomain) -> str:
+        total = getattr(obj, "member_total", None)
+        if total is None:
+            total = obj.members.count()
+        return str(total) if total else "open to all"
+
+
+# --- Brands -------------------------------------------------------------------------------
+
+
+class BrandForm(forms.ModelForm):
+    class Meta:
+        model = Brand
+        fields = (
+            "client",
+            "name",
+            "owner",
+            "is_default",
+            "primary_color",
+            "accent_color",
+            "background_color",
+            "font",
+            "logo",
+            "welcome_text",
+        )
+        widgets = {
+            "primary_color": ColorInput,
+            "accent_color": ColorInput,
+            "background_color": ColorInput,
+            "welcome_text": forms.Textarea(attrs={"rows": 3}),
+        }
+
+    def clean(self):
+        cleaned = super().clean()
+        client = cleaned.get("client")
+        if cleaned.get("is_default") and client is not None:
+            others = Brand.objects.filter(client=client, is_default=True)
+            if self.instance.pk:
+                others = others.exclude(pk=self.instance.pk)
+            other = others.first()
+            if other is not None:
+                self.add_error(
+                    "is_default",
+                    forms.ValidationError(
+                        SECOND_DEFAULT_BRAND, code="unique", params={"client": client.name, "brand": other.name}
+                    ),
+                )
+        return cleaned
+
+    def _post_clean(self) -> None:
+        super()._post_clean()
+        # The one-default-per-client rule is reported on the field above, in words; drop
+        # the model constraint's terse duplicate of it.
+        general = self._errors.get(NON_FIELD_ERRORS) if self._errors else None
+        if general and self.has_error("is_default"):
+            kept = [e for e in general.as_data() if "one_default_brand_per_client" not in " ".join(e.messages)]
+            if kept:
+                self._errors[NON_FIELD_ERRORS] = self.error_class(kept, error_class="nonfield", renderer=self.renderer)
+            else:
+                del self._errors[NON_FIELD_ERRORS]
+
+
+@admin.register(Brand)
+class BrandAdmin(admin.ModelAdmin):
+    form = BrandForm
+    list_display = ("colours", "name", "client", "font", "is_default", "owner")
+    list_display_links = ("name",)
+    list_filter = ("is_default", "font", "client")
+    search_fields = ("name", "client__name", "client__slug", "welcome_text")
+    list_select_related = ("client", "owner")
+    autocomplete_fields = ("client",)
+    raw_id_fields = ("owner",)
+    readonly_fields = ("id", "created_at", "preview")
+    actions = ["make_default"]
+    fieldsets = (
+        (None, {"fields": ("client", "name", "owner", "is_default")}),
+        ("Look", {"fields": ("primary_color", "accent_color", "background_color", "font", "logo", "preview")}),
+        ("Words", {"fields": ("welcome_text",)}),
+        ("Record", {"fields": ("id", "created_at"), "classes": ("collapse",)}),
+    )
+
+    @admin.display(description="Colours")
+    def colours(self, obj: Brand) -> str:
+        return format_html(
+            "{}{}{}",
+            swatch(obj.primary_color, "primary"),
+            swatch(obj.accent_color, "accent"),
+            swatch(obj.background_color, "background"),
+        )
+
+    @admin.display(description="Preview")
+    def preview(self, obj: Brand) -> str:
+        if not obj.pk:
+            return "Saved brands show a preview here."
+        return format_html(
+            '<div style="padding:.75em 1em;border-radius:6px;background:{};font-family:{};border:1px solid #ccc">'
+            '<strong style="color:{}">{}</strong> <span style="color:{}">accent</span><br>{}</div>',
+            safe_color(obj.background_color, "#ffffff"),
+            obj.font_stack,
+            safe_color(obj.primary_color, "#1f6feb"),
+            obj.name,
+            safe_color(obj.accent_color, "#8250df"),
+            obj.welcome_text or "",
+        )
+
+    @admin.action(description="Make the selected brand its client's default")
+    def make_default(self, request, queryset):
+        done = 0
+        with transaction.atomic():
+            for brand in queryset.select_related("client").order_by("client_id", "-created_at"):
+                Brand.objects.filter(client_id=brand.client_id, is_default=True).exclude(pk=brand.pk).update(
+                    is_default=False
+                )
+                if not brand.is_default:
+                    brand.is_default = True
+                    brand.save(update_fields=["is_default"])
+                done += 1
+        self.message_user(request, f"{done} brand(s) are now their client's default.")
+
+
+# --- Prices and aliases -------------------------------------------------------------------
+
+
+class InForceFilter(admin.SimpleListFilter):
+    title = "in force"
+    parameter_name = "in_force"
+
+    def lookups(self, request, model_admin):
+        return [("yes", "In force now"), ("future", "Scheduled"), ("superseded", "Superseded")]
+
+    def queryset(self, request, queryset):
+        now = timezone.now()
+        if self.value() == "yes":
+            return queryset.filter(effective_from__lte=now, superseded=False)
+        if self.value() == "future":
+            return queryset.filter(effective_from__gt=now)
+        if self.value() == "superseded":
+            return queryset.filter(superseded=True)
+        return queryset
+
+
+@admin.register(ModelPrice)
+class ModelPriceAdmin(admin.ModelAdmin):
+    list_display = (
+        "model_name",
+        "input_per_mtok",
+        "output_per_mtok",
+        "effective_from",
+        "state",
+        "context_window",
+        "source",
+    )
+    list_filter = ("provider", InForceFilter, "effective_from")
+    search_fields = ("model", "source")
+    date_hierarchy = "effective_from"
+    readonly_fields = ("id", "created_at")
+    fieldsets = (
+        (None, {"fields": ("provider", "model", "effective_from")}),
+        ("USD per million tokens", {"fields": ("input_per_mtok", "output_per_mtok")}),
+        ("Details", {"fields": ("context_window", "source", "id", "created_at")}),
+    )
+
+    def get_queryset(self, request):
+        now = timezone.now()
+        newer = ModelPrice.objects.filter(
+            provider=OuterRef("provider"),
+            model=OuterRef("model"),
+            effective_from__gt=OuterRef("effective_from"),
+            effective_from__lte=now,
+        )
+        return super().get_queryset(request).annotate(superseded=Exists(newer))
+
+    @admin.display(description="Model", ordering="model")
+    def model_name(self, obj: ModelPrice) -> str:
+        return f"{obj.provider}:{obj.model}"
+
+    @admin.display(description="State")
+    def state(self, obj: ModelPrice) -> str:
+        if obj.effective_from > timezone.now():
+            return "scheduled"
+        if getattr(obj, "superseded", False):
+            return "superseded"
+        return "in force"
+
+
+@admin.register(ModelAlias)
+class ModelAliasAdmin(admin.ModelAdmin):
+    list_display = ("alias_name", "target", "provider")
+    list_filter = ("provider",)
+    search_fields = ("alias", "target")
+
+    @admin.display(description="Alias", ordering="alias")
+    def alias_name(self, obj: ModelAlias) -> str:
+        return f"{obj.provider}:{obj.alias}"
+
+
+# --- Usage ledger -------------------------------------------------------------------------
+
+
+class PriceKnownFilter(admin.SimpleListFilter):
+    title = "price"
+    parameter_name = "price"
+
+    def lookups(self, request, model_admin):
+        return [("unknown", "Price unknown (to fix)"), ("known", "Priced")]
+
+    def queryset(self, request, queryset):
+        if self.value() == "unknown":
+            return queryset.filter(cost__isnull=True)
+        if self.value() == "known":
+            return queryset.filter(cost__isnull=False)
+        return queryset
+
+
+class ReadOnlyAdminMixin:
+    """A record, not a form: staff may look, nobody edits it here."""
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+
+@admin.register(LLMUsage)
+class LLMUsageAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+    list_display = (
+        "created_at",
+        "user",
+        "client",
+        "model_name",
+        "provider_model",
+        "prompt_tokens",
+        "completion_tokens",
+        "token_source",
+        "cost_display",
+        "time_to_first_token_ms",
+        "duration_ms",
+        "status",
+    )
+    list_filter = ("status", PriceKnownFilter, "provider", "token_source", "client", "created_at")
+    search_fields = ("model", "provider_model", "user__username", "client__name", "client__slug", "error_text")
+    list_select_related = ("user", "client")
+    date_hierarchy = "created_at"
+    readonly_fields = [f.name for f in LLMUsage._meta.fields]
+
+    @admin.display(description="Model", ordering="model")
+    def model_name(self, obj: LLMUsage) -> str:
+        return f"{obj.provider}:{obj.model}"
+
+    @admin.display(description="Cost (USD)", ordering="cost")
+    def cost_display(self, obj: LLMUsage) -> str:
+        if obj.cost is None:
+            return format_html('<strong style="color:#b42318">{}</strong>', "price unknown")
+        return money(obj.cost)
+
+
+# --- Invoices -----------------------------------------------------------------------------
+
+
+class InvoiceLineInline(admin.TabularInline):
+    model = InvoiceLine
+    extra = 0
+    fields = ("position", "kind", "description", "session", "quantity", "unit", "unit_price", "amount")
+    readonly_fields = fields
+    can_delete = False
+    show_change_link = False
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).select_related("session")
+
+
+@admin.register(Invoice)
+class InvoiceAdmin(admin.ModelAdmin):
+    list_display = (
+        "label",
+        "client",
+        "period_start",
+        "period_end",
+        "status",
+        "time_total",
+        "llm_total",
+        "total_display",
+        "line_count",
+        "issued_at",
+    )
+    list_filter = ("status", "client", "currency")
+    search_fields = ("number", "client__name", "client__slug", "lines__description")
+    list_select_related = ("client",)
+    date_hierarchy = "period_start"
+    inlines = [InvoiceLineInline]
+    readonly_fields = (
+        "id",
+        "number",
+        "status",
+        "time_total",
+        "llm_total",
+        "total",
+        "created_by",
+        "created_at",
+        "issued_at",
+        "sessions_billed",
+    )
+    fieldsets = (
+        (None, {"fields": ("client", "period_start", "period_end", "currency", "number", "status")}),
+        ("Totals", {"fields": ("time_total", "llm_total", "total")}),
+        ("Record", {"fields": ("id", "created_by", "created_at", "issued_at", "sessions_billed")}),
+    )
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).annotate(line_total=Count("lines", distinct=True))
+
+    def has_add_permission(self, request) -> bool:
+        # Invoices are drawn up from the usage by the billing service, not typed in.
+        return False
+
+    def get_readonly_fields(self, request, obj=None):
+        fields = list(super().get_readonly_fields(request, obj))
+        if obj is not None and obj.status == InvoiceStatus.ISSUED:
+            fields += ["client", "period_start", "period_end", "currency"]
+        return fields
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        if obj is not None and obj.status == InvoiceStatus.ISSUED:
+            return False
+        return super().has_delete_permission(request, obj)
+
+    @admin.display(description="Invoice", ordering="number")
+    def label(self, obj: Invoice) -> str:
+        return obj.number or "draft"
+
+    @admin.display(description="Total", ordering="total")
+    def total_display(self, obj: Invoice) -> str:
+        return f"{obj.total:,.2f} {obj.currency}"
+
+    @admin.display(description="Lines", ordering="line_total")
+    def line_count(self, obj: Invoice) -> int:
+        total = getattr(obj, "line_total", None)
+        return obj.lines.count() if total is None else total
+
+    @admin.display(description="Sessions billed")
+    def sessions_billed(self, obj: Invoice) -> str:
+        sessions = list(obj.sessions.select_related("domain").order_by("started_at")[:200])
+        if not sessions:
+            return "—"
+        return format_html_join(
+            ", ",
+            '<a href="{}">{}</a>',
+            ((reverse("admin:sessions_app_chatsession_change", args=[s.pk]), str(s)) for s in sessions),
+        )

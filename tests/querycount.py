@@ -1,0 +1,30 @@
+"""Assert that a page's query count does not grow with the number of rows it lists."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+
+
+def queries_for(client, url: str) -> int:
+    with CaptureQueriesContext(connection) as ctx:
+        response = client.get(url)
+    assert response.status_code == 200, (url, response.status_code)
+    return len(ctx.captured_queries)
+
+
+def assert_bounded_queries(
+    client, url: str, make_rows: Callable[[int], None], django_assert_max_num_queries, *, bound: int
+) -> None:
+    """Same number of queries for 2 rows as for 22, and never more than `bound`."""
+    make_rows(2)
+    client.get(url)  # warm per-process caches (content types, permissions)
+    few = queries_for(client, url)
+    make_rows(20)
+    with django_assert_max_num_queries(bound):
+        response = client.get(url)
+    assert response.status_code == 200
+    many = queries_for(client, url)
+    assert many == few, f"{url}: {few} queries for 2 rows, {many} for 22"

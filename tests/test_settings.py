@@ -1,0 +1,120 @@
+"""Settings refuse bad configuration loudly, naming the variable, and default safe."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+GOOD_KEY = "dGVzdC1zaWduaW5nLWtleS0zMi1ieXRlcy1sb25nISE="
+CONFIG_VARS = {
+    "DEBUG",
+    "SECRET_KEY",
+    "SESSION_SIGNING_KEY",
+    "DATABASE_URL",
+    "REDIS_URL",
+    "ALLOWED_HOSTS",
+    "OLLAMA_HOST",
+    "OPENAI_BASE_URL",
+    "ANTHROPIC_BASE_URL",
+    "SESSION_IDLE_TIMEOUT",
+    "CONTEXT_OVERFLOW",
+    "PROVIDER_SIMULATOR",
+    "DJANGO_SETTINGS_MODULE",
+}
+
+
+def import_settings(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if k not in CONFIG_VARS and not k.startswith("PROVIDER_")}
+    clean.update({"DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}", "SECRET_KEY": "k" * 50})
+    clean.update(env)
+    clean = {k: v for k, v in clean.items() if v is not None}
+    script = "import config.settings as s; print('DEBUG', s.DEBUG)"
+    return subprocess.run(
+        [sys.executable, "-c", script], cwd=BASE_DIR, env=clean, capture_output=True, text=True, timeout=60
+    )
+
+
+def assert_refused(result: subprocess.CompletedProcess, variable: str) -> None:
+    assert result.returncode != 0, result.stdout
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("django.core.exceptions.ImproperlyConfigured"), result.stderr
+    assert variable in last
+
+
+@pytest.mark.parametrize("value", ["maybe", "2", "True!"])
+def test_debug_must_be_a_real_boolean(tmp_path, value):
+    assert_refused(import_settings(tmp_path, DEBUG=value, SESSION_SIGNING_KEY=GOOD_KEY), "DEBUG")
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["notaurl", "mysql://u:pw@db/app", "postgres://", "postgres://u@host:notaport/db", "foo://bar/baz"],
+)
+def test_malformed_database_url_is_refused(tmp_path, url):
+    result = import_settings(tmp_path, DEBUG="1", SESSION_SIGNING_KEY=GOOD_KEY, DATABASE_URL=url)
+    assert_refused(result, "DATABASE_URL")
+    assert "pw@" not in result.stderr  # a password in the URL is never echoed
+
+
+def test_secret_key_is_required_when_debug_is_off(tmp_path):
+    assert_refused(import_settings(tmp_path, DEBUG="0", SECRET_KEY="", SESSION_SIGNING_KEY=GOOD_KEY), "SECRET_KEY")
+
+
+def test_debug_is_off_unless_set(tmp_path):
+    # With neither DEBUG nor a SECRET_KEY, start-up refuses: the default is production.
+    result = import_settings(tmp_path, SECRET_KEY="", SESSION_SIGNING_KEY=GOOD_KEY, DEBUG="")
+    assert_refused(result, "SECRET_KEY")
+
+
+def test_signing_key_is_required_when_debug_is_off(tmp_path):
+    assert_refused(import_settings(tmp_path, DEBUG="0"), "SESSION_SIGNING_KEY")
+
+
+@pytest.mark.parametrize("key", ["not base64!", "c2hvcnQ="])
+def test_bad_signing_key_is_refused(tmp_path, key):
+    assert_refused(import_settings(tmp_path, DEBUG="0", SESSION_SIGNING_KEY=key), "SESSION_SIGNING_KEY")
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("REDIS_URL", "http://localhost:6379"),
+        ("OLLAMA_HOST", "ftp://models"),
+        ("OPENAI_BASE_URL", "api.openai.com"),
+        ("SESSION_IDLE_TIMEOUT", "soon"),
+        ("SESSION_IDLE_TIMEOUT", "0"),
+        ("CONTEXT_OVERFLOW", "explode"),
+        ("PROVIDER_SIMULATOR", "perhaps"),
+        ("PROVIDER_FIRST_TOKEN_TIMEOUT", "-1"),
+        ("CHAT_MAX_MESSAGE_CHARS", "lots"),
+    ],
+)
+def test_other_bad_values_are_refused_by_name(tmp_path, name, value):
+    assert_refused(import_settings(tmp_path, DEBUG="0", SESSION_SIGNING_KEY=GOOD_KEY, **{name: value}), name)
+
+
+def test_a_good_production_configuration_loads(tmp_path):
+    result = import_settings(tmp_path, DEBUG="0", SESSION_SIGNING_KEY=GOOD_KEY, REDIS_URL="redis://127.0.0.1:6379/0")
+    assert result.returncode == 0, result.stderr
+    assert "DEBUG False" in result.stdout
+
+
+def test_development_generates_a_signing_key_beside_the_sqlite_database(tmp_path):
+    result = import_settings(tmp_path, DEBUG="1", SESSION_SIGNING_KEY="")
+    assert result.returncode == 0, result.stderr
+    key_file = tmp_path / ".signing-key"
+    assert key_file.exists()
+    first = key_file.read_text()
+    assert import_settings(tmp_path, DEBUG="1", SESSION_SIGNING_KEY="").returncode == 0
+    assert key_file.read_text() == first
+
+
+def test_test_settings_run_in_a_non_utc_zone():
+    from django.conf import settings
+
+    assert settings.TIME_ZONE == "America/New_York"
