@@ -14,6 +14,9 @@ from providers.clients import pooled, timeouts
 from providers.tokens import estimate_messages, estimate_tokens
 
 NAME = "anthropic"
+# The API version whose stream format PROTOCOLS.md records, sent with `x-api-key` as documented
+# (this SDK release would send `Authorization: Bearer` and a newer version instead).
+API_VERSION = "2023-06-01"
 
 
 def _client() -> anthropic.AsyncAnthropic:
@@ -27,7 +30,11 @@ def _client() -> anthropic.AsyncAnthropic:
     return pooled(
         (NAME, base_url, key, tuple(sorted(limits.items()))),
         lambda: anthropic.AsyncAnthropic(
-            api_key=key, base_url=base_url, timeout=httpx2.Timeout(**limits), max_retries=0
+            api_key=key,
+            base_url=base_url,
+            timeout=httpx2.Timeout(**limits),
+            max_retries=0,
+            default_headers={"X-Api-Key": key, "anthropic-version": API_VERSION, "Authorization": anthropic.Omit()},
         ),
     )
 
@@ -104,6 +111,9 @@ class AnthropicAdapter(ProviderAdapter):
                 elif kind == "message_delta":
                     input_tokens, output_tokens = _merge(event.usage, input_tokens, output_tokens)
                     stop_reason = getattr(event.delta, "stop_reason", None) or stop_reason
+                    # A stop reason means the message is complete even if message_stop is lost
+                    # (the SDK drops a last event that has no blank line after it).
+                    finished = finished or stop_reason is not None
                 elif kind == "message_stop":
                     finished = True
                 # content_block_start/stop, ping and event types added later carry nothing we bill.
@@ -121,7 +131,7 @@ class AnthropicAdapter(ProviderAdapter):
             if stream is not None:
                 await stream.close()
         if not finished:
-            raise errors.connection_error(NAME, "the answer ended before message_stop", usage=partial())
+            raise errors.connection_error(NAME, "the answer ended before it was finished", usage=partial())
         if input_tokens is None and output_tokens is None:
             text = "".join(parts)
             yield Usage(estimate_messages(messages), estimate_tokens(text), "estimated", provider_model, stop_reason)

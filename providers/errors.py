@@ -38,7 +38,7 @@ _WHAT = {
     ErrorKind.TIMEOUT: "timed out",
     ErrorKind.BAD_REQUEST: "rejected the request",
     ErrorKind.SERVER: "had an internal error",
-    ErrorKind.CONNECTION: "could not be reached",
+    ErrorKind.CONNECTION: "connection failed",
 }
 
 _ADVICE = {

@@ -791,6 +791,10 @@ class ProviderSimulator:
         body = entry["body"]
         if not headers.get("x-api-key") and not headers.get("authorization"):
             return self._anthropic_error(conn, entry, 401, "authentication_error", "x-api-key header is required")
+        if headers.get("x-api-key") and headers.get("authorization"):
+            return self._anthropic_error(
+                conn, entry, 401, "authentication_error", "send x-api-key or Authorization, not both"
+            )
         if not headers.get("anthropic-version"):
             return self._anthropic_error(
                 conn, entry, 400, "invalid_request_error", "anthropic-version: header is required"
