@@ -1,3 +1,21 @@
-"""Routes."""
+"""REST routes under /api/ollama/ (DESIGN.md "Interfaces")."""
 
-urlpatterns: list = []
+from django.urls import path, re_path
+
+from sessions_app import api, toolkit_views
+
+app_name = "api"
+
+urlpatterns = [
+    path("session/start", api.session_start, name="session-start"),
+    path("session/<str:session_id>/chat", api.session_chat, name="session-chat"),
+    path("session/<str:session_id>/switch", api.session_switch, name="session-switch"),
+    path("session/<str:session_id>/end", api.session_end, name="session-end"),
+    path("session/<str:session_id>/summary", api.session_summary, name="session-summary"),
+    path("sessions", api.session_list, name="session-list"),
+    path("signing-key", api.signing_key, name="signing-key"),
+    path("openapi.json", api.openapi, name="openapi"),
+    path("search", toolkit_views.search_api, name="search"),
+    path("stats", toolkit_views.stats_api, name="stats"),
+    re_path(r"^.*$", api.not_found),
+]

@@ -1,0 +1,62 @@
+"""Who is calling the REST API: a signed-in browser (session cookie + CSRF) or a Bearer token."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from django.middleware.csrf import CsrfViewMiddleware
+from django.utils import timezone
+
+from sessions_app.errors import SessionError
+from sessions_app.models import ApiToken
+
+NO_CREDENTIALS = "Sign in, or send 'Authorization: Bearer <token>' (create one with manage.py create_api_token)."
+BAD_TOKEN = "The API token is unknown, revoked or malformed."
+BAD_SCHEME = "Use 'Authorization: Bearer <token>'."
+CSRF_FAILED = "CSRF check failed: send the csrftoken cookie's value in the X-CSRFToken header."
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS", "TRACE")
+TOUCH_EVERY = timedelta(minutes=1)
+
+
+class Unauthorized(SessionError):
+    code, status = "unauthorized", 401
+
+
+class CsrfFailed(SessionError):
+    code, status = "csrf_failed", 403
+
+
+def _csrf_ok(request) -> bool:
+    check = CsrfViewMiddleware(lambda req: None)
+    check.process_request(request)
+    # No view callback: the check runs even though our API views are csrf_exempt (for Bearer).
+    return check.process_view(request, None, (), {}) is None
+
+
+def api_user(request):
+    """The user behind the request; sets `request.api_token` (None for cookie sign-ins).
+
+    A Bearer header wins over a cookie and must be valid. Cookie sign-ins must pass CSRF on
+    unsafe methods; Bearer calls need no CSRF token (a browser never adds the header itself).
+    Raises `Unauthorized` (401) or `CsrfFailed` (403).
+    """
+    header = request.META.get("HTTP_AUTHORIZATION", "").strip()
+    if header:
+        scheme, _, raw = header.partition(" ")
+        if scheme.lower() != "bearer":
+            raise Unauthorized(BAD_SCHEME)
+        token = ApiToken.authenticate(raw.strip())
+        if token is None:
+            raise Unauthorized(BAD_TOKEN)
+        now = timezone.now()
+        if token.last_used_at is None or token.last_used_at < now - TOUCH_EVERY:
+            ApiToken.objects.filter(pk=token.pk).update(last_used_at=now)
+        request.api_token = token
+        return token.user
+    user = getattr(request, "user", None)
+    if user is None or not user.is_authenticated or not user.is_active:
+        raise Unauthorized(NO_CREDENTIALS)
+    if request.method not in SAFE_METHODS and not _csrf_ok(request):
+        raise CsrfFailed(CSRF_FAILED)
+    request.api_token = None
+    return user
