@@ -1,0 +1,42 @@
+"""Gateway authentication: an ApiToken from `Authorization: Bearer` or the `/t/<token>/` prefix."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from asgiref.sync import sync_to_async
+from django.http import HttpRequest
+from django.utils import timezone
+
+from sessions_app.gateway.common import TOKEN_INVALID, TOKEN_MISSING, GatewayError
+from sessions_app.models import ApiToken
+
+# last_used_at is for people ("used 3 minutes ago"), not an audit log: one write a minute is plenty.
+LAST_USED_RESOLUTION = timedelta(minutes=1)
+
+
+def raw_token(request: HttpRequest, path_token: str | None) -> str:
+    if path_token:
+        return path_token
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer":
+        return value.strip()
+    return ""
+
+
+def authenticate_raw(raw: str) -> ApiToken:
+    if not raw:
+        raise GatewayError(401, TOKEN_MISSING, code="invalid_api_key")
+    token = ApiToken.authenticate(raw)
+    if token is None:
+        raise GatewayError(401, TOKEN_INVALID, code="invalid_api_key")
+    now = timezone.now()
+    if token.last_used_at is None or now - token.last_used_at >= LAST_USED_RESOLUTION:
+        ApiToken.objects.filter(pk=token.pk).update(last_used_at=now)
+        token.last_used_at = now
+    return token
+
+
+async def authenticate(request: HttpRequest, path_token: str | None) -> ApiToken:
+    """Return the live token, or raise a 401 GatewayError."""
+    return await sync_to_async(authenticate_raw)(raw_token(request, path_token))

@@ -1,0 +1,132 @@
+"""What both gateway protocols share: the parsed chat request and protocol-neutral errors."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from providers.base import ChatMessage, StreamOptions
+from providers.naming import ModelRef, parse_model
+from sessions_app.errors import ProviderFailed, SessionError
+
+BODY_MISSING = "missing request body"
+BODY_NOT_JSON = "invalid JSON in request body: {detail}"
+BODY_NOT_OBJECT = "the request body must be a JSON object"
+MODEL_REQUIRED = "model is required"
+MODEL_NOT_FOUND = "model '{name}' not found"
+MESSAGES_NOT_LIST = "messages must be a list of objects with role and content"
+ROLE_UNSUPPORTED = "message {index}: role {role!r} is not supported by the gateway (system, user or assistant)"
+CONTENT_NOT_TEXT = "message {index}: only text content is supported by the gateway"
+IMAGES_UNSUPPORTED = "message {index}: images are not supported by the gateway"
+TOOLS_UNSUPPORTED = "tools are not supported by the gateway"
+LAST_NOT_USER = "the last message must be the user's"
+N_UNSUPPORTED = "only n=1 is supported"
+BAD_OPTION = "{name} must be {kind}"
+TOKEN_MISSING = "missing API token: send 'Authorization: Bearer <token>' or use the /t/<token>/ URL prefix"
+TOKEN_INVALID = "invalid or revoked API token"
+TOKEN_WITHOUT_CLIENT = (
+    "this API token is not bound to a client, so its work cannot be billed: "
+    "create one with `python manage.py create_api_token USER --client SLUG`"
+)
+METHOD_NOT_ALLOWED = "method {method} not allowed"
+
+
+@dataclass
+class GatewayError(Exception):
+    """A failure answered in the caller's protocol; `code` is the machine-readable part."""
+
+    status: int
+    message: str
+    code: str = "bad_request"
+    param: str | None = None
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# Upstream failure kinds whose HTTP status tells the client something useful; the rest are 502.
+_KIND_STATUS = {"not_found": 404, "rate_limited": 429, "bad_request": 400, "timeout": 504, "overloaded": 503}
+
+
+def error_from_session(exc: SessionError) -> GatewayError:
+    """Map a session-service error to the status the gateway answers with."""
+    status = exc.status
+    if isinstance(exc, ProviderFailed):
+        # An upstream auth failure is our key's problem, never the caller's token: keep it 502.
+        status = _KIND_STATUS.get(str(exc.kind), exc.status)
+    return GatewayError(status=status, message=exc.message, code=exc.code)
+
+
+@dataclass
+class ChatRequest:
+    """One chat call, whatever the protocol: the history the client sent and its new message."""
+
+    model: str  # the name as the client sent it; echoed back in every answer
+    ref: ModelRef
+    system: str  # the leading system message(s): the session's system prompt
+    history: list[ChatMessage]  # turns before the new message, as the client holds them
+    message: str  # the new user message
+    stream: bool
+    options: StreamOptions = field(default_factory=StreamOptions)
+    include_usage: bool = False
+
+    @property
+    def model_name(self) -> str:
+        """The canonical `provider:model` a session stores."""
+        return self.ref.name
+
+
+def read_json(body: bytes) -> dict[str, Any]:
+    if not body or not body.strip():
+        raise GatewayError(400, BODY_MISSING)
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise GatewayError(400, BODY_NOT_JSON.format(detail=exc)) from None
+    if not isinstance(data, dict):
+        raise GatewayError(400, BODY_NOT_OBJECT)
+    return data
+
+
+def model_ref(data: dict[str, Any]) -> tuple[str, ModelRef]:
+    name = data.get("model")
+    if not isinstance(name, str) or not name.strip():
+        raise GatewayError(400, MODEL_REQUIRED, param="model")
+    try:
+        return name, parse_model(name)
+    except ValueError:
+        raise GatewayError(400, MODEL_REQUIRED, param="model") from None
+
+
+def split_conversation(messages: list[ChatMessage]) -> tuple[str, list[ChatMessage], str]:
+    """Split into (system prompt, earlier turns, new user message).
+
+    Leading system messages form the system prompt; the last message must be the user's.
+    """
+    lead = 0
+    while lead < len(messages) and messages[lead]["role"] == "system":
+        lead += 1
+    system = "\n\n".join(m["content"] for m in messages[:lead])
+    rest = messages[lead:]
+    if not rest or rest[-1]["role"] != "user":
+        raise GatewayError(400, LAST_NOT_USER, param="messages")
+    return system, rest[:-1], rest[-1]["content"]
+
+
+def number(data: dict[str, Any], name: str, *, integer: bool = False) -> float | int | None:
+    value = data.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or (integer and not isinstance(value, int)):
+        raise GatewayError(400, BAD_OPTION.format(name=name, kind="an integer" if integer else "a number"), param=name)
+    return value
+
+
+def flag(data: dict[str, Any], name: str, default: bool) -> bool:
+    value = data.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise GatewayError(400, BAD_OPTION.format(name=name, kind="true or false"), param=name)
+    return value

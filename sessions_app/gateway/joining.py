@@ -1,0 +1,184 @@
+"""Join a gateway call to the token's automatic work session.
+
+Clients of the Ollama and OpenAI APIs resend the whole conversation on every call. The
+gateway stores only what is new: it recognizes the prefix already stored in the token's
+current session and appends the rest; when the conversation diverges from what was stored
+(an edited or regenerated turn, another chat in the same tool) it branches from the stored
+conversation that shares the longest prefix, so nothing is stored (or billed) twice.
+
+One token has at most one active automatic session, so a client's time is never counted
+twice: a session the conversation moved away from ends when its successor starts.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from providers.base import ChatMessage
+from sessions_app import services
+from sessions_app.errors import SessionError
+from sessions_app.gateway.common import TOKEN_WITHOUT_CLIENT, ChatRequest, GatewayError
+from sessions_app.models import ApiToken, ChatSession, EndReason, SessionMessage, SessionSource
+
+log = logging.getLogger(__name__)
+
+# How many of the token's recent sessions a diverging conversation is compared with.
+CANDIDATE_SESSIONS = 5
+
+
+@dataclass(frozen=True)
+class Stored:
+    seq: int
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class Match:
+    """How far a client's history agrees with a stored conversation."""
+
+    matched: int  # non-system messages that agree, from the start
+    next_index: int  # index in the client's history right after the last agreeing message
+    last_seq: int  # seq of the last agreeing stored message (0: none)
+    complete: bool  # every stored non-system message agreed: the history extends it
+
+
+def _same(a: str, b: str) -> bool:
+    # Clients trim answers they display; surrounding whitespace is not a different turn.
+    return a.strip() == b.strip()
+
+
+def match_history(stored: list[Stored], history: list[ChatMessage]) -> Match:
+    """Compare the stored turns with the client's, in order, ignoring system messages.
+
+    System messages in the middle of a conversation (a stored summary of older turns, or a
+    client's mid-conversation instruction) do not take part in recognizing the prefix.
+    """
+    turns = [m for m in stored if m.role != "system"]
+    matched, last_seq, next_index = 0, 0, 0
+    for index, message in enumerate(history):
+        if message["role"] == "system":
+            if matched == len(turns):
+                break
+            continue
+        if matched == len(turns):
+            break
+        turn = turns[matched]
+        if turn.role != message["role"] or not _same(turn.content, message["content"]):
+            break
+        matched += 1
+        last_seq = turn.seq
+        next_index = index + 1
+    return Match(matched=matched, next_index=next_index, last_seq=last_seq, complete=matched == len(turns))
+
+
+def same_model(a: str, b: str) -> bool:
+    """`ollama:llama3.2` and `ollama:llama3.2:latest` are the same Ollama model."""
+
+    def norm(name: str) -> str:
+        return name.removesuffix(":latest") if name.startswith("ollama:") else name
+
+    return norm(a) == norm(b)
+
+
+def _stored_messages(sessions: list[ChatSession]) -> dict:
+    rows = (
+        SessionMessage.objects.filter(session__in=sessions)
+        .order_by("seq")
+        .values_list("session_id", "seq", "role", "content")
+    )
+    by_session: dict = {s.pk: [] for s in sessions}
+    for session_id, seq, role, content in rows:
+        by_session[session_id].append(Stored(seq, role, content))
+    return by_session
+
+
+def _end_quietly(session: ChatSession, user, reason: str) -> None:
+    """End a session the token moved away from.
+
+    A session still streaming an answer (a concurrent call of the same tool) is left open;
+    the guardian ends it at its last activity, so no time is counted twice either way.
+    """
+    if services.turn_is_live(session):
+        return
+    try:
+        services.session_end(session_id=session.pk, user=user, reason=reason)
+    except SessionError as exc:
+        log.info("gateway: left session %s open: %s", session.pk, exc)
+
+
+def gateway_session_join(*, token: ApiToken, chat: ChatRequest) -> ChatSession:
+    """Return the active session this call continues, storing the turns it has not seen yet.
+
+    The new user message itself is not stored here: `session_chat` stores it and calls the
+    provider. Raises GatewayError (400) for a token bound to no client, and the session
+    services' errors (BadInput, NotFound...) for a client the consultant may no longer bill.
+    """
+    if token.client_id is None:
+        raise GatewayError(400, TOKEN_WITHOUT_CLIENT, code="token_without_client")
+    user = token.user
+    with transaction.atomic():
+        # Serialize joins of one token across processes: two calls must not start two sessions.
+        ApiToken.objects.select_for_update().filter(pk=token.pk).values_list("pk", flat=True).first()
+        cutoff = timezone.now() - timedelta(seconds=settings.SESSION_IDLE_TIMEOUT)
+        candidates = list(
+            ChatSession.objects.filter(api_token=token, user=user, domain_id=token.client_id)
+            .select_related("domain")
+            .order_by("-last_activity_at")[:CANDIDATE_SESSIONS]
+        )
+        live = [s for s in candidates if s.is_active and s.last_activity_at >= cutoff]
+        current = live[0] if live else None
+        stored = _stored_messages(candidates)
+
+        target: ChatSession | None = None
+        tail: list[ChatMessage] = chat.history
+        best: tuple[ChatSession, Match] | None = None
+        for session in candidates:
+            if not _same(session.system_prompt, chat.system):
+                continue  # only a new session can carry a different system prompt
+            match = match_history(stored[session.pk], chat.history)
+            if session is current and match.complete:
+                target, tail = current, chat.history[match.next_index :]
+                break
+            if match.matched and (best is None or match.matched > best[1].matched):
+                best = (session, match)
+
+        if target is None:
+            if best is not None:
+                source, match = best
+                target = services.session_branch(session_id=source.pk, user=user, at_seq=match.last_seq)
+                ChatSession.objects.filter(pk=target.pk).update(api_token=token)
+                target.api_token = token
+                tail = chat.history[match.next_index :]
+            else:
+                target = services.session_start(
+                    user=user,
+                    client=token.client,
+                    model=chat.model_name,
+                    name=token.name or "Gateway",
+                    system_prompt=chat.system,
+                    source=SessionSource.GATEWAY,
+                    api_token=token,
+                )
+            # The conversation moved on: the session it left stops its clock now.
+            for session in live:
+                if session.pk != target.pk:
+                    _end_quietly(session, user, EndReason.USER)
+
+        if tail:
+            services.session_append_history(session_id=target.pk, user=user, messages=tail)
+        if not same_model(target.current_model, chat.model_name):
+            target = _switch(target, user, chat.model_name)
+        return target
+
+
+def _switch(session: ChatSession, user, model: str) -> ChatSession:
+    services.session_switch(session_id=session.pk, user=user, model=model, reason="The client asked for this model.")
+    session.refresh_from_db()
+    return session

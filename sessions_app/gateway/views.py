@@ -1,0 +1,378 @@
+"""Gateway views: Ollama- and OpenAI-compatible endpoints over the session services.
+
+Each view authenticates the token, parses the protocol's request, joins the token's
+automatic session (`joining.gateway_session_join`) and streams `session_chat` back in the
+protocol's own framing. Nothing is added to the stream but framing: the text is the
+provider's, the usage at the end is the provider's count.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.views.decorators.csrf import csrf_exempt
+
+from providers import router
+from providers.base import ProviderError
+from sessions_app import services
+from sessions_app.errors import SessionError
+from sessions_app.events import Done, Token
+from sessions_app.gateway import ollama_wire, openai_wire
+from sessions_app.gateway.auth import authenticate, authenticate_raw, raw_token
+from sessions_app.gateway.common import (
+    METHOD_NOT_ALLOWED,
+    MODEL_NOT_FOUND,
+    ChatRequest,
+    GatewayError,
+    error_from_session,
+    model_ref,
+    read_json,
+)
+from sessions_app.gateway.joining import gateway_session_join
+
+# What /api/version reports: the Ollama API level the gateway speaks (clients gate features on it).
+OLLAMA_API_VERSION = "0.12.0"
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+PARSERS = {"chat": ollama_wire.parse_chat, "generate": ollama_wire.parse_generate}
+
+
+def _methods(request: HttpRequest, allowed: tuple[str, ...], render: Callable) -> HttpResponse | None:
+    if request.method in allowed:
+        return None
+    response = render(GatewayError(405, METHOD_NOT_ALLOWED.format(method=request.method), code="method_not_allowed"))
+    response["Allow"] = ", ".join(allowed)
+    return response
+
+
+def _check_model(name: str) -> None:
+    """Refuse an unknown provider, or a paid model without a key or price, before anything is stored."""
+    try:
+        router.validate_model(name)
+    except ValueError as exc:
+        raise GatewayError(404, MODEL_NOT_FOUND.format(name=name) + f": {exc}", code="model_not_found") from None
+
+
+def _prepare(raw: str, body: bytes, parse: Callable[[dict], ChatRequest | None]):
+    """Authenticate, parse, validate and join the session, in one trip to the database thread."""
+    token = authenticate_raw(raw)
+    data = read_json(body)
+    chat = parse(data)
+    if chat is None:
+        name, _ref = model_ref(data)
+        _check_model(name)
+        return token, data, None, None
+    _check_model(chat.model)
+    session = gateway_session_join(token=token, chat=chat)
+    return token, data, chat, session
+
+
+class Turn:
+    """One streamed answer: the text as it arrived, and the gateway's own clock for Ollama's durations."""
+
+    def __init__(self, started_ns: int, max_tokens: int | None = None) -> None:
+        self.started_ns = started_ns
+        self.max_tokens = max_tokens
+        self.first_ns: int | None = None
+        self.parts: list[str] = []
+        self.done: Done | None = None
+
+    def take(self, event: Token | Done) -> str | None:
+        """Record an event; return the text delta to forward, if any."""
+        if isinstance(event, Token):
+            if self.first_ns is None:
+                self.first_ns = time.perf_counter_ns()
+            self.parts.append(event.text)
+            return event.text
+        self.done = event
+        return None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.done.message.prompt_tokens if self.done else 0
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.done.message.completion_tokens if self.done else 0
+
+    @property
+    def finish_reason(self) -> str:
+        # The stored message keeps counts, not the stop reason: an answer that used the whole
+        # allowance was cut by it.
+        if self.max_tokens and self.completion_tokens >= self.max_tokens:
+            return "length"
+        return "stop"
+
+    def metrics(self) -> ollama_wire.Metrics:
+        end = time.perf_counter_ns()
+        first = self.first_ns or end
+        return ollama_wire.Metrics(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            total_ns=end - self.started_ns,
+            prompt_ns=first - self.started_ns,
+            eval_ns=end - first,
+            done_reason=self.finish_reason,
+        )
+
+
+@dataclass
+class Started:
+    """A turn run up to its first event; `chat` is None for an Ollama load/unload request."""
+
+    data: dict[str, Any]
+    chat: ChatRequest | None = None
+    session: Any = None
+    events: Any = None
+    turn: Turn | None = None
+
+
+async def _start_turn(request: HttpRequest, path_token: str | None, parse, started_ns: int) -> Started:
+    """Run the turn up to its first event, so failures before any output get a real status."""
+    token, data, chat, session = await sync_to_async(_prepare)(raw_token(request, path_token), request.body, parse)
+    if chat is None:
+        return Started(data)
+    events = services.session_chat(session_id=session.pk, user=token.user, message=chat.message, options=chat.options)
+    turn = Turn(started_ns, chat.options.max_tokens)
+    try:
+        turn.take(await anext(events))
+    except StopAsyncIteration:
+        pass
+    except BaseException:
+        await events.aclose()
+        raise
+    return Started(data, chat, session, events, turn)
+
+
+async def _drain(events: AsyncIterator, turn: Turn) -> None:
+    try:
+        async for event in events:
+            turn.take(event)
+    finally:
+        await events.aclose()
+
+
+# --- Ollama ---------------------------------------------------------------------------------------
+
+
+async def _ollama_turn(request: HttpRequest, token: str | None, kind: str) -> HttpResponse:
+    if refused := _methods(request, ("POST",), ollama_wire.error_response):
+        return refused
+    started_ns = time.perf_counter_ns()
+    try:
+        started = await _start_turn(request, token, PARSERS[kind], started_ns)
+        if started.chat is None:
+            data = started.data
+            return ollama_wire.load_response(
+                kind,
+                data["model"],
+                unload=data.get("keep_alive") in (0, "0", "0s"),
+                stream=data.get("stream") is not False,
+            )
+        chat, session, events, turn = started.chat, started.session, started.events, started.turn
+        if not chat.stream:
+            await _drain(events, turn)
+            return ollama_wire.complete_response(kind, chat.model, turn.text, turn.metrics())
+    except GatewayError as exc:
+        return ollama_wire.error_response(exc)
+    except SessionError as exc:
+        return ollama_wire.error_response(error_from_session(exc))
+
+    async def lines() -> AsyncIterator[bytes]:
+        try:
+            if turn.parts:
+                yield ollama_wire.delta_line(kind, chat.model, turn.parts[0])
+            async for event in events:
+                if (text := turn.take(event)) is not None:
+                    yield ollama_wire.delta_line(kind, chat.model, text)
+            yield ollama_wire.done_line(kind, chat.model, turn.metrics())
+        except SessionError as exc:
+            yield ollama_wire.error_line(error_from_session(exc).message)
+        finally:
+            await events.aclose()
+
+    response = StreamingHttpResponse(lines(), content_type=ollama_wire.NDJSON, headers=STREAM_HEADERS)
+    response["X-Session-Id"] = str(session.pk)
+    return response
+
+
+@csrf_exempt
+async def ollama_chat(request: HttpRequest, token: str | None = None) -> HttpResponse:
+    return await _ollama_turn(request, token, "chat")
+
+
+@csrf_exempt
+async def ollama_generate(request: HttpRequest, token: str | None = None) -> HttpResponse:
+    return await _ollama_turn(request, token, "generate")
+
+
+async def ollama_version(request: HttpRequest, token: str | None = None) -> HttpResponse:
+    if refused := _methods(request, ("GET", "HEAD"), ollama_wire.error_response):
+        return refused
+    return JsonResponse({"version": OLLAMA_API_VERSION})
+
+
+async def ollama_root(request: HttpRequest, token: str | None = None) -> HttpResponse:
+    """The Ollama CLI's heartbeat (`HEAD /`) under the token prefix."""
+    if refused := _methods(request, ("GET", "HEAD"), ollama_wire.error_response):
+        return refused
+    return HttpResponse("Ollama is running", content_type="text/plain; charset=utf-8")
+
+
+async def _models(request: HttpRequest, token: str | None, render: Callable) -> list[Any] | HttpResponse:
+    try:
+        await authenticate(request, token)
+        return await router.available_models()
+    except GatewayError as exc:
+        return render(exc)
+    except ProviderError as exc:
+        return render(GatewayError(502, f"could not list models: {exc.message}", code="provider_error"))
+
+
+def _ollama_entry(info, modified_at: str) -> dict[str, Any]:
+    return {
+        "name": info.model,
+        "model": info.model,
+        "modified_at": modified_at,
+        "size": 0,
+        "digest": "",
+        "details": {
+            "parent_model": "",
+            "format": "",
+            "family": "",
+            "families": None,
+            "parameter_size": "",
+            "quantization_level": "",
+        },
+    }
+
+
+async def ollama_tags(request: HttpRequest, token: str | None = None) -> HttpResponse:
+    if refused := _methods(request, ("GET", "HEAD"), ollama_wire.error_response):
+        return refused
+    models = await _models(request, token, ollama_wire.error_response)
+    if isinstance(models, HttpResponse):
+        return models
+    now = ollama_wire.now_rfc3339()
+    return JsonResponse({"models": [_ollama_entry(m, now) for m in models if m.provider == "ollama"]})
+
+
+async def ollama_ps(request: HttpRequest, token: str | None = None) -> HttpResponse:
+    """Running models: the gateway holds none itself."""
+    if refused := _methods(request, ("GET",), ollama_wire.error_response):
+        return refused
+    try:
+        await authenticate(request, token)
+    except GatewayError as exc:
+        return ollama_wire.error_response(exc)
+    return JsonResponse({"models": []})
+
+
+@csrf_exempt
+async def ollama_show(request: HttpRequest, token: str | None = None) -> HttpResponse:
+    """What `ollama run` asks before chatting; answered from the model list."""
+    if refused := _methods(request, ("POST",), ollama_wire.error_response):
+        return refused
+    models = await _models(request, token, ollama_wire.error_response)
+    if isinstance(models, HttpResponse):
+        return models
+    try:
+        data = read_json(request.body)
+        if "model" not in data and isinstance(data.get("name"), str):
+            data["model"] = data["name"]
+        name, ref = model_ref(data)
+    except GatewayError as exc:
+        return ollama_wire.error_response(exc)
+    wanted = {ref.model, f"{ref.model}:latest"}
+    for info in models:
+        if info.provider == ref.provider and (info.model in wanted or info.model.removesuffix(":latest") in wanted):
+            entry = _ollama_entry(info, ollama_wire.now_rfc3339())
+            context = {"general.context_length": info.context_window} if info.context_window else {}
+            return JsonResponse(
+                {
+                    "modelfile": "",
+                    "parameters": "",
+                    "template": "",
+                    "details": entry["details"],
+                    "model_info": context,
+                    "capabilities": ["completion"],
+                    "modified_at": entry["modified_at"],
+                }
+            )
+    return ollama_wire.error_response(GatewayError(404, MODEL_NOT_FOUND.format(name=name), code="model_not_found"))
+
+
+# --- OpenAI ---------------------------------------------------------------------------------------
+
+
+@csrf_exempt
+async def openai_chat_completions(request: HttpRequest, token: str | None = None) -> HttpResponse:
+    if refused := _methods(request, ("POST",), openai_wire.error_response):
+        return refused
+    started_ns = time.perf_counter_ns()
+    try:
+        started = await _start_turn(request, token, openai_wire.parse_chat, started_ns)
+        chat, session, events, turn = started.chat, started.session, started.events, started.turn
+        completion = openai_wire.Completion(model=chat.model, include_usage=chat.include_usage)
+        if not chat.stream:
+            await _drain(events, turn)
+            return completion.response(turn.text, turn.finish_reason, turn.prompt_tokens, turn.completion_tokens)
+    except GatewayError as exc:
+        return openai_wire.error_response(exc)
+    except SessionError as exc:
+        return openai_wire.error_response(error_from_session(exc))
+
+    async def chunks() -> AsyncIterator[bytes]:
+        try:
+            yield completion.role_chunk()
+            if turn.parts:
+                yield completion.delta_chunk(turn.parts[0])
+            async for event in events:
+                if (text := turn.take(event)) is not None:
+                    yield completion.delta_chunk(text)
+            yield completion.finish_chunk(turn.finish_reason)
+            if chat.include_usage:
+                yield completion.usage_chunk(turn.prompt_tokens, turn.completion_tokens)
+            yield openai_wire.DONE_EVENT
+        except SessionError as exc:
+            yield openai_wire.error_event(error_from_session(exc))
+        finally:
+            await events.aclose()
+
+    response = StreamingHttpResponse(chunks(), content_type=openai_wire.EVENT_STREAM, headers=STREAM_HEADERS)
+    response["X-Session-Id"] = str(session.pk)
+    return response
+
+
+async def openai_models(request: HttpRequest, token: str | None = None) -> HttpResponse:
+    if refused := _methods(request, ("GET",), openai_wire.error_response):
+        return refused
+    models = await _models(request, token, openai_wire.error_response)
+    if isinstance(models, HttpResponse):
+        return models
+    return JsonResponse(openai_wire.models_object([m.name for m in models], int(time.time())))
+
+
+async def openai_model(request: HttpRequest, model: str, token: str | None = None) -> HttpResponse:
+    if refused := _methods(request, ("GET",), openai_wire.error_response):
+        return refused
+    models = await _models(request, token, openai_wire.error_response)
+    if isinstance(models, HttpResponse):
+        return models
+    for info in models:
+        if model in (info.name, info.model):
+            return JsonResponse(openai_wire.models_object([info.name], int(time.time()))["data"][0])
+    error = GatewayError(
+        404, f"The model `{model}` does not exist or you do not have access to it.", code="model_not_found"
+    )
+    return openai_wire.error_response(error)

@@ -1,0 +1,473 @@
+"""The gateway, driven by the official `ollama` and `openai` clients over loopback.
+
+The ASGI app runs under daphne in a background thread (one per test process: Twisted's
+reactor cannot restart); upstream is the provider simulator.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from datetime import timedelta
+
+import httpx
+import ollama
+import openai
+import pytest
+from django.utils import timezone
+
+from sessions_app.models import ApiToken, ChatSession, ContextStream, SessionMessage
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture(scope="session")
+def gateway_url():
+    """The project's ASGI application served by daphne on a free loopback port."""
+    from daphne.endpoints import build_endpoint_description_strings
+    from daphne.server import Server
+
+    from config.asgi import application
+
+    server = Server(
+        application=application,
+        endpoints=build_endpoint_description_strings(host="127.0.0.1", port=0),
+        signal_handlers=False,
+    )
+    threading.Thread(target=server.run, name="gateway-daphne", daemon=True).start()
+    deadline = time.monotonic() + 10
+    while not getattr(server, "listening_addresses", None):
+        assert time.monotonic() < deadline, "daphne did not start"
+        time.sleep(0.01)
+    return f"http://127.0.0.1:{server.listening_addresses[0][1]}"
+
+
+@pytest.fixture
+def acme_token(owner, client_acme):
+    return ApiToken.issue(user=owner, client=client_acme, name="Editor")
+
+
+@pytest.fixture
+def globex_token(owner, client_globex):
+    return ApiToken.issue(user=owner, client=client_globex, name="Notebook")
+
+
+@pytest.fixture
+def ollama_client(gateway_url, acme_token, use_simulator):
+    return ollama.Client(host=gateway_url, headers={"Authorization": f"Bearer {acme_token[1]}"})
+
+
+@pytest.fixture
+def openai_client(gateway_url, acme_token, use_simulator):
+    return openai.OpenAI(base_url=f"{gateway_url}/v1", api_key=acme_token[1], max_retries=0)
+
+
+def gateway_sessions(token: ApiToken):
+    return ChatSession.objects.filter(api_token=token).order_by("started_at")
+
+
+def stored(session: ChatSession) -> list[tuple[str, str]]:
+    return [(m.role, m.content) for m in SessionMessage.objects.filter(session=session).order_by("seq")]
+
+
+# --- Discovery -------------------------------------------------------------------------------------
+
+
+def test_version_answers_without_a_token(gateway_url, acme_token):
+    assert httpx.get(f"{gateway_url}/api/version").json()["version"]
+    assert httpx.head(f"{gateway_url}/api/version").status_code == 200
+    assert httpx.get(f"{gateway_url}/t/{acme_token[1]}/api/version").status_code == 200
+
+
+def test_ollama_client_lists_ollama_models_by_their_bare_names(ollama_client):
+    names = [m.model for m in ollama_client.list().models]
+    assert "llama3.2:latest" in names
+    assert all(":" not in n or not n.startswith(("openai:", "anthropic:", "ollama:")) for n in names)
+
+
+def test_openai_sdk_lists_every_model_as_provider_and_model(openai_client):
+    ids = [m.id for m in openai_client.models.list()]
+    assert "ollama:llama3.2:latest" in ids
+    assert all(i.split(":", 1)[0] in ("ollama", "openai", "anthropic") for i in ids)
+    assert openai_client.models.retrieve("ollama:llama3.2:latest").id == "ollama:llama3.2:latest"
+
+
+# --- Chatting through the Ollama API ----------------------------------------------------------------
+
+
+def test_ollama_chat_streams_the_answer_and_ends_with_the_providers_counts(ollama_client, acme_token, client_acme):
+    chunks = list(
+        ollama_client.chat(model="llama3.2", messages=[{"role": "user", "content": "Hello there"}], stream=True)
+    )
+    assert all(not c.done for c in chunks[:-1]) and chunks[-1].done
+    text = "".join(c.message.content for c in chunks)
+    assert text.startswith("Simulated answer to")
+    session = gateway_sessions(acme_token[0]).get()
+    assert session.domain == client_acme and session.source == "gateway" and session.is_active
+    answer = SessionMessage.objects.get(session=session, role="assistant")
+    assert answer.content == text
+    final = chunks[-1]
+    assert final.eval_count == answer.completion_tokens > 0
+    assert final.prompt_eval_count == answer.prompt_tokens > 0
+    assert final.total_duration >= final.eval_duration > 0
+    assert final.model == "llama3.2" and final.done_reason == "stop"
+
+
+def test_ollama_chat_without_streaming_answers_one_object(ollama_client, acme_token):
+    response = ollama_client.chat(model="llama3.2:latest", messages=[{"role": "user", "content": "Hi"}], stream=False)
+    assert response.done and response.message.role == "assistant"
+    answer = SessionMessage.objects.get(session__api_token=acme_token[0], role="assistant")
+    assert response.message.content == answer.content
+    assert response.eval_count == answer.completion_tokens
+
+
+def test_ollama_generate_is_a_one_turn_conversation(ollama_client, acme_token):
+    chunks = list(
+        ollama_client.generate(model="llama3.2", prompt="Why is the sky blue?", system="Be brief.", stream=True)
+    )
+    assert chunks[-1].done and chunks[-1].eval_count
+    session = gateway_sessions(acme_token[0]).get()
+    assert session.system_prompt == "Be brief."
+    assert stored(session) == [("user", "Why is the sky blue?"), ("assistant", "".join(c.response for c in chunks))]
+    single = ollama_client.generate(model="llama3.2", prompt="Why is the sky blue?", system="Be brief.", stream=False)
+    assert single.response == stored(session)[1][1]
+
+
+def test_loading_a_model_answers_without_a_session(ollama_client, acme_token):
+    response = ollama_client.chat(model="llama3.2", messages=[])
+    assert response.done and response.done_reason == "load"
+    assert not gateway_sessions(acme_token[0]).exists()
+
+
+# --- Chatting through the OpenAI API -----------------------------------------------------------------
+
+
+def test_openai_stream_starts_with_the_role_and_ends_with_usage(openai_client, acme_token):
+    chunks = list(
+        openai_client.chat.completions.create(
+            model="ollama:llama3.2",
+            messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert len({c.id for c in chunks}) == 1
+    finish = chunks[-2]
+    assert finish.choices[0].finish_reason == "stop" and finish.choices[0].delta.content is None
+    usage_chunk = chunks[-1]
+    assert usage_chunk.choices == []
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    session = gateway_sessions(acme_token[0]).get()
+    assert session.system_prompt == "Be brief."
+    answer = SessionMessage.objects.get(session=session, role="assistant")
+    assert answer.content == text
+    assert usage_chunk.usage.prompt_tokens == answer.prompt_tokens
+    assert usage_chunk.usage.completion_tokens == answer.completion_tokens
+    assert usage_chunk.usage.total_tokens == answer.prompt_tokens + answer.completion_tokens
+
+
+def test_openai_stream_without_include_usage_sends_no_usage(openai_client):
+    chunks = list(
+        openai_client.chat.completions.create(
+            model="llama3.2", messages=[{"role": "user", "content": "Hello"}], stream=True
+        )
+    )
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert all(c.usage is None for c in chunks)
+
+
+def test_openai_completion_without_streaming_reports_usage(openai_client, acme_token):
+    completion = openai_client.chat.completions.create(
+        model="ollama:llama3.2", messages=[{"role": "user", "content": "Hello"}]
+    )
+    answer = SessionMessage.objects.get(session__api_token=acme_token[0], role="assistant")
+    assert completion.object == "chat.completion"
+    assert completion.choices[0].message.content == answer.content
+    assert completion.choices[0].finish_reason == "stop"
+    assert completion.usage.completion_tokens == answer.completion_tokens
+    assert completion.usage.prompt_tokens == answer.prompt_tokens
+
+
+# --- Joining the automatic session ---------------------------------------------------------------------
+
+
+def test_a_second_call_extends_the_same_session_without_duplicating_history(openai_client, acme_token):
+    history = [{"role": "user", "content": "First question"}]
+    first = openai_client.chat.completions.create(model="llama3.2", messages=history)
+    history += [{"role": "assistant", "content": first.choices[0].message.content}]
+    history += [{"role": "user", "content": "Second question"}]
+    second = openai_client.chat.completions.create(model="llama3.2", messages=history)
+    session = gateway_sessions(acme_token[0]).get()
+    assert stored(session) == [
+        ("user", "First question"),
+        ("assistant", first.choices[0].message.content),
+        ("user", "Second question"),
+        ("assistant", second.choices[0].message.content),
+    ]
+    assert "with 2 earlier messages" in second.choices[0].message.content  # the provider saw the history
+
+
+def test_turns_the_client_made_up_are_stored_once_as_history(ollama_client, acme_token):
+    messages = [
+        {"role": "user", "content": "Pretend question"},
+        {"role": "assistant", "content": "A reply the client wrote itself"},
+        {"role": "user", "content": "Real question"},
+    ]
+    response = ollama_client.chat(model="llama3.2", messages=messages, stream=False)
+    session = gateway_sessions(acme_token[0]).get()
+    assert stored(session) == [
+        ("user", "Pretend question"),
+        ("assistant", "A reply the client wrote itself"),
+        ("user", "Real question"),
+        ("assistant", response.message.content),
+    ]
+
+
+def test_an_edited_history_branches_instead_of_duplicating(ollama_client, acme_token):
+    history = [{"role": "user", "content": "Question one"}]
+    one = ollama_client.chat(model="llama3.2", messages=history, stream=False).message.content
+    history += [{"role": "assistant", "content": one}, {"role": "user", "content": "Question two"}]
+    two = ollama_client.chat(model="llama3.2", messages=history, stream=False).message.content
+    edited = [*history[:2], {"role": "user", "content": "Question two, rephrased"}]
+    three = ollama_client.chat(model="llama3.2", messages=edited, stream=False).message.content
+
+    original, branch = gateway_sessions(acme_token[0])
+    assert stored(original) == [
+        ("user", "Question one"),
+        ("assistant", one),
+        ("user", "Question two"),
+        ("assistant", two),
+    ]
+    assert branch.parent_id == original.pk and branch.is_active
+    assert stored(branch) == [
+        ("user", "Question one"),
+        ("assistant", one),
+        ("user", "Question two, rephrased"),
+        ("assistant", three),
+    ]
+    copies = SessionMessage.objects.filter(session=branch, copied_from__isnull=False)
+    assert copies.count() == 2  # the shared turns are copies, not billed again
+    original.refresh_from_db()
+    assert not original.is_active  # one clock per token: the abandoned conversation stopped
+
+
+def test_a_token_for_one_client_never_lands_in_another_clients_session(
+    gateway_url, acme_token, globex_token, use_simulator, client_acme, client_globex
+):
+    acme = ollama.Client(host=gateway_url, headers={"Authorization": f"Bearer {acme_token[1]}"})
+    globex = ollama.Client(host=gateway_url, headers={"Authorization": f"Bearer {globex_token[1]}"})
+    history = [{"role": "user", "content": "Same words for both"}]
+    answer = acme.chat(model="llama3.2", messages=history, stream=False).message.content
+    history += [{"role": "assistant", "content": answer}, {"role": "user", "content": "Continue"}]
+    globex.chat(model="llama3.2", messages=history, stream=False)
+
+    acme_session = gateway_sessions(acme_token[0]).get()
+    globex_session = gateway_sessions(globex_token[0]).get()
+    assert acme_session.domain == client_acme and globex_session.domain == client_globex
+    assert len(stored(acme_session)) == 2
+    assert [role for role, _ in stored(globex_session)] == ["user", "assistant", "user", "assistant"]
+    assert set(SessionMessage.objects.filter(session=globex_session).values_list("domain", flat=True)) == {
+        client_globex.pk
+    }
+
+
+def test_a_new_model_in_the_same_conversation_switches_the_session(ollama_client, acme_token):
+    history = [{"role": "user", "content": "Start"}]
+    first = ollama_client.chat(model="llama3.2", messages=history, stream=False).message.content
+    history += [{"role": "assistant", "content": first}, {"role": "user", "content": "Go on"}]
+    ollama_client.chat(model="qwen2.5:7b", messages=history, stream=False)
+    session = gateway_sessions(acme_token[0]).get()
+    assert session.current_model == "ollama:qwen2.5:7b" and session.primary_model == "ollama:llama3.2"
+    assert ContextStream.objects.filter(session=session, target_model="ollama:qwen2.5:7b").exists()
+
+
+def test_an_idle_session_is_not_joined(ollama_client, acme_token, settings):
+    ollama_client.chat(model="llama3.2", messages=[{"role": "user", "content": "Before lunch"}], stream=False)
+    stale = timezone.now() - timedelta(seconds=settings.SESSION_IDLE_TIMEOUT + 60)
+    ChatSession.objects.filter(api_token=acme_token[0]).update(last_activity_at=stale, started_at=stale)
+    ollama_client.chat(model="llama3.2", messages=[{"role": "user", "content": "After lunch"}], stream=False)
+    sessions = list(gateway_sessions(acme_token[0]))
+    assert len(sessions) == 2
+    assert stored(sessions[1])[0] == ("user", "After lunch")
+
+
+def test_the_token_prefix_serves_clients_that_cannot_set_headers(gateway_url, acme_token, use_simulator):
+    prefixed = f"{gateway_url}/t/{acme_token[1]}"
+    assert httpx.get(prefixed + "/").text == "Ollama is running"
+    history = [{"role": "user", "content": "Hi"}]
+    answer = ollama.Client(host=prefixed).chat(model="llama3.2", messages=history)
+    assert answer.done
+    history += [{"role": "assistant", "content": answer.message.content}, {"role": "user", "content": "And?"}]
+    sdk = openai.OpenAI(base_url=f"{prefixed}/v1", api_key="ignored", max_retries=0)
+    assert sdk.chat.completions.create(model="llama3.2", messages=history).usage.completion_tokens
+    assert [role for role, _ in stored(gateway_sessions(acme_token[0]).get())] == ["user", "assistant"] * 2
+
+
+def test_last_used_is_written_at_most_once_a_minute(ollama_client, acme_token):
+    ollama_client.list()
+    token = ApiToken.objects.get(pk=acme_token[0].pk)
+    first_use = token.last_used_at
+    assert first_use is not None
+    ollama_client.list()
+    token.refresh_from_db()
+    assert token.last_used_at == first_use
+
+
+# --- Errors, each in its protocol's shape -------------------------------------------------------------
+
+
+def test_a_missing_bad_or_revoked_token_is_401_in_each_protocol(gateway_url, acme_token, use_simulator):
+    with pytest.raises(ollama.ResponseError) as caught:
+        ollama.Client(host=gateway_url, headers={"Authorization": "Bearer bws_wrong"}).chat(
+            model="llama3.2", messages=[{"role": "user", "content": "Hi"}]
+        )
+    assert caught.value.status_code == 401 and "invalid" in caught.value.error
+    with pytest.raises(openai.AuthenticationError) as denied:
+        openai.OpenAI(base_url=f"{gateway_url}/v1", api_key="bws_wrong", max_retries=0).chat.completions.create(
+            model="llama3.2", messages=[{"role": "user", "content": "Hi"}]
+        )
+    assert denied.value.body["code"] == "invalid_api_key"
+    anonymous = httpx.get(f"{gateway_url}/v1/models")
+    assert anonymous.status_code == 401 and "Authorization: Bearer" in anonymous.json()["error"]["message"]
+
+    ApiToken.objects.filter(pk=acme_token[0].pk).update(revoked_at=timezone.now())
+    revoked = ollama.Client(host=gateway_url, headers={"Authorization": f"Bearer {acme_token[1]}"})
+    with pytest.raises(ollama.ResponseError) as caught:
+        revoked.list()
+    assert caught.value.status_code == 401
+    assert httpx.get(f"{gateway_url}/t/{acme_token[1]}/api/tags").status_code == 401
+
+
+def test_an_unknown_model_is_404(ollama_client, openai_client):
+    with pytest.raises(ollama.ResponseError) as caught:
+        ollama_client.chat(model="missing-model", messages=[{"role": "user", "content": "Hi"}], stream=False)
+    assert caught.value.status_code == 404 and "not found" in caught.value.error
+    with pytest.raises(openai.NotFoundError) as missing:
+        openai_client.chat.completions.create(
+            model="openai:no-such-model", messages=[{"role": "user", "content": "Hi"}]
+        )
+    assert missing.value.body["code"] == "model_not_found"
+
+
+def test_an_upstream_fault_is_a_5xx(ollama_client, openai_client):
+    with pytest.raises(ollama.ResponseError) as caught:
+        list(
+            ollama_client.chat(
+                model="llama3.2-fault-status-500", messages=[{"role": "user", "content": "Hi"}], stream=True
+            )
+        )
+    assert caught.value.status_code == 502
+    with pytest.raises(openai.InternalServerError) as failed:
+        openai_client.chat.completions.create(
+            model="llama3.2-fault-status-500", messages=[{"role": "user", "content": "Hi"}], stream=True
+        )
+    assert failed.value.status_code == 502
+    assert failed.value.body["type"] == "server_error"
+
+
+def test_a_midstream_failure_arrives_the_way_each_protocol_sends_it(ollama_client, openai_client, acme_token):
+    received = []
+    with pytest.raises(ollama.ResponseError):
+        for chunk in ollama_client.chat(
+            model="llama3.2-fault-midstream", messages=[{"role": "user", "content": "Hi"}], stream=True
+        ):
+            received.append(chunk.message.content)
+    assert received  # the tokens that arrived before the failure were forwarded
+    with pytest.raises(openai.APIError):
+        for _chunk in openai_client.chat.completions.create(
+            model="llama3.2-fault-midstream", messages=[{"role": "user", "content": "Hi again"}], stream=True
+        ):
+            pass
+    partial = SessionMessage.objects.filter(session__api_token=acme_token[0], role="assistant").first()
+    assert partial.status in ("partial", "error")
+
+
+def test_bad_requests_are_400_in_each_protocols_shape(gateway_url, acme_token, use_simulator):
+    auth = {"Authorization": f"Bearer {acme_token[1]}"}
+    response = httpx.post(f"{gateway_url}/api/chat", content=b"{not json", headers=auth)
+    assert response.status_code == 400 and "invalid JSON" in response.json()["error"]
+    response = httpx.post(f"{gateway_url}/api/chat", json={"messages": []}, headers=auth)
+    assert response.status_code == 400 and response.json()["error"] == "model is required"
+    response = httpx.post(f"{gateway_url}/v1/chat/completions", json={"model": "llama3.2"}, headers=auth)
+    body = response.json()["error"]
+    assert (
+        response.status_code == 400
+        and body["type"] == "invalid_request_error"
+        and set(body)
+        == {
+            "message",
+            "type",
+            "param",
+            "code",
+        }
+    )
+    response = httpx.post(
+        f"{gateway_url}/v1/chat/completions",
+        json={"model": "llama3.2", "messages": [{"role": "assistant", "content": "no question"}]},
+        headers=auth,
+    )
+    assert response.status_code == 400 and "last message" in response.json()["error"]["message"]
+    assert httpx.get(f"{gateway_url}/api/chat", headers=auth).status_code == 405
+
+
+def test_a_token_bound_to_no_client_is_refused_with_a_clear_message(gateway_url, owner, use_simulator):
+    _token, raw = ApiToken.issue(user=owner, client=None)
+    with pytest.raises(ollama.ResponseError) as caught:
+        ollama.Client(host=gateway_url, headers={"Authorization": f"Bearer {raw}"}).chat(
+            model="llama3.2", messages=[{"role": "user", "content": "Hi"}]
+        )
+    assert caught.value.status_code == 400 and "--client" in caught.value.error
+    assert not ChatSession.objects.filter(user=owner).exists()
+
+
+# --- The bytes on the wire ------------------------------------------------------------------------------
+
+
+def test_ollama_streams_ndjson_by_default(gateway_url, acme_token, use_simulator):
+    auth = {"Authorization": f"Bearer {acme_token[1]}"}
+    body = {"model": "llama3.2", "messages": [{"role": "user", "content": "Hi"}]}
+    with httpx.stream("POST", f"{gateway_url}/api/chat", json=body, headers=auth) as response:
+        assert response.headers["content-type"] == "application/x-ndjson"
+        assert response.headers["x-session-id"]
+        lines = [json.loads(line) for line in response.iter_lines() if line]
+    assert [line["done"] for line in lines] == [False] * (len(lines) - 1) + [True]
+    assert set(lines[0]) == {"model", "created_at", "message", "done"}
+    assert lines[-1]["message"] == {"role": "assistant", "content": ""}
+    assert lines[-1]["created_at"].endswith("Z")
+    single = httpx.post(f"{gateway_url}/api/chat", json={**body, "stream": False}, headers=auth)
+    assert single.headers["content-type"].startswith("application/json") and single.json()["done"] is True
+
+
+def test_openai_streams_data_only_server_sent_events_ending_in_done(gateway_url, acme_token, use_simulator):
+    auth = {"Authorization": f"Bearer {acme_token[1]}"}
+    body = {"model": "llama3.2", "messages": [{"role": "user", "content": "Hi"}], "stream": True}
+    with httpx.stream("POST", f"{gateway_url}/v1/chat/completions", json=body, headers=auth) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        raw = response.read().decode()
+    events = raw.split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""]
+    assert all(event.startswith("data: ") for event in events[:-1])
+    chunks = [json.loads(event.removeprefix("data: ")) for event in events[:-2]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[-1]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}
+    assert all("usage" not in chunk for chunk in chunks)
+    assert {chunk["object"] for chunk in chunks} == {"chat.completion.chunk"}
+
+
+def test_a_client_that_hangs_up_leaves_the_partial_answer_stored(gateway_url, acme_token, use_simulator):
+    auth = {"Authorization": f"Bearer {acme_token[1]}"}
+    body = {"model": "llama3.2-fault-slow-words-200", "messages": [{"role": "user", "content": "Long one"}]}
+    with httpx.stream("POST", f"{gateway_url}/api/chat", json=body, headers=auth) as response:
+        first = json.loads(next(response.iter_lines()))
+    assert first["done"] is False
+    answer = None
+    for _ in range(200):  # the gateway stores the partial answer once it notices the hang-up
+        answer = SessionMessage.objects.filter(session__api_token=acme_token[0], role="assistant").first()
+        if answer is not None:
+            break
+        time.sleep(0.05)
+    assert answer is not None and answer.status == "partial"
+    assert answer.content.startswith(first["message"]["content"])
+    assert len(answer.content.split()) < 200
