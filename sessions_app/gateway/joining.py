@@ -134,20 +134,23 @@ def gateway_session_join(*, token: ApiToken, chat: ChatRequest) -> ChatSession:
         )
         live = [s for s in candidates if s.is_active and s.last_activity_at >= cutoff]
         current = live[0] if live else None
-        stored = _stored_messages(candidates)
 
         target: ChatSession | None = None
         tail: list[ChatMessage] = chat.history
         best: tuple[ChatSession, Match] | None = None
-        for session in candidates:
-            if not _same(session.system_prompt, chat.system):
-                continue  # only a new session can carry a different system prompt
-            match = match_history(stored[session.pk], chat.history)
-            if session is current and match.complete:
+        # The usual call continues the current conversation: read only its messages first.
+        if current is not None and _same(current.system_prompt, chat.system):
+            match = match_history(_stored_messages([current])[current.pk], chat.history)
+            if match.complete:
                 target, tail = current, chat.history[match.next_index :]
-                break
-            if match.matched and (best is None or match.matched > best[1].matched):
-                best = (session, match)
+            elif match.matched:
+                best = (current, match)
+        if target is None:
+            others = [s for s in candidates if s is not current and _same(s.system_prompt, chat.system)]
+            for session, turns in _stored_messages(others).items():
+                match = match_history(turns, chat.history)
+                if match.matched and (best is None or match.matched > best[1].matched):
+                    best = (next(s for s in others if s.pk == session), match)
 
         if target is None:
             if best is not None:

@@ -8,19 +8,23 @@ provider's, the usage at the end is the provider's count.
 
 from __future__ import annotations
 
+import functools
+import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from providers import router
 from providers.base import ProviderError
 from sessions_app import services
-from sessions_app.errors import SessionError
+from sessions_app.errors import MESSAGE_EMPTY, MESSAGE_TOO_LARGE, BadInput, MessageTooLarge, SessionError
 from sessions_app.events import Done, Token
 from sessions_app.gateway import ollama_wire, openai_wire
 from sessions_app.gateway.auth import authenticate, authenticate_raw, raw_token
@@ -37,10 +41,45 @@ from sessions_app.gateway.joining import gateway_session_join
 
 # What /api/version reports: the Ollama API level the gateway speaks (clients gate features on it).
 OLLAMA_API_VERSION = "0.12.0"
+INTERNAL_ERROR = "the gateway failed unexpectedly; the error is logged"
+_TOKEN_IN_PATH = re.compile(r"/t/([^/]{0,6})[^/]*/")
+log = logging.getLogger(__name__)
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 PARSERS = {"chat": ollama_wire.parse_chat, "generate": ollama_wire.parse_generate}
+
+
+def gateway_view(render: Callable[[GatewayError], HttpResponse]):
+    """Decorate a gateway view: token auth instead of CSRF, and logs that never show a token.
+
+    Django logs 4xx/5xx responses with the request path, which under `/t/<token>/` holds the
+    secret; the gateway logs them itself with the token masked. An unexpected exception is
+    answered in the protocol's error shape rather than Django's HTML page.
+    """
+
+    def decorate(view):
+        @csrf_exempt
+        @functools.wraps(view)
+        async def wrapped(request: HttpRequest, *args, **kwargs) -> HttpResponse:
+            try:
+                response = await view(request, *args, **kwargs)
+            except Exception:
+                log.exception("gateway %s %s failed", request.method, masked_path(request.path))
+                response = render(GatewayError(500, INTERNAL_ERROR, code="internal_error"))
+            if response.status_code >= 400:
+                response._has_been_logged = True
+                level = logging.WARNING if response.status_code >= 500 else logging.INFO
+                log.log(level, "gateway %s %s -> %s", request.method, masked_path(request.path), response.status_code)
+            return response
+
+        return wrapped
+
+    return decorate
+
+
+def masked_path(path: str) -> str:
+    return _TOKEN_IN_PATH.sub(r"/t/\1…/", path)
 
 
 def _methods(request: HttpRequest, allowed: tuple[str, ...], render: Callable) -> HttpResponse | None:
@@ -69,6 +108,12 @@ def _prepare(raw: str, body: bytes, parse: Callable[[dict], ChatRequest | None])
         _check_model(name)
         return token, data, None, None
     _check_model(chat.model)
+    # Refuse an unsendable message before the join stores history or moves the session.
+    if not chat.message.strip():
+        raise BadInput(MESSAGE_EMPTY)
+    if len(chat.message) > settings.CHAT_MAX_MESSAGE_CHARS:
+        limit = settings.CHAT_MAX_MESSAGE_CHARS
+        raise MessageTooLarge(MESSAGE_TOO_LARGE.format(size=len(chat.message), limit=limit))
     session = gateway_session_join(token=token, chat=chat)
     return token, data, chat, session
 
@@ -206,22 +251,24 @@ async def _ollama_turn(request: HttpRequest, token: str | None, kind: str) -> Ht
     return response
 
 
-@csrf_exempt
+@gateway_view(ollama_wire.error_response)
 async def ollama_chat(request: HttpRequest, token: str | None = None) -> HttpResponse:
     return await _ollama_turn(request, token, "chat")
 
 
-@csrf_exempt
+@gateway_view(ollama_wire.error_response)
 async def ollama_generate(request: HttpRequest, token: str | None = None) -> HttpResponse:
     return await _ollama_turn(request, token, "generate")
 
 
+@gateway_view(ollama_wire.error_response)
 async def ollama_version(request: HttpRequest, token: str | None = None) -> HttpResponse:
     if refused := _methods(request, ("GET", "HEAD"), ollama_wire.error_response):
         return refused
     return JsonResponse({"version": OLLAMA_API_VERSION})
 
 
+@gateway_view(ollama_wire.error_response)
 async def ollama_root(request: HttpRequest, token: str | None = None) -> HttpResponse:
     """The Ollama CLI's heartbeat (`HEAD /`) under the token prefix."""
     if refused := _methods(request, ("GET", "HEAD"), ollama_wire.error_response):
@@ -257,6 +304,7 @@ def _ollama_entry(info, modified_at: str) -> dict[str, Any]:
     }
 
 
+@gateway_view(ollama_wire.error_response)
 async def ollama_tags(request: HttpRequest, token: str | None = None) -> HttpResponse:
     if refused := _methods(request, ("GET", "HEAD"), ollama_wire.error_response):
         return refused
@@ -267,6 +315,7 @@ async def ollama_tags(request: HttpRequest, token: str | None = None) -> HttpRes
     return JsonResponse({"models": [_ollama_entry(m, now) for m in models if m.provider == "ollama"]})
 
 
+@gateway_view(ollama_wire.error_response)
 async def ollama_ps(request: HttpRequest, token: str | None = None) -> HttpResponse:
     """Running models: the gateway holds none itself."""
     if refused := _methods(request, ("GET",), ollama_wire.error_response):
@@ -278,7 +327,7 @@ async def ollama_ps(request: HttpRequest, token: str | None = None) -> HttpRespo
     return JsonResponse({"models": []})
 
 
-@csrf_exempt
+@gateway_view(ollama_wire.error_response)
 async def ollama_show(request: HttpRequest, token: str | None = None) -> HttpResponse:
     """What `ollama run` asks before chatting; answered from the model list."""
     if refused := _methods(request, ("POST",), ollama_wire.error_response):
@@ -315,7 +364,7 @@ async def ollama_show(request: HttpRequest, token: str | None = None) -> HttpRes
 # --- OpenAI ---------------------------------------------------------------------------------------
 
 
-@csrf_exempt
+@gateway_view(openai_wire.error_response)
 async def openai_chat_completions(request: HttpRequest, token: str | None = None) -> HttpResponse:
     if refused := _methods(request, ("POST",), openai_wire.error_response):
         return refused
@@ -354,6 +403,7 @@ async def openai_chat_completions(request: HttpRequest, token: str | None = None
     return response
 
 
+@gateway_view(openai_wire.error_response)
 async def openai_models(request: HttpRequest, token: str | None = None) -> HttpResponse:
     if refused := _methods(request, ("GET",), openai_wire.error_response):
         return refused
@@ -363,6 +413,7 @@ async def openai_models(request: HttpRequest, token: str | None = None) -> HttpR
     return JsonResponse(openai_wire.models_object([m.name for m in models], int(time.time())))
 
 
+@gateway_view(openai_wire.error_response)
 async def openai_model(request: HttpRequest, model: str, token: str | None = None) -> HttpResponse:
     if refused := _methods(request, ("GET",), openai_wire.error_response):
         return refused

@@ -471,3 +471,18 @@ def test_a_client_that_hangs_up_leaves_the_partial_answer_stored(gateway_url, ac
     assert answer is not None and answer.status == "partial"
     assert answer.content.startswith(first["message"]["content"])
     assert len(answer.content.split()) < 200
+
+
+def test_an_empty_message_is_refused_before_anything_is_stored(ollama_client, acme_token):
+    with pytest.raises(ollama.ResponseError) as caught:
+        ollama_client.chat(model="llama3.2", messages=[{"role": "user", "content": "   "}], stream=False)
+    assert caught.value.status_code == 400
+    assert not gateway_sessions(acme_token[0]).exists()
+
+
+def test_failures_under_the_token_prefix_are_logged_without_the_token(gateway_url, acme_token, use_simulator, caplog):
+    prefixed = ollama.Client(host=f"{gateway_url}/t/{acme_token[1]}")
+    with caplog.at_level("INFO"), pytest.raises(ollama.ResponseError):
+        prefixed.chat(model="missing-model", messages=[{"role": "user", "content": "Hi"}], stream=False)
+    assert "/t/bws_" in caplog.text and "-> 404" in caplog.text
+    assert acme_token[1] not in caplog.text
