@@ -111,14 +111,18 @@ class ClientGone(Exception):
     """The HTTP client closed its connection while we were answering."""
 
 
-def compose_answer(model: str, messages: list[dict]) -> list[str]:
-    """The deterministic answer to `messages`, as a list of tokens (words with their leading space)."""
+def compose_answer(model: str, messages: list[dict], system: str = "") -> list[str]:
+    """The deterministic answer to `messages`, as a list of tokens (words with their leading space).
+
+    It names how many messages came before the last user message (a top-level system prompt
+    counts as one), so carried context is visible in the answer.
+    """
     last_user = ""
     earlier = 0
     for index in range(len(messages) - 1, -1, -1):
         if messages[index].get("role") == "user":
             last_user = _text_of(messages[index].get("content"))
-            earlier = index
+            earlier = index + (1 if system else 0)
             break
     snippet = " ".join(last_user.split()[:8])
     if len(snippet) > 60:
@@ -251,6 +255,7 @@ class ProviderSimulator:
         self._thread: threading.Thread | None = None
         self._counter = 0
         self._connections: set[asyncio.Task] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
 
     # --- addresses ---------------------------------------------------------------------
     @property
@@ -288,9 +293,12 @@ class ProviderSimulator:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
-            for task in list(self._connections):
-                task.cancel()
-            await asyncio.gather(*self._connections, return_exceptions=True)
+            for writer in list(self._writers):
+                writer.transport.abort()
+            if self._connections:
+                _done, pending = await asyncio.wait(set(self._connections), timeout=2)
+                for task in pending:
+                    task.cancel()
             await self._server.wait_closed()
             self._server = None
 
@@ -336,6 +344,7 @@ class ProviderSimulator:
         task = asyncio.current_task()
         if task is not None:
             self._connections.add(task)
+        self._writers.add(writer)
         conn = _Conn(reader, writer)
         try:
             while True:
@@ -348,7 +357,10 @@ class ProviderSimulator:
                     break
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ClientGone):
             pass
+        except asyncio.CancelledError:
+            pass  # shutting down: end this connection quietly
         finally:
+            self._writers.discard(writer)
             if task is not None:
                 self._connections.discard(task)
             if not writer.transport.is_closing():
@@ -486,7 +498,7 @@ class ProviderSimulator:
         }
 
     def _plan(self, model: str, messages: list[dict], max_tokens: Any, system: str = "") -> Plan:
-        tokens = compose_answer(model, messages)
+        tokens = compose_answer(model, messages, system)
         plan = Plan(model=model, tokens=tokens, prompt_tokens=count_prompt_tokens(messages, system))
         plan.rate = self.tokens_per_second
         if "missing" in model:
