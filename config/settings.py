@@ -167,7 +167,9 @@ if _db.get("ENGINE") not in _SUPPORTED_ENGINES:
 if not _db.get("NAME"):
     raise ImproperlyConfigured(f"DATABASE_URL names no database, got {_redacted(_db_url)!r}")
 if _db["ENGINE"].endswith("sqlite3"):
-    _db.setdefault("OPTIONS", {}).update({"timeout": 20})
+    # IMMEDIATE: a transaction takes the write lock when it begins, so concurrent writers wait
+    # (up to `timeout`) instead of failing with "database is locked" when a read turns into a write.
+    _db.setdefault("OPTIONS", {}).update({"timeout": 20, "transaction_mode": "IMMEDIATE"})
 else:
     _db["CONN_MAX_AGE"] = env_int("DB_CONN_MAX_AGE", 0)
     # The chat service runs in async contexts; pooled connections would leak across threads.

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
+from django.db.models import F
 from django.utils import timezone
 
 from providers.base import ChatMessage
@@ -113,6 +114,57 @@ def _end_quietly(session: ChatSession, user, reason: str) -> None:
         log.info("gateway: left session %s open: %s", session.pk, exc)
 
 
+@dataclass
+class Plan:
+    """Where a call goes: `target` to continue (None: branch `source` or start anew), what to append."""
+
+    live: list[ChatSession]
+    target: ChatSession | None
+    source: tuple[ChatSession, Match] | None
+    tail: list[ChatMessage]
+
+    @property
+    def read_only(self) -> bool:
+        return self.target is not None and not self.tail
+
+
+def _plan(token: ApiToken, chat: ChatRequest) -> Plan:
+    """Read the token's recent sessions and decide where this call belongs (no writes)."""
+    cutoff = timezone.now() - timedelta(seconds=settings.SESSION_IDLE_TIMEOUT)
+    candidates = list(
+        ChatSession.objects.filter(api_token=token, user=token.user, domain_id=token.client_id)
+        .select_related("domain")
+        .order_by("-last_activity_at")[:CANDIDATE_SESSIONS]
+    )
+    live = [s for s in candidates if s.is_active and s.last_activity_at >= cutoff]
+    current = live[0] if live else None
+    best: tuple[ChatSession, Match] | None = None
+    # The usual call continues the current conversation: read only its messages first.
+    if current is not None and _same(current.system_prompt, chat.system):
+        match = match_history(_stored_messages([current])[current.pk], chat.history)
+        if match.complete:
+            return Plan(live, current, None, chat.history[match.next_index :])
+        if match.matched:
+            best = (current, match)
+    others = [s for s in candidates if s is not current and _same(s.system_prompt, chat.system)]
+    for session_id, turns in _stored_messages(others).items():
+        match = match_history(turns, chat.history)
+        if match.matched and (best is None or match.matched > best[1].matched):
+            best = (next(s for s in others if s.pk == session_id), match)
+    tail = chat.history[best[1].next_index :] if best else chat.history
+    return Plan(live, None, best, tail)
+
+
+def _lock_token(token: ApiToken) -> None:
+    """Inside a transaction: serialize the joins of one token, across processes."""
+    if connection.vendor == "sqlite":
+        # SQLite cannot upgrade a read lock while another writer waits ("database is locked"):
+        # take the write lock first, with a no-op write.
+        ApiToken.objects.filter(pk=token.pk).update(last_used_at=F("last_used_at"))
+    else:
+        ApiToken.objects.select_for_update().filter(pk=token.pk).values_list("pk", flat=True).first()
+
+
 def gateway_session_join(*, token: ApiToken, chat: ChatRequest) -> ChatSession:
     """Return the active session this call continues, storing the turns it has not seen yet.
 
@@ -123,42 +175,19 @@ def gateway_session_join(*, token: ApiToken, chat: ChatRequest) -> ChatSession:
     if token.client_id is None:
         raise GatewayError(400, TOKEN_WITHOUT_CLIENT, code="token_without_client")
     user = token.user
+    plan = _plan(token, chat)
+    if plan.read_only and same_model(plan.target.current_model, chat.model_name):
+        return plan.target  # the usual call: nothing to store before the turn itself
     with transaction.atomic():
-        # Serialize joins of one token across processes: two calls must not start two sessions.
-        ApiToken.objects.select_for_update().filter(pk=token.pk).values_list("pk", flat=True).first()
-        cutoff = timezone.now() - timedelta(seconds=settings.SESSION_IDLE_TIMEOUT)
-        candidates = list(
-            ChatSession.objects.filter(api_token=token, user=user, domain_id=token.client_id)
-            .select_related("domain")
-            .order_by("-last_activity_at")[:CANDIDATE_SESSIONS]
-        )
-        live = [s for s in candidates if s.is_active and s.last_activity_at >= cutoff]
-        current = live[0] if live else None
-
-        target: ChatSession | None = None
-        tail: list[ChatMessage] = chat.history
-        best: tuple[ChatSession, Match] | None = None
-        # The usual call continues the current conversation: read only its messages first.
-        if current is not None and _same(current.system_prompt, chat.system):
-            match = match_history(_stored_messages([current])[current.pk], chat.history)
-            if match.complete:
-                target, tail = current, chat.history[match.next_index :]
-            elif match.matched:
-                best = (current, match)
+        _lock_token(token)
+        plan = _plan(token, chat)  # again, under the lock: another call may have moved on
+        target = plan.target
         if target is None:
-            others = [s for s in candidates if s is not current and _same(s.system_prompt, chat.system)]
-            for session, turns in _stored_messages(others).items():
-                match = match_history(turns, chat.history)
-                if match.matched and (best is None or match.matched > best[1].matched):
-                    best = (next(s for s in others if s.pk == session), match)
-
-        if target is None:
-            if best is not None:
-                source, match = best
+            if plan.source is not None:
+                source, match = plan.source
                 target = services.session_branch(session_id=source.pk, user=user, at_seq=match.last_seq)
                 ChatSession.objects.filter(pk=target.pk).update(api_token=token)
                 target.api_token = token
-                tail = chat.history[match.next_index :]
             else:
                 target = services.session_start(
                     user=user,
@@ -170,12 +199,11 @@ def gateway_session_join(*, token: ApiToken, chat: ChatRequest) -> ChatSession:
                     api_token=token,
                 )
             # The conversation moved on: the session it left stops its clock now.
-            for session in live:
+            for session in plan.live:
                 if session.pk != target.pk:
                     _end_quietly(session, user, EndReason.USER)
-
-        if tail:
-            services.session_append_history(session_id=target.pk, user=user, messages=tail)
+        if plan.tail:
+            services.session_append_history(session_id=target.pk, user=user, messages=plan.tail)
         if not same_model(target.current_model, chat.model_name):
             target = _switch(target, user, chat.model_name)
         return target

@@ -24,7 +24,7 @@ from django.views.decorators.csrf import csrf_exempt
 from providers import router
 from providers.base import ProviderError
 from sessions_app import services
-from sessions_app.errors import MESSAGE_EMPTY, MESSAGE_TOO_LARGE, BadInput, MessageTooLarge, SessionError
+from sessions_app.errors import MESSAGE_EMPTY, MESSAGE_TOO_LARGE, BadInput, MessageTooLarge, SessionEnded, SessionError
 from sessions_app.events import Done, Token
 from sessions_app.gateway import ollama_wire, openai_wire
 from sessions_app.gateway.auth import authenticate, authenticate_raw, raw_token
@@ -184,19 +184,32 @@ class Started:
 
 async def _start_turn(request: HttpRequest, path_token: str | None, parse, started_ns: int) -> Started:
     """Run the turn up to its first event, so failures before any output get a real status."""
-    token, data, chat, session = await sync_to_async(_prepare)(raw_token(request, path_token), request.body, parse)
-    if chat is None:
-        return Started(data)
-    events = services.session_chat(session_id=session.pk, user=token.user, message=chat.message, options=chat.options)
-    turn = Turn(started_ns, chat.options.max_tokens)
-    try:
-        turn.take(await anext(events))
-    except StopAsyncIteration:
-        pass
-    except BaseException:
-        await events.aclose()
-        raise
-    return Started(data, chat, session, events, turn)
+    raw = raw_token(request, path_token)
+    retried = False
+    while True:
+        token, data, chat, session = await sync_to_async(_prepare)(raw, request.body, parse)
+        if chat is None:
+            return Started(data)
+        events = services.session_chat(
+            session_id=session.pk, user=token.user, message=chat.message, options=chat.options
+        )
+        turn = Turn(started_ns, chat.options.max_tokens)
+        try:
+            turn.take(await anext(events))
+        except StopAsyncIteration:
+            pass
+        except SessionEnded:
+            # The session ended between the join and the turn (the guardian, or the consultant
+            # in the web app): nothing was stored; join again, which starts its successor.
+            await events.aclose()
+            if retried:
+                raise
+            retried = True
+            continue
+        except BaseException:
+            await events.aclose()
+            raise
+        return Started(data, chat, session, events, turn)
 
 
 async def _drain(events: AsyncIterator, turn: Turn) -> None:

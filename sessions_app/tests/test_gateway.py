@@ -486,3 +486,17 @@ def test_failures_under_the_token_prefix_are_logged_without_the_token(gateway_ur
         prefixed.chat(model="missing-model", messages=[{"role": "user", "content": "Hi"}], stream=False)
     assert "/t/bws_" in caplog.text and "-> 404" in caplog.text
     assert acme_token[1] not in caplog.text
+
+
+def test_a_session_ended_in_the_web_app_is_continued_in_a_branch(ollama_client, acme_token, owner):
+    from sessions_app import services
+
+    history = [{"role": "user", "content": "Before the end"}]
+    answer = ollama_client.chat(model="llama3.2", messages=history, stream=False).message.content
+    ended = gateway_sessions(acme_token[0]).get()
+    services.session_end(session_id=ended.pk, user=owner)
+    history += [{"role": "assistant", "content": answer}, {"role": "user", "content": "After the end"}]
+    ollama_client.chat(model="llama3.2", messages=history, stream=False)
+    successor = gateway_sessions(acme_token[0]).exclude(pk=ended.pk).get()
+    assert successor.is_active and successor.parent_id == ended.pk
+    assert [content for _, content in stored(successor)][:3] == ["Before the end", answer, "After the end"]

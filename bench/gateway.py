@@ -1,0 +1,248 @@
+"""Latency the gateway adds over calling the provider simulator directly.
+
+    .venv/bin/python bench/gateway.py [--requests 200] [--concurrency 1 50] [--port 18700]
+
+Starts the simulator (`manage.py simulate_providers`, no token pacing) and daphne serving the
+project with DEBUG off, then sends the same Ollama `/api/chat` conversations to both: each
+worker is one consultant with their own client-bound token, continuing one conversation
+(the whole history resent every call, as real clients do) for ten turns, then starting a
+new one. For streaming the latency is the time to the first content chunk, and the time to
+the last; without streaming, the time to the whole answer. "Added" is the gateway's
+percentile minus the direct percentile at the same concurrency.
+
+The database is DATABASE_URL (as for the app; default: a fresh SQLite file in a temporary
+directory). Figures are printed and written to bench/results/gateway.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import platform
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results" / "gateway.json"
+MODEL = "llama3.2"
+TURNS_PER_CONVERSATION = 10
+TARGET_P50_MS = 5.0
+TARGET_P99_MS = 30.0
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    rank = q / 100 * (len(ordered) - 1)
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def server_env(args, db_url: str, sim_port: int) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "config.settings",
+        "DEBUG": "0",
+        "SECRET_KEY": "bench-" + secrets.token_urlsafe(32),
+        "SESSION_SIGNING_KEY": base64.b64encode(secrets.token_bytes(32)).decode(),
+        "ALLOWED_HOSTS": "127.0.0.1,localhost",
+        "DATABASE_URL": db_url,
+        "OLLAMA_HOST": f"http://127.0.0.1:{sim_port}",
+        "LOG_LEVEL": "ERROR",
+        "PYTHONUNBUFFERED": "1",
+    }
+    return env
+
+
+def wait_for(url: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1.0).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"{url} did not come up within {timeout:.0f}s")
+
+
+def prepare_database(env: dict[str, str], workers: int) -> list[str]:
+    """Migrate and create one consultant, one client and a client-bound token per worker."""
+    subprocess.run(
+        [sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"], cwd=ROOT, env=env, check=True, timeout=300
+    )
+    script = f"""
+import json
+from django.contrib.auth import get_user_model
+from billing.models import ClientDomain
+from sessions_app.models import ApiToken
+user, _ = get_user_model().objects.get_or_create(username="bench")
+client, _ = ClientDomain.objects.get_or_create(slug="bench", defaults={{"name": "Bench client"}})
+print(json.dumps([ApiToken.issue(user=user, client=client, name=f"bench {{i}}")[1] for i in range({workers})]))
+"""
+    out = subprocess.run(
+        [sys.executable, "manage.py", "shell", "-c", script],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+async def one_call(client: httpx.AsyncClient, url: str, headers: dict, messages: list, stream: bool):
+    """Return (first-content seconds, total seconds, answer text)."""
+    body = {"model": MODEL, "messages": messages, "stream": stream}
+    started = time.perf_counter()
+    first = None
+    parts: list[str] = []
+    if stream:
+        async with client.stream("POST", url, json=body, headers=headers) as response:
+            if response.status_code != 200:
+                raise RuntimeError(f"{url}: {response.status_code} {(await response.aread())[:200]!r}")
+            async for line in response.aiter_lines():
+                if not line:
+                    continue
+                chunk = json.loads(line)
+                if "error" in chunk:
+                    raise RuntimeError(f"{url}: {chunk['error']}")
+                text = chunk.get("message", {}).get("content", "")
+                if text and first is None:
+                    first = time.perf_counter() - started
+                parts.append(text)
+    else:
+        response = await client.post(url, json=body, headers=headers)
+        if response.status_code != 200:
+            raise RuntimeError(f"{url}: {response.status_code} {response.text[:200]}")
+        parts.append(response.json()["message"]["content"])
+    total = time.perf_counter() - started
+    return (first if first is not None else total), total, "".join(parts)
+
+
+async def run_phase(base: str, tokens: list[str] | None, concurrency: int, requests: int, stream: bool) -> dict:
+    """`requests` calls spread over `concurrency` workers; each worker continues its own conversation."""
+    url = f"{base}/api/chat"
+    per_worker = max(1, requests // concurrency)
+    firsts: list[float] = []
+    totals: list[float] = []
+    limits = httpx.Limits(max_connections=concurrency + 5, max_keepalive_connections=concurrency + 5)
+    async with httpx.AsyncClient(timeout=60.0, limits=limits) as client:
+
+        async def worker(index: int, count: int, record: bool) -> None:
+            headers = {"Authorization": f"Bearer {tokens[index]}"} if tokens else {}
+            history: list[dict] = []
+            for turn in range(count):
+                if len(history) >= 2 * TURNS_PER_CONVERSATION:
+                    history = []
+                messages = [*history, {"role": "user", "content": f"Worker {index} question {turn}"}]
+                first, total, text = await one_call(client, url, headers, messages, stream)
+                history = [*messages, {"role": "assistant", "content": text}]
+                if record:
+                    firsts.append(first)
+                    totals.append(total)
+
+        # Warm up connections, pools and the first session of every worker.
+        await asyncio.gather(*(worker(i, 2, False) for i in range(concurrency)))
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(i, per_worker, True) for i in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    summary = {"requests": len(totals), "seconds": round(elapsed, 3)}
+    for name, values in (("first_ms", firsts), ("total_ms", totals)):
+        summary[name] = {q: round(percentile(values, float(q[1:])) * 1000, 3) for q in ("p50", "p90", "p99")}
+    return summary
+
+
+def added(gateway: dict, direct: dict) -> dict:
+    return {
+        metric: {q: round(gateway[metric][q] - direct[metric][q], 3) for q in gateway[metric]}
+        for metric in ("first_ms", "total_ms")
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=200, help="measured calls per phase (default 200)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 50])
+    parser.add_argument("--port", type=int, default=18700, help="simulator port; daphne uses the next one")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    sim_port, app_port = args.port, args.port + 1
+    workdir = tempfile.mkdtemp(prefix="gateway-bench-")
+    db_url = os.environ.get("DATABASE_URL") or f"sqlite:///{workdir}/bench.sqlite3"
+    env = server_env(args, db_url, sim_port)
+    tokens = prepare_database(env, max(args.concurrency))
+
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "manage.py", "simulate_providers", "--port", str(sim_port), "--tokens-per-second", "0"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+        ),
+        subprocess.Popen(
+            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(app_port), "config.asgi:application"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+        ),
+    ]
+    try:
+        direct_base, gateway_base = f"http://127.0.0.1:{sim_port}", f"http://127.0.0.1:{app_port}"
+        wait_for(f"{direct_base}/api/version")
+        wait_for(f"{gateway_base}/api/version")
+        results: dict = {}
+        for concurrency in args.concurrency:
+            for stream in (True, False):
+                label = f"{'stream' if stream else 'no_stream'}_c{concurrency}"
+                direct = asyncio.run(run_phase(direct_base, None, concurrency, args.requests, stream))
+                gateway = asyncio.run(run_phase(gateway_base, tokens, concurrency, args.requests, stream))
+                results[label] = {"direct": direct, "gateway": gateway, "added": added(gateway, direct)}
+                delta = results[label]["added"]["first_ms" if stream else "total_ms"]
+                print(
+                    f"{label:>14}: added p50 {delta['p50']:7.2f} ms  p99 {delta['p99']:7.2f} ms   "
+                    f"(gateway p50 {gateway['total_ms']['p50']:.2f} / p99 {gateway['total_ms']['p99']:.2f} ms total, "
+                    f"direct p50 {direct['total_ms']['p50']:.2f} / p99 {direct['total_ms']['p99']:.2f} ms)",
+                    flush=True,
+                )
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+    report = {
+        "what": "latency added by the gateway (Ollama /api/chat) over calling the simulator directly",
+        "latency": "stream: time to first content chunk; no_stream: time to the whole answer",
+        "targets_ms": {"p50": TARGET_P50_MS, "p99": TARGET_P99_MS},
+        "database": db_url.split("://", 1)[0],
+        "requests_per_phase": args.requests,
+        "turns_per_conversation": TURNS_PER_CONVERSATION,
+        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"written to {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")
+
+
+if __name__ == "__main__":
+    main()
