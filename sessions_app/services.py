@@ -347,7 +347,7 @@ class _Turn:
 
     def begin_finishing(self) -> bool:
         with self.lock:
-            if self.state == "taken":
+            if self.state != "streaming":
                 return False
             self.state = "finishing"
             return True
@@ -896,9 +896,7 @@ def _end(session: ChatSession, *, reason: str, at: datetime | None = None) -> di
             locked.soulfra_hash = integrity.build_seal(locked)
             locked.save(update_fields=["soulfra_hash"])
     if taken:
-        with turn.lock:
-            turn.state = "done"
-        turn.finished.set()
+        turn.finished.set()  # state stays "taken": the chat generator must not store it again
     if ended:
         logger.info("session %s was already ended", session.pk)
     return session_summary(session=_load(session.pk))

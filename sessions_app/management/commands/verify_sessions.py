@@ -1,0 +1,61 @@
+"""Verify sessions' hash chains, seals and invariants: `manage.py verify_sessions [ID ...|--all]`."""
+
+from __future__ import annotations
+
+import uuid
+
+from django.core.management.base import BaseCommand, CommandError
+
+from sessions_app.integrity import verify_session
+from sessions_app.invariants import check_session
+from sessions_app.models import ChatSession, SessionStatus
+
+
+class Command(BaseCommand):
+    help = (
+        "Check each session's hash chain, Ed25519 seal and DESIGN.md invariants; print valid or exactly "
+        "what fails. Exits 1 when any session fails. Without IDs: every ended session (--all: every session)."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument("ids", nargs="*", help="Session UUIDs (or unique prefixes of at least 8 characters).")
+        parser.add_argument("--all", action="store_true", help="Also check active sessions (their chain so far).")
+
+    def _resolve(self, ids: list[str]):
+        sessions = []
+        for raw in ids:
+            try:
+                sessions.append(ChatSession.objects.get(pk=uuid.UUID(raw)))
+                continue
+            except (ValueError, ChatSession.DoesNotExist):
+                pass
+            if len(raw) < 8:
+                raise CommandError(f"No session {raw!r} (give the UUID or a prefix of at least 8 characters).")
+            matches = [s for s in ChatSession.objects.only("pk") if str(s.pk).startswith(raw.lower())]
+            if len(matches) != 1:
+                raise CommandError(f"{'No' if not matches else 'More than one'} session matches {raw!r}.")
+            sessions.append(ChatSession.objects.get(pk=matches[0].pk))
+        return sessions
+
+    def handle(self, *args, **options):
+        if options["ids"]:
+            sessions = self._resolve(options["ids"])
+        else:
+            qs = ChatSession.objects.order_by("started_at")
+            if not options["all"]:
+                qs = qs.filter(status=SessionStatus.ENDED)
+            sessions = qs.iterator()
+        failed = checked = 0
+        for session in sessions:
+            checked += 1
+            valid, detail = verify_session(session)
+            problems = [] if not valid else check_session(session)
+            if valid and not problems:
+                self.stdout.write(f"{session.pk} valid: {detail}")
+                continue
+            failed += 1
+            reasons = [detail] if not valid else problems
+            self.stdout.write(self.style.ERROR(f"{session.pk} INVALID: " + "; ".join(reasons)))
+        self.stdout.write(f"{checked} checked, {failed} failed")
+        if failed:
+            raise SystemExit(1)
