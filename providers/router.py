@@ -13,7 +13,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from asgiref.sync import sync_to_async
+from channels.db import database_sync_to_async
 from django.conf import settings
 from django.utils import timezone
 
@@ -120,7 +120,7 @@ async def available_models() -> list[ModelInfo]:
         models.extend(await OllamaAdapter().list_models())
     except ProviderError as exc:
         log.warning("Ollama models unavailable: %s", exc)
-    models.extend(await sync_to_async(_paid_models)())
+    models.extend(await database_sync_to_async(_paid_models)())
     return models
 
 
@@ -160,7 +160,7 @@ async def stream_chat(
     """
     ref = _ref(model)
     adapter = get_adapter(ref.provider)
-    ref = await sync_to_async(resolve_alias)(ref)
+    ref = await database_sync_to_async(resolve_alias)(ref)
     options = options or StreamOptions()
     first_limit = settings.PROVIDER_FIRST_TOKEN_TIMEOUT
     idle_limit = settings.PROVIDER_IDLE_TIMEOUT
