@@ -139,6 +139,7 @@ async def run_phase(base: str, tokens: list[str] | None, concurrency: int, reque
     per_worker = max(1, requests // concurrency)
     firsts: list[float] = []
     totals: list[float] = []
+    errors: list[str] = []
     limits = httpx.Limits(max_connections=concurrency + 5, max_keepalive_connections=concurrency + 5)
     async with httpx.AsyncClient(timeout=60.0, limits=limits) as client:
 
@@ -149,7 +150,12 @@ async def run_phase(base: str, tokens: list[str] | None, concurrency: int, reque
                 if len(history) >= 2 * TURNS_PER_CONVERSATION:
                     history = []
                 messages = [*history, {"role": "user", "content": f"Worker {index} question {turn}"}]
-                first, total, text = await one_call(client, url, headers, messages, stream)
+                try:
+                    first, total, text = await one_call(client, url, headers, messages, stream)
+                except (RuntimeError, httpx.HTTPError) as exc:
+                    errors.append(str(exc)[:200])
+                    history = []
+                    continue
                 history = [*messages, {"role": "assistant", "content": text}]
                 if record:
                     firsts.append(first)
@@ -160,10 +166,24 @@ async def run_phase(base: str, tokens: list[str] | None, concurrency: int, reque
         started = time.perf_counter()
         await asyncio.gather(*(worker(i, per_worker, True) for i in range(concurrency)))
         elapsed = time.perf_counter() - started
-    summary = {"requests": len(totals), "seconds": round(elapsed, 3)}
+    summary = {"requests": len(totals), "errors": len(errors), "seconds": round(elapsed, 3)}
+    if errors:
+        summary["first_error"] = errors[0]
     for name, values in (("first_ms", firsts), ("total_ms", totals)):
         summary[name] = {q: round(percentile(values, float(q[1:])) * 1000, 3) for q in ("p50", "p90", "p99")}
     return summary
+
+
+async def run_floor(base: str, requests: int) -> dict:
+    """GET /api/version one at a time: what daphne and Django cost before any gateway work."""
+    timings: list[float] = []
+    async with httpx.AsyncClient(timeout=10.0) as client:
+        for index in range(requests + 20):
+            started = time.perf_counter()
+            (await client.get(f"{base}/api/version")).raise_for_status()
+            if index >= 20:
+                timings.append(time.perf_counter() - started)
+    return {q: round(percentile(timings, float(q[1:])) * 1000, 3) for q in ("p50", "p90", "p99")}
 
 
 def added(gateway: dict, direct: dict) -> dict:
@@ -206,6 +226,18 @@ def main() -> None:
         wait_for(f"{direct_base}/api/version")
         wait_for(f"{gateway_base}/api/version")
         results: dict = {}
+        floor_direct = asyncio.run(run_floor(direct_base, args.requests))
+        floor_gateway = asyncio.run(run_floor(gateway_base, args.requests))
+        results["version_c1"] = {
+            "direct": floor_direct,
+            "gateway": floor_gateway,
+            "added": {q: round(floor_gateway[q] - floor_direct[q], 3) for q in floor_gateway},
+        }
+        print(
+            f"{'version_c1':>14}: added p50 {results['version_c1']['added']['p50']:7.2f} ms  "
+            f"p99 {results['version_c1']['added']['p99']:7.2f} ms   (daphne + Django, no gateway work)",
+            flush=True,
+        )
         for concurrency in args.concurrency:
             for stream in (True, False):
                 label = f"{'stream' if stream else 'no_stream'}_c{concurrency}"
@@ -216,7 +248,8 @@ def main() -> None:
                 print(
                     f"{label:>14}: added p50 {delta['p50']:7.2f} ms  p99 {delta['p99']:7.2f} ms   "
                     f"(gateway p50 {gateway['total_ms']['p50']:.2f} / p99 {gateway['total_ms']['p99']:.2f} ms total, "
-                    f"direct p50 {direct['total_ms']['p50']:.2f} / p99 {direct['total_ms']['p99']:.2f} ms)",
+                    f"direct p50 {direct['total_ms']['p50']:.2f} / p99 {direct['total_ms']['p99']:.2f} ms)"
+                    + (f"  ERRORS: {gateway['errors']}" if gateway["errors"] else ""),
                     flush=True,
                 )
     finally:

@@ -42,6 +42,10 @@ from sessions_app.gateway.joining import gateway_session_join
 # What /api/version reports: the Ollama API level the gateway speaks (clients gate features on it).
 OLLAMA_API_VERSION = "0.12.0"
 INTERNAL_ERROR = "the gateway failed unexpectedly; the error is logged"
+BODY_TOO_LARGE = "the request body is {size} bytes; the gateway accepts at most {limit}"
+# Chat tools resend the whole conversation on every call, so bodies outgrow Django's form-upload
+# limit (DATA_UPLOAD_MAX_MEMORY_SIZE) long before they are unreasonable.
+MAX_BODY_BYTES = 32 * 1024 * 1024
 _TOKEN_IN_PATH = re.compile(r"/t/([^/]{0,6})[^/]*/")
 log = logging.getLogger(__name__)
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -88,6 +92,14 @@ def _methods(request: HttpRequest, allowed: tuple[str, ...], render: Callable) -
     response = render(GatewayError(405, METHOD_NOT_ALLOWED.format(method=request.method), code="method_not_allowed"))
     response["Allow"] = ", ".join(allowed)
     return response
+
+
+def _body(request: HttpRequest) -> bytes:
+    size = int(request.META.get("CONTENT_LENGTH") or 0)
+    if size > MAX_BODY_BYTES:
+        raise GatewayError(413, BODY_TOO_LARGE.format(size=size, limit=MAX_BODY_BYTES), code="request_too_large")
+    # read(), not .body: the gateway applies its own limit, above.
+    return request.read(MAX_BODY_BYTES + 1)
 
 
 def _check_model(name: str) -> None:
@@ -185,9 +197,10 @@ class Started:
 async def _start_turn(request: HttpRequest, path_token: str | None, parse, started_ns: int) -> Started:
     """Run the turn up to its first event, so failures before any output get a real status."""
     raw = raw_token(request, path_token)
+    body = _body(request)
     retried = False
     while True:
-        token, data, chat, session = await sync_to_async(_prepare)(raw, request.body, parse)
+        token, data, chat, session = await sync_to_async(_prepare)(raw, body, parse)
         if chat is None:
             return Started(data)
         events = services.session_chat(
@@ -349,7 +362,7 @@ async def ollama_show(request: HttpRequest, token: str | None = None) -> HttpRes
     if isinstance(models, HttpResponse):
         return models
     try:
-        data = read_json(request.body)
+        data = read_json(_body(request))
         if "model" not in data and isinstance(data.get("name"), str):
             data["model"] = data["name"]
         name, ref = model_ref(data)
