@@ -104,31 +104,43 @@ def csv_response(filename: str, header: list[str], rows: Iterable[list]) -> Stre
 
 def report_rows(lines: Iterable[BillingLine], period: Period) -> Iterator[list]:
     """One row per billing line (a session's part for one client), as on the report page."""
+    tz = period.tz
+    period_start, period_end = iso(period.start, tz), iso(period.end, tz)
+    client_cells: dict = {}  # the client's columns, escaped once per client
     for ln in lines:
         t = ln.terms
+        cells = client_cells.get(t.client_id)
+        if cells is None:
+            cells = client_cells[t.client_id] = (
+                escape_cell(t.slug),
+                escape_cell(t.name),
+                money_str(t.hourly_rate),
+                f"{Decimal(t.llm_markup_percent):.2f}",
+                escape_cell(t.currency),
+            )
         yield [
-            escape_cell(t.slug),
-            escape_cell(t.name),
+            cells[0],
+            cells[1],
             str(ln.session_id),
             escape_cell(ln.session_name),
             escape_cell(ln.username),
-            iso(ln.started_at, period.tz),
-            iso(ln.ended_at, period.tz),
-            iso(period.start, period.tz),
-            iso(period.end, period.tz),
+            iso(ln.started_at, tz),
+            iso(ln.ended_at, tz),
+            period_start,
+            period_end,
             ln.seconds,
             ln.billable_minutes,
             f"{ln.billable_hours:.4f}",
-            money_str(t.hourly_rate),
-            money_str(ln.time_amount),
+            cells[2],
+            f"{ln.time_amount:.2f}",
             ln.messages,
             ln.tokens,
             ln.unpriced,
-            money_str(ln.llm_cost),
-            f"{Decimal(t.llm_markup_percent):.2f}",
-            money_str(ln.markup),
-            money_str(ln.total),
-            escape_cell(t.currency),
+            f"{ln.llm_cost:.2f}",
+            cells[3],
+            f"{ln.markup:.2f}",
+            f"{ln.total:.2f}",
+            cells[4],
             escape_cell(ln.invoice_number or ""),
         ]
 

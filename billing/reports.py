@@ -22,6 +22,7 @@ The rules, stated once (the report pages and the README quote them):
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -85,15 +86,6 @@ def hours(minutes: int) -> Decimal:
     return (Decimal(minutes) / Decimal(60)).quantize(Decimal("0.0001"), rounding=ROUND_HALF_UP)
 
 
-def clipped_seconds(
-    started_at: dt.datetime, ended_at: dt.datetime | None, start: dt.datetime, end: dt.datetime
-) -> float:
-    """Seconds of [started_at, ended_at) inside [start, end); an open segment runs to `end`."""
-    lo = max(started_at, start)
-    hi = min(ended_at or end, end)
-    return max((hi - lo).total_seconds(), 0.0)
-
-
 # --- Periods ------------------------------------------------------------------------------
 
 
@@ -106,11 +98,11 @@ class Period:
     last_day: dt.date  # inclusive
     tz: ZoneInfo
 
-    @property
+    @functools.cached_property
     def start(self) -> dt.datetime:
         return dt.datetime.combine(self.first_day, dt.time(), tzinfo=self.tz).astimezone(dt.UTC)
 
-    @property
+    @functools.cached_property
     def end(self) -> dt.datetime:
         following = self.last_day + dt.timedelta(days=1)
         return dt.datetime.combine(following, dt.time(), tzinfo=self.tz).astimezone(dt.UTC)

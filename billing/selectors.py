@@ -11,12 +11,12 @@ from __future__ import annotations
 import datetime as dt
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 
 from django.conf import settings
-from django.db.models import Count, Max, Q, QuerySet, Sum
-from django.db.models.functions import TruncDate
+from django.db.models import Count, DateTimeField, DurationField, ExpressionWrapper, Max, Q, QuerySet, Sum, Value
+from django.db.models.functions import Coalesce, Greatest, Least, TruncDate
 from django.utils import timezone
 
 from billing.models import ClientDomain, InvoiceLine, InvoiceStatus, LLMUsage
@@ -27,7 +27,6 @@ from billing.reports import (
     GroupRow,
     Period,
     client_rows,
-    clipped_seconds,
     consultant_rows,
     grand_total,
 )
@@ -46,7 +45,7 @@ SESSION_FIELDS = {
     "session__invoice__number": "invoice_number",
 }
 IN_CHUNK = 500
-STREAM_CHUNK = 2000
+STREAM_CHUNK = 5000
 
 
 # --- Querysets in the report vocabulary ---------------------------------------------------
@@ -98,7 +97,6 @@ class ReportData:
     lines: list[BillingLine]
     rows: list[GroupRow]
     total: object
-    segments: list[dict] = field(default_factory=list)
 
     @property
     def unpriced(self) -> int:
@@ -147,7 +145,23 @@ def _filtered(period: Period, *, user, mine: bool, client, ended_only: bool, ses
 
 
 def _new_slot() -> dict:
-    return {"seconds": 0.0, "messages": 0, "tokens": 0, "cost": ZERO, "unpriced": 0}
+    return {"seconds": 0, "messages": 0, "tokens": 0, "cost": ZERO, "unpriced": 0}
+
+
+def clipped_duration(start: dt.datetime, cap: dt.datetime):
+    """SQL for a segment's time inside [start, cap): an open segment runs to `cap`.
+
+    Computed by the database so a report never loads one datetime per segment.
+    """
+    lo = Greatest("started_at", Value(start, output_field=DateTimeField()))
+    hi = Least(Coalesce("ended_at", Value(cap, output_field=DateTimeField())), Value(cap, output_field=DateTimeField()))
+    return ExpressionWrapper(hi - lo, output_field=DurationField())
+
+
+def _seconds(value) -> float:
+    if value is None:
+        return 0.0
+    return max(value.total_seconds(), 0.0) if isinstance(value, dt.timedelta) else max(value / 1_000_000, 0.0)
 
 
 def _build_lines(
@@ -158,23 +172,18 @@ def _build_lines(
     cap: dt.datetime,
     terms: dict,
     unbilled_only: bool,
-    keep_segments: bool,
-) -> tuple[list[BillingLine], list[dict]]:
-    start = period.start
+) -> list[BillingLine]:
     found: dict[tuple, dict] = {}
     sessions: dict[object, dict] = {}
-    seg_rows = list(
-        segments.values("session_id", "domain_id", "model", "started_at", "ended_at", *SESSION_FIELDS).order_by()
+    time_rows = (
+        segments.values("session_id", "domain_id", *SESSION_FIELDS)
+        .annotate(clipped=Sum(clipped_duration(period.start, cap)))
+        .order_by()
     )
-    for seg in seg_rows:
-        slot = found.get((seg["session_id"], seg["domain_id"]))
-        if slot is None:
-            slot = found[(seg["session_id"], seg["domain_id"])] = _new_slot()
-        seconds = clipped_seconds(seg["started_at"], seg["ended_at"], start, cap)
-        seg["seconds"] = seconds
-        slot["seconds"] += seconds
-        if seg["session_id"] not in sessions:
-            sessions[seg["session_id"]] = {short: seg[long] for long, short in SESSION_FIELDS.items()}
+    for row in time_rows:
+        slot = found[(row["session_id"], row["domain_id"])] = _new_slot()
+        slot["seconds"] = _seconds(row["clipped"])
+        sessions[row["session_id"]] = {short: row[long] for long, short in SESSION_FIELDS.items()}
 
     for agg in with_totals(messages, "session_id", "domain_id").order_by():
         slot = found.get((agg["session_id"], agg["domain_id"]))
@@ -185,6 +194,7 @@ def _build_lines(
         slot["cost"] += agg["cost"] or ZERO
         slot["unpriced"] += agg["n_unpriced"]
 
+    # Sessions with messages but no time in the period (rare): one more query per 500.
     missing = list({sid for sid, _ in found if sid not in sessions})
     for i in range(0, len(missing), IN_CHUNK):
         rows = ChatSession.objects.filter(pk__in=missing[i : i + IN_CHUNK]).values(
@@ -232,7 +242,7 @@ def _build_lines(
                 unpriced=slot["unpriced"],
             ).price()
         )
-    return lines, (seg_rows if keep_segments else [])
+    return lines
 
 
 def billing_lines(
@@ -244,23 +254,21 @@ def billing_lines(
     now: dt.datetime | None = None,
     unbilled_only: bool = False,
     ended_only: bool = False,
-    keep_segments: bool = False,
-) -> tuple[list[BillingLine], list[dict]]:
+) -> list[BillingLine]:
     """Priced billing lines (one per session and client) for the period, newest session first."""
     now = now or timezone.now()
     messages, segments = _filtered(period, user=user, mine=mine, client=client, ended_only=ended_only)
     terms = {client.pk: ClientTerms.of(client)} if client is not None else {}
-    lines, segs = _build_lines(
+    lines = _build_lines(
         period=period,
         messages=messages,
         segments=segments,
         cap=min(now, period.end),
         terms=terms,
         unbilled_only=unbilled_only,
-        keep_segments=keep_segments,
     )
     lines.sort(key=lambda ln: (ln.started_at, str(ln.session_id)), reverse=True)
-    return lines, segs
+    return lines
 
 
 def sessions_in_period(period: Period) -> QuerySet:
@@ -293,14 +301,8 @@ def iter_billing_lines(
     for i in range(0, len(ids), chunk):
         part = ids[i : i + chunk]
         messages, segments = _filtered(period, user=user, mine=mine, client=client, ended_only=False, session_ids=part)
-        lines, _ = _build_lines(
-            period=period,
-            messages=messages,
-            segments=segments,
-            cap=cap,
-            terms=terms,
-            unbilled_only=False,
-            keep_segments=False,
+        lines = _build_lines(
+            period=period, messages=messages, segments=segments, cap=cap, terms=terms, unbilled_only=False
         )
         lines.sort(key=lambda ln: (ln.started_at, str(ln.session_id), ln.terms.slug))
         yield from lines
@@ -308,7 +310,7 @@ def iter_billing_lines(
 
 def report_for_period(*, period: Period, user, mine: bool = False, now=None) -> ReportData:
     """The per-client report: one row per client, its total the sum of the rows."""
-    lines, _ = billing_lines(period=period, user=user, mine=mine, now=now)
+    lines = billing_lines(period=period, user=user, mine=mine, now=now)
     rows = client_rows(lines)
     return ReportData(period=period, lines=lines, rows=rows, total=grand_total(rows))
 
@@ -323,15 +325,15 @@ class ClientDrilldown:
 def client_drilldown(*, period: Period, client: ClientDomain, user, mine: bool = False, now=None) -> ClientDrilldown:
     """One client's period: its lines by consultant, by model, and by session."""
     now = now or timezone.now()
-    lines, segs = billing_lines(period=period, user=user, mine=mine, client=client, now=now, keep_segments=True)
+    lines = billing_lines(period=period, user=user, mine=mine, client=client, now=now)
     rows = client_rows(lines)
-    report = ReportData(period=period, lines=lines, rows=rows, total=grand_total(rows), segments=segs)
+    report = ReportData(period=period, lines=lines, rows=rows, total=grand_total(rows))
 
-    by_model: dict[str, dict] = defaultdict(
-        lambda: {"seconds": 0.0, "messages": 0, "tokens": 0, "cost": ZERO, "unpriced": 0}
-    )
-    for seg in segs:
-        by_model[seg["model"]]["seconds"] += seg["seconds"]
+    by_model: dict[str, dict] = defaultdict(_new_slot)
+    _, segments = _filtered(period, user=user, mine=mine, client=client, ended_only=False)
+    cap = min(now, period.end)
+    for row in segments.values("model").annotate(clipped=Sum(clipped_duration(period.start, cap))).order_by():
+        by_model[row["model"]]["seconds"] += _seconds(row["clipped"])
     messages = visible_to(messages_for_period(period.start, period.end).billed_to(client), user=user, mine=mine)
     for agg in with_totals(messages.exclude(model=""), "model").order_by():
         slot = by_model[agg["model"]]

@@ -84,7 +84,7 @@ def invoice_create_draft(*, client: ClientDomain, period_start: dt.date, period_
     if period_end < period_start:
         raise BillingError(ERR_PERIOD_ORDER)
     period = Period(kind=PERIOD_CUSTOM, first_day=period_start, last_day=period_end, tz=billing_tz())
-    lines, _ = billing_lines(period=period, client=client, unbilled_only=True, ended_only=True)
+    lines = billing_lines(period=period, client=client, unbilled_only=True, ended_only=True)
     if not lines:
         raise BillingError(ERR_NOTHING_TO_BILL.format(client=client.name, start=period_start, end=period_end))
     lines.sort(key=lambda ln: (ln.started_at, str(ln.session_id)))
