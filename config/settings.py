@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import secrets
+import zoneinfo
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -199,7 +201,11 @@ AUTH_PASSWORD_VALIDATORS = [
 ]
 
 LANGUAGE_CODE = "en-us"
-TIME_ZONE = os.environ.get("TIME_ZONE", "UTC")
+TIME_ZONE = os.environ.get("TIME_ZONE", "").strip() or "UTC"
+try:
+    zoneinfo.ZoneInfo(TIME_ZONE)
+except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+    raise ImproperlyConfigured(f"TIME_ZONE must be an IANA zone name such as UTC or Europe/Paris, got {TIME_ZONE!r}")
 USE_I18N = True
 USE_TZ = True
 
@@ -219,11 +225,19 @@ if not DEBUG:
     SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", True)
     CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", True)
 
+LOG_LEVEL = os.environ.get("LOG_LEVEL", "").strip().upper() or "INFO"
+if LOG_LEVEL not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+    raise ImproperlyConfigured(f"LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got {LOG_LEVEL!r}")
+
+# Static files: collected to STATIC_ROOT for a proxy in production; served by the ASGI app
+# itself in development, or anywhere SERVE_STATIC is on (a single-box install).
+SERVE_STATIC = env_bool("SERVE_STATIC", DEBUG)
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "handlers": {"console": {"class": "logging.StreamHandler"}},
-    "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {"httpx": {"level": "WARNING"}, "daphne": {"level": "WARNING"}},
 }
 
@@ -238,7 +252,11 @@ PROVIDER_CONNECT_TIMEOUT = env_float("PROVIDER_CONNECT_TIMEOUT", 5.0, minimum=0.
 PROVIDER_FIRST_TOKEN_TIMEOUT = env_float("PROVIDER_FIRST_TOKEN_TIMEOUT", 120.0, minimum=0.01)
 PROVIDER_IDLE_TIMEOUT = env_float("PROVIDER_IDLE_TIMEOUT", 60.0, minimum=0.01)
 PROVIDER_MAX_RETRIES = env_int("PROVIDER_MAX_RETRIES", 2)
-OLLAMA_KEEP_ALIVE = os.environ.get("OLLAMA_KEEP_ALIVE", "10m")
+OLLAMA_KEEP_ALIVE = os.environ.get("OLLAMA_KEEP_ALIVE", "").strip() or "10m"
+if not re.fullmatch(r"-?\d+(\.\d+)?(ms|s|m|h)?", OLLAMA_KEEP_ALIVE):
+    raise ImproperlyConfigured(
+        f"OLLAMA_KEEP_ALIVE must be a duration such as 10m, 1h, 300 or -1, got {OLLAMA_KEEP_ALIVE!r}"
+    )
 OLLAMA_NUM_CTX = env_int("OLLAMA_NUM_CTX", 8192, minimum=256)
 ANTHROPIC_MAX_TOKENS = env_int("ANTHROPIC_MAX_TOKENS", 4096, minimum=1)
 # Set by `make run` when it started the bundled simulator because no Ollama answered.

@@ -18,7 +18,11 @@ def queries_for(client, url: str) -> int:
 def assert_bounded_queries(
     client, url: str, make_rows: Callable[[int], None], django_assert_max_num_queries, *, bound: int
 ) -> None:
-    """Same number of queries for 2 rows as for 22, and never more than `bound`."""
+    """No more queries for 22 rows than for 2, and never more than `bound`.
+
+    (The admin's date hierarchy may spend one query less when all rows share a date,
+    so "no more" rather than "exactly as many".)
+    """
     make_rows(2)
     client.get(url)  # warm per-process caches (content types, permissions)
     few = queries_for(client, url)
@@ -27,4 +31,4 @@ def assert_bounded_queries(
         response = client.get(url)
     assert response.status_code == 200
     many = queries_for(client, url)
-    assert many == few, f"{url}: {few} queries for 2 rows, {many} for 22"
+    assert many <= few, f"{url}: {few} queries for 2 rows, {many} for 22"

@@ -24,6 +24,10 @@ CONFIG_VARS = {
     "SESSION_IDLE_TIMEOUT",
     "CONTEXT_OVERFLOW",
     "PROVIDER_SIMULATOR",
+    "TIME_ZONE",
+    "LOG_LEVEL",
+    "OLLAMA_KEEP_ALIVE",
+    "SERVE_STATIC",
     "DJANGO_SETTINGS_MODULE",
 }
 
@@ -92,6 +96,10 @@ def test_bad_signing_key_is_refused(tmp_path, key):
         ("PROVIDER_SIMULATOR", "perhaps"),
         ("PROVIDER_FIRST_TOKEN_TIMEOUT", "-1"),
         ("CHAT_MAX_MESSAGE_CHARS", "lots"),
+        ("TIME_ZONE", "Mars/Olympus_Mons"),
+        ("LOG_LEVEL", "chatty"),
+        ("OLLAMA_KEEP_ALIVE", "forever"),
+        ("SERVE_STATIC", "sometimes"),
     ],
 )
 def test_other_bad_values_are_refused_by_name(tmp_path, name, value):
