@@ -9,8 +9,13 @@ export DEBUG="${DEBUG:-1}"
 PORT="${PORT:-8000}"
 SIM_PID=""
 SIM_LOG=""
+DAPHNE_PID=""
 
 cleanup() {
+    if [[ -n "$DAPHNE_PID" ]] && kill -0 "$DAPHNE_PID" 2>/dev/null; then
+        kill "$DAPHNE_PID" 2>/dev/null || true
+        wait "$DAPHNE_PID" 2>/dev/null || true
+    fi
     if [[ -n "$SIM_PID" ]] && kill -0 "$SIM_PID" 2>/dev/null; then
         kill "$SIM_PID" 2>/dev/null || true
         wait "$SIM_PID" 2>/dev/null || true
@@ -88,5 +93,7 @@ fi
 "$PY" manage.py seed_demo
 
 echo "Serving on http://127.0.0.1:${PORT}/ (sign in at /accounts/login/)"
-# Not `exec`: this shell stays to stop the simulator when daphne exits.
-"${VENV:-.venv}/bin/daphne" -b 127.0.0.1 -p "$PORT" config.asgi:application
+# Not `exec`: this shell stays to stop daphne and the simulator together, on Ctrl-C or kill.
+"${VENV:-.venv}/bin/daphne" -b 127.0.0.1 -p "$PORT" config.asgi:application &
+DAPHNE_PID=$!
+wait "$DAPHNE_PID"
