@@ -24,14 +24,14 @@ if (BASE_DIR / ".env").is_file():
     environ.Env.read_env(BASE_DIR / ".env")
 
 _TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
+_FALSE = {"0", "false", "no", "off"}
 
 
 def env_bool(name: str, default: bool) -> bool:
     """Read a boolean strictly: `DEBUG=maybe` is an error, not False."""
     raw = os.environ.get(name)
-    if raw is None:
-        return default
+    if raw is None or not raw.strip():
+        return default  # empty (as in .env.example) means "not set"
     value = raw.strip().lower()
     if value in _TRUE:
         return True

@@ -32,12 +32,13 @@ CONFIG_VARS = {
 }
 
 
-def import_settings(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+def import_settings(
+    tmp_path: Path, script: str = "import config.settings as s; print('DEBUG', s.DEBUG)", **env: str
+) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if k not in CONFIG_VARS and not k.startswith("PROVIDER_")}
     clean.update({"DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}", "SECRET_KEY": "k" * 50})
     clean.update(env)
     clean = {k: v for k, v in clean.items() if v is not None}
-    script = "import config.settings as s; print('DEBUG', s.DEBUG)"
     return subprocess.run(
         [sys.executable, "-c", script], cwd=BASE_DIR, env=clean, capture_output=True, text=True, timeout=60
     )
@@ -126,3 +127,39 @@ def test_test_settings_run_in_a_non_utc_zone():
     from django.conf import settings
 
     assert settings.TIME_ZONE == "America/New_York"
+
+
+def test_empty_values_mean_the_safe_default(tmp_path):
+    # .env.example lists every variable, many of them empty: empty must not turn security off.
+    script = (
+        "import config.settings as s; print(s.DEBUG, s.SESSION_COOKIE_SECURE, s.CSRF_COOKIE_SECURE, s.SERVE_STATIC)"
+    )
+    result = import_settings(
+        tmp_path,
+        script,
+        DEBUG="",
+        SESSION_SIGNING_KEY=GOOD_KEY,
+        SESSION_COOKIE_SECURE="",
+        CSRF_COOKIE_SECURE="",
+        SERVE_STATIC="",
+        REDIS_URL="",
+        TIME_ZONE="",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "True", "True", "False"]
+
+
+def test_env_example_lists_every_variable_the_settings_read():
+    import re
+
+    settings_source = (BASE_DIR / "config" / "settings.py").read_text()
+    read = set(
+        re.findall(
+            r"(?:env_bool|env_int|env_float|env_url|os\.environ\.get|env\.list)\(\s*\"([A-Z_]+)\"", settings_source
+        )
+    )
+    listed = set(re.findall(r"^([A-Z_]+)=", (BASE_DIR / ".env.example").read_text(), re.MULTILINE))
+    readme = (BASE_DIR / "README.md").read_text()
+    assert read, "no variables found: the pattern is out of date"
+    assert read <= listed, f"missing from .env.example: {sorted(read - listed)}"
+    assert all(f"`{name}`" in readme for name in read), [n for n in read if f"`{n}`" not in readme]
