@@ -17,6 +17,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
+from billing.admin_actions import draft_last_month, issue_invoices
 from billing.branding import safe_color
 from billing.models import (
     Brand,
@@ -140,6 +141,7 @@ class ClientDomainAdmin(admin.ModelAdmin):
     )
     list_display_links = ("name",)
     list_filter = ("is_active", "currency", "billing_increment_minutes")
+    actions = [draft_last_month]
     search_fields = ("name", "slug", "hostname")
     prepopulated_fields = {"slug": ("name",)}
     filter_horizontal = ("members",)
@@ -469,6 +471,7 @@ class InvoiceAdmin(admin.ModelAdmin):
     )
     list_filter = ("status", "client", "currency")
     search_fields = ("number", "client__name", "client__slug", "lines__description")
+    actions = [issue_invoices]
     list_select_related = ("client",)
     date_hierarchy = "period_start"
     inlines = [InvoiceLineInline]
@@ -483,11 +486,12 @@ class InvoiceAdmin(admin.ModelAdmin):
         "created_at",
         "issued_at",
         "sessions_billed",
+        "csv_export",
     )
     fieldsets = (
         (None, {"fields": ("client", "period_start", "period_end", "currency", "number", "status")}),
         ("Totals", {"fields": ("time_total", "llm_total", "total")}),
-        ("Record", {"fields": ("id", "created_by", "created_at", "issued_at", "sessions_billed")}),
+        ("Record", {"fields": ("id", "created_by", "created_at", "issued_at", "sessions_billed", "csv_export")}),
     )
 
     def get_queryset(self, request):
@@ -499,7 +503,8 @@ class InvoiceAdmin(admin.ModelAdmin):
 
     def get_readonly_fields(self, request, obj=None):
         fields = list(super().get_readonly_fields(request, obj))
-        if obj is not None and obj.status == InvoiceStatus.ISSUED:
+        # Lines are drawn from the client and period: changing either means a new draft.
+        if obj is not None:
             fields += ["client", "period_start", "period_end", "currency"]
         return fields
 
@@ -520,6 +525,14 @@ class InvoiceAdmin(admin.ModelAdmin):
     def line_count(self, obj: Invoice) -> int:
         total = getattr(obj, "line_total", None)
         return obj.lines.count() if total is None else total
+
+    @admin.display(description="CSV")
+    def csv_export(self, obj: Invoice) -> str:
+        if obj.status != InvoiceStatus.ISSUED:
+            return "available once issued"
+        return format_html(
+            '<a href="{}">Download {}.csv</a>', reverse("billing:invoice_csv", args=[obj.pk]), obj.number
+        )
 
     @admin.display(description="Sessions billed")
     def sessions_billed(self, obj: Invoice) -> str:

@@ -16,6 +16,7 @@ from django.utils import timezone
 from django.utils.html import format_html
 
 from billing.admin import ReadOnlyAdminMixin, money
+from billing.admin_actions import end_sessions, export_sessions_csv, verify_integrity
 from billing.models import ClientDomain, Provider
 from sessions_app.models import (
     ApiToken,
@@ -166,6 +167,7 @@ class ChatSessionAdmin(admin.ModelAdmin):
         "total_messages",
         "cost",
         "status",
+        "billing",
     )
     list_display_links = ("title",)
     list_filter = ("status", BilledClientFilter, MessageProviderFilter, "source", "end_reason", "started_at")
@@ -178,7 +180,8 @@ class ChatSessionAdmin(admin.ModelAdmin):
         "domain__slug",
         "messages__content",
     )
-    list_select_related = ("user", "domain")
+    list_select_related = ("user", "domain", "invoice")
+    actions = [export_sessions_csv, verify_integrity, end_sessions]
     date_hierarchy = "started_at"
     list_per_page = 50
     show_full_result_count = False
@@ -229,6 +232,17 @@ class ChatSessionAdmin(admin.ModelAdmin):
         if obj is not None and obj.is_locked:
             fields += ["name", "system_prompt"]
         return fields
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        if obj is not None and obj.is_locked:
+            return False
+        return super().has_delete_permission(request, obj)
+
+    @admin.display(description="Billing")
+    def billing(self, obj: ChatSession) -> str:
+        if obj.is_locked:
+            return format_html("🔒 {}", obj.invoice.number)
+        return "unbilled"
 
     @admin.display(description="Session", ordering="name")
     def title(self, obj: ChatSession) -> str:
