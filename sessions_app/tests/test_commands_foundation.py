@@ -11,10 +11,13 @@ from django.core.management import CommandError, call_command, get_commands
 from django.utils import timezone
 
 from billing.branding import brand_for_host
-from billing.models import Brand, ClientDomain, ModelPrice
+from billing.models import Brand, ClientDomain, LLMUsage, ModelPrice
+from sessions_app import integrity
+from sessions_app.demo import DEMO_SESSIONS
+from sessions_app.invariants import check_session
 from sessions_app.management.commands.create_api_token import NOT_A_MEMBER, UNKNOWN_CLIENT, UNKNOWN_USER
 from sessions_app.management.commands.seed_demo import DEMO_CLIENTS, REFUSE_IN_PRODUCTION
-from sessions_app.models import ApiToken
+from sessions_app.models import ApiToken, ChatSession, SessionMessage
 
 pytestmark = pytest.mark.django_db
 
@@ -33,6 +36,9 @@ def counts() -> dict:
         "brands": Brand.objects.count(),
         "users": get_user_model().objects.count(),
         "prices": ModelPrice.objects.count(),
+        "sessions": ChatSession.objects.count(),
+        "messages": SessionMessage.objects.count(),
+        "usage": LLMUsage.objects.count(),
     }
 
 
@@ -80,6 +86,25 @@ def test_seed_demo_loads_prices_when_the_command_exists(settings):
         assert ModelPrice.objects.filter(provider="anthropic").exists()
     else:
         assert "login:" in output
+
+
+def test_seed_demo_sessions_satisfy_every_invariant_and_verify(settings, client):
+    settings.DEBUG = True
+    run("seed_demo")
+    sessions = list(ChatSession.objects.filter(user__username="consultant"))
+    expected = len(DEMO_SESSIONS) if "load_prices" in get_commands() else len(DEMO_SESSIONS) - 1
+    assert len(sessions) == expected
+    for session in sessions:
+        assert session.status == "ended"
+        assert check_session(session) == [], session.name
+        valid, detail = integrity.verify_session(session)
+        assert valid, detail
+    assert {s.domain.slug for s in sessions} >= {"acme", "fabrikam"}
+
+    client.login(username="consultant", password="demo-consultant-pass")
+    body = client.get("/").content.decode()
+    assert "Supplier risk memo, Q3" in body
+    assert "0:38:00" in body
 
 
 def test_seed_demo_refuses_to_publish_passwords_when_debug_is_off(settings):

@@ -1,4 +1,5 @@
-"""Load the demo portfolio: 12 clients with brands, a consultant and a staff login.
+"""Load the demo portfolio: 12 clients with brands, a consultant and a staff login, and a
+few ended demo sessions (sessions_app/demo.py) so the home page and reports have content.
 
 Idempotent: running it again updates the same rows (matched by slug and username) and
 creates nothing twice. Demo passwords are reset to the documented ones on every run,
@@ -17,6 +18,8 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
 from billing.models import Brand, ClientDomain
+from sessions_app.demo import DEMO_SESSIONS, demo_sessions_create
+from sessions_app.models import ChatSession
 
 REFUSE_IN_PRODUCTION = (
     "seed_demo creates logins with published passwords; DEBUG is off, so this looks like a "
@@ -137,6 +140,9 @@ class Command(BaseCommand):
         )
         if not no_prices:
             self._load_prices()
+        made = demo_sessions_create(user=consultant)
+        total = ChatSession.objects.filter(user=consultant, name__in=[d.name for d in DEMO_SESSIONS]).count()
+        self.stdout.write(f"Demo sessions: {total} ended sessions for {consultant.username} ({made} new).")
         self.stdout.write(
             f"Demo logins (sign in at /accounts/login/): {CONSULTANT.username} is a consultant, "
             f"{STAFF.username} is staff with the admin at /admin/."
