@@ -89,7 +89,7 @@ def _session_rows(queryset):
 @admin.action(description="Export selected sessions as CSV")
 def export_sessions_csv(modeladmin, request, queryset):
     stamp = timezone.now().astimezone(billing_tz()).strftime("%Y%m%d-%H%M%S")
-    return csv_response(f"sessions-{stamp}.csv", SESSION_HEADER, _session_rows(queryset))
+    return csv_response(request, f"sessions-{stamp}.csv", SESSION_HEADER, _session_rows(queryset))
 
 
 @admin.action(description="Verify integrity (hash chain and seal)")

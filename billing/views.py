@@ -134,6 +134,7 @@ def report(request):
     if _wants_csv(request):
         lines = selectors.iter_billing_lines(period=period, user=request.user)
         return csv_export.csv_response(
+            request,
             f"report-{period.first_day}-{period.last_day}.csv",
             csv_export.REPORT_HEADER,
             csv_export.report_rows(lines, period),
@@ -169,6 +170,7 @@ def client_report(request, slug: str):
     if _wants_csv(request):
         lines = selectors.iter_billing_lines(period=period, user=request.user, client=client)
         return csv_export.csv_response(
+            request,
             f"{client.slug}-{period.first_day}-{period.last_day}.csv",
             csv_export.REPORT_HEADER,
             csv_export.report_rows(lines, period),
@@ -272,6 +274,7 @@ def my_report(request):
     if _wants_csv(request):
         lines = selectors.iter_billing_lines(period=period, user=request.user, mine=True)
         return csv_export.csv_response(
+            request,
             f"my-report-{period.first_day}-{period.last_day}.csv",
             csv_export.REPORT_HEADER,
             csv_export.report_rows(lines, period),
@@ -297,5 +300,5 @@ def invoice_csv(request, pk):
     if invoice.status != InvoiceStatus.ISSUED:
         return HttpResponse(ERR_NOT_ISSUED, status=409, content_type="text/plain; charset=utf-8")
     return csv_export.csv_response(
-        f"{invoice.number}.csv", csv_export.INVOICE_HEADER, csv_export.invoice_rows(invoice, billing_tz())
+        request, f"{invoice.number}.csv", csv_export.INVOICE_HEADER, csv_export.invoice_rows(invoice, billing_tz())
     )

@@ -247,3 +247,24 @@ def test_billing_changelists_run_a_bounded_number_of_queries(staff_client, staff
     for url in ("/admin/billing/invoice/", "/admin/billing/llmusage/", "/admin/sessions_app/chatsession/"):
         with django_assert_max_num_queries(20):
             assert staff_client.get(url).status_code == 200
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_csv_streams_lazily_under_asgi(async_client):
+    from asgiref.sync import sync_to_async
+
+    def setup():
+        staff = UserFactory(username="asgi-staff", is_staff=True)
+        acme = ClientFactory(slug="acme", name="Acme Corp")
+        for day in (2, 3, 4):
+            work(user=staff, client=acme, start=at(day), seconds=600, costs=["0.10"])
+        return staff
+
+    staff = await sync_to_async(setup)()
+    await async_client.aforce_login(staff)
+    response = await async_client.get(f"/reports/?{MARCH}&format=csv")
+    assert response.status_code == 200
+    assert response.is_async  # an async iterator: daphne streams it instead of buffering it whole
+    body = "".join([chunk.decode() async for chunk in response.streaming_content])
+    rows = list(csv.reader(io.StringIO(body)))
+    assert rows[0] == REPORT_HEADER and len(rows) == 4
