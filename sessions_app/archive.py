@@ -23,7 +23,7 @@ from django.db.models import Exists, OuterRef, QuerySet
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
-from billing.models import LLMUsage
+from billing.models import ClientDomain, LLMUsage
 from sessions_app.errors import BadInput
 from sessions_app.models import ChatSession, SessionMessage, SessionStatus
 
@@ -126,6 +126,21 @@ def unpack_archive(blob: bytes | memoryview) -> list[dict]:
 def archived_messages(session: ChatSession) -> list[SessionMessage]:
     """Unsaved SessionMessage objects for an archived session (for history and export)."""
     return [_message_from_record(session, record) for record in unpack_archive(session.archive_blob)]
+
+
+def archived_state(session: ChatSession) -> tuple[list[SessionMessage], list[LLMUsage]]:
+    """An archived session's messages and usage rows, linked again in memory (for checks)."""
+    records = unpack_archive(session.archive_blob)
+    messages = [_message_from_record(session, record) for record in records]
+    clients = ClientDomain.objects.in_bulk({m.domain_id for m in messages})
+    for message in messages:
+        message.domain = clients[message.domain_id]
+    owner = {usage_id: record["message_id"] for record in records for usage_id in record["usage_ids"]}
+    usage = list(session.usage.all())
+    for row in usage:
+        if row.message_id is None and str(row.pk) in owner:
+            row.message_id = uuid.UUID(owner[str(row.pk)])
+    return messages, usage
 
 
 def _message_from_record(session: ChatSession, record: dict) -> SessionMessage:

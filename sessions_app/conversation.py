@@ -64,13 +64,14 @@ def session_resolve(*, ident: str, user=None, queryset: QuerySet | None = None) 
     if len(digits) == 32:
         matches = list(qs.filter(session_id=digits)[:2])
     else:
-        # UUID lookups compare the dashless hex form on every backend.
-        matches = list(qs.filter(session_id__startswith=digits)[:2])
+        # The canonical dashed form: PostgreSQL compares uuid::text, others strip the dashes.
+        prefix = "-".join(digits[a:b] for a, b in ((0, 8), (8, 12), (12, 16), (16, 20), (20, 32)) if digits[a:b])
+        matches = list(qs.filter(session_id__startswith=prefix)[:2])
     if not matches:
         raise NotFound(f"No session matches {ident!r}.")
     if len(matches) > 1:
         raise BadInput(
-            SESSION_ID_AMBIGUOUS.format(prefix=ident, count=qs.filter(session_id__startswith=digits).count())
+            SESSION_ID_AMBIGUOUS.format(prefix=ident, count=qs.filter(session_id__startswith=prefix).count())
         )
     return matches[0]
 
@@ -203,8 +204,16 @@ def _search_postgres(messages: QuerySet, query: str, limit: int) -> list[SearchH
     )
     hits = []
     for message in rows:
-        segments = _split_marked(message.headline)
-        hits.append(_hit(message, message.rank, sum(1 for _, hit in segments if hit), segments))
+        # ts_headline knows which words matched (stems included) but drops anything that looks
+        # like markup; so take its matched words and cut the snippet from the raw text.
+        marked = _split_marked(message.headline)
+        words = {text.lower() for text, hit in marked if hit} or set(_terms(query))
+        pattern = re.compile(
+            "|".join(rf"\b{re.escape(w)}\b" for w in sorted(words, key=len, reverse=True)), re.IGNORECASE
+        )
+        found = list(pattern.finditer(message.content))
+        segments = _snippet(message.content, found) if found else marked
+        hits.append(_hit(message, message.rank, len(found), segments))
     return hits
 
 

@@ -207,12 +207,21 @@ def _diff(sealed: Any, stored: Any, path: str) -> list[str]:
     return []
 
 
+def _chain_messages(session):
+    """The session's messages in order; from the archive when retention moved them out."""
+    if getattr(session, "archived_at", None) is not None:
+        from sessions_app.archive import archived_messages
+
+        return archived_messages(session)
+    return session.messages.order_by("seq")
+
+
 def verify_session(session) -> tuple[bool, str]:
     """Recompute the chain and check the seal; return (valid, detail naming what fails)."""
     problems: list[str] = []
     previous = GENESIS
     count = 0
-    for message in session.messages.order_by("seq"):
+    for message in _chain_messages(session):
         count += 1
         expected = link_hash(previous, message)
         if message.hash != expected:

@@ -110,7 +110,8 @@ def check_streams(session: ChatSession, messages: list, usage: list) -> list[str
         (
             m.cost_usd or ZERO
             for m in messages
-            if m.role == MessageRole.ASSISTANT and m.copied_from_id is None and not m.is_imported
+            # A context summary (a system message) is a billed call of its own.
+            if m.role in (MessageRole.ASSISTANT, MessageRole.SYSTEM) and m.copied_from_id is None and not m.is_imported
         ),
         ZERO,
     )
@@ -159,7 +160,8 @@ def check_nothing_lost(session: ChatSession, messages: list, usage: list) -> lis
         if m.copied_from_id is not None or m.is_imported:
             continue
         if m.role == MessageRole.USER:
-            following = messages[index + 1] if index + 1 < len(messages) else None
+            # A context summary may sit between a question and its answer.
+            following = next((n for n in messages[index + 1 :] if n.role != MessageRole.SYSTEM), None)
             live = session.turn_started_at is not None and following is None
             if (following is None or following.role != MessageRole.ASSISTANT) and not live:
                 out.append(f"5: user message #{m.seq} has no stored answer (not even a partial or error)")
@@ -182,8 +184,13 @@ def check_nothing_lost(session: ChatSession, messages: list, usage: list) -> lis
 def check_session(session: ChatSession) -> list[str]:
     """All five invariants plus the integrity chain; an empty list means the session is sound."""
     session = ChatSession.objects.select_related("domain").get(pk=session.pk)
-    messages = list(session.messages.select_related("domain").order_by("seq"))
-    usage = list(session.usage.all())
+    if session.archived_at is not None:
+        from sessions_app.archive import archived_state
+
+        messages, usage = archived_state(session)
+    else:
+        messages = list(session.messages.select_related("domain").order_by("seq"))
+        usage = list(session.usage.all())
     problems = [
         *check_totals(session, messages),
         *check_segments(session),

@@ -159,15 +159,27 @@ def _client_seconds(session: ChatSession, clients: dict) -> OrderedDict:
 
 def session_summary(*, session: ChatSession) -> dict[str, Any]:
     """Duration, totals, by client (seconds, messages, tokens, cost), by model, streams, integrity."""
-    messages = list(
-        session.messages.order_by("seq").values_list(
-            "domain_id", "model", "tokens", "cost_usd", "copied_from_id", "is_imported"
+    if session.archived_at is not None:
+        # Archived (retention): the messages live compressed on the session row.
+        from sessions_app.archive import archived_messages
+
+        messages = [
+            (m.domain_id, m.model, m.tokens, m.cost_usd, m.copied_from_id, m.is_imported)
+            for m in archived_messages(session)
+        ]
+    else:
+        messages = list(
+            session.messages.order_by("seq").values_list(
+                "domain_id", "model", "tokens", "cost_usd", "copied_from_id", "is_imported"
+            )
         )
-    )
     clients = {
         c.pk: c
         for c in ClientDomain.objects.filter(
-            Q(pk=session.domain_id) | Q(segments__session=session) | Q(messages__session=session)
+            Q(pk=session.domain_id)
+            | Q(segments__session=session)
+            | Q(messages__session=session)
+            | Q(pk__in={row[0] for row in messages})
         ).distinct()
     }
     seconds = _client_seconds(session, clients)

@@ -20,6 +20,7 @@ runs an event loop) alike.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import threading
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from asgiref.sync import async_to_sync
 from django.contrib.auth import get_user_model
+from django.db import connections
 
 from sessions_app import conversation, selectors, services, transfer
 from sessions_app.errors import BadInput, NotFound
@@ -37,9 +39,39 @@ from sessions_app.models import ChatSession, SessionMessage, SessionSource
 NO_SESSION = "No current session: call create_session() first or pass session=."
 
 
+def _sync_safe(method):
+    """Run the method in a worker thread when this thread already runs an event loop (Jupyter)."""
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return method(*args, **kwargs)
+        box: dict = {}
+
+        def worker() -> None:
+            try:
+                box["value"] = method(*args, **kwargs)
+            except BaseException as exc:
+                box["error"] = exc
+            finally:
+                connections.close_all()
+
+        thread = threading.Thread(target=worker, name=f"session-manager-{method.__name__}")
+        thread.start()
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    return wrapper
+
+
 class SessionManager:
     """Chat, branch, search, export and import as one consultant, optionally for one client."""
 
+    @_sync_safe
     def __init__(self, user, client: str | None = None, model: str | None = None) -> None:
         if isinstance(user, str):
             User = get_user_model()
@@ -67,11 +99,13 @@ class SessionManager:
             return selectors.session_get_for_user(session_id=session.pk, user=self.user)
         return conversation.session_resolve(ident=str(session), user=self.user)
 
+    @_sync_safe
     def use(self, session) -> ChatSession:
         """Make `session` (object, UUID or unique prefix) the current one."""
         self.session = self._resolve(session)
         return self.session
 
+    @_sync_safe
     def create_session(
         self, *, name: str = "", system_prompt: str = "", client: str | None = None, model: str | None = None
     ) -> ChatSession:
@@ -91,15 +125,18 @@ class SessionManager:
         )
         return self.session
 
+    @_sync_safe
     def sessions(self, *, client: str | None = None, status: str | None = None) -> list[ChatSession]:
         return list(selectors.session_list(user=self.user, client=client, status=status))
 
+    @_sync_safe
     def end(self, session=None) -> dict:
         target = self._resolve(session)
         return services.session_end(session_id=target.pk, user=self.user)
 
     # --- chatting -----------------------------------------------------------------------------
 
+    @_sync_safe
     def chat(self, message: str, *, session=None, on_token: Callable[[str], None] | None = None) -> SessionMessage:
         """Send `message`, wait for the answer and return the stored assistant message.
 
@@ -122,12 +159,13 @@ class SessionManager:
                         done = event
             return done
 
-        done = _run_sync(run)
+        done = async_to_sync(run)()
         self.session = done.session
         return done.message
 
     # --- conversation tools ---------------------------------------------------------------
 
+    @_sync_safe
     def history(self, session=None) -> list[dict]:
         target = self._resolve(session)
         if target.archived_at is not None:
@@ -138,18 +176,22 @@ class SessionManager:
             messages = list(selectors.session_messages(session=target))
         return [selectors.message_as_dict(m) for m in messages]
 
+    @_sync_safe
     def summary(self, session=None) -> dict:
         return selectors.session_summary(session=self._resolve(session))
 
+    @_sync_safe
     def branch(self, session=None, *, at: int | None = None, name: str = "") -> ChatSession:
         """A new session with copies of messages 1..at (all by default); it becomes current."""
         target = self._resolve(session)
         self.session = services.session_branch(session_id=target.pk, user=self.user, at_seq=at, name=name)
         return self.session
 
+    @_sync_safe
     def search(self, query: str, *, limit: int = conversation.SEARCH_DEFAULT_LIMIT) -> list[conversation.SearchHit]:
         return conversation.messages_search(user=self.user, query=query, limit=limit, client=self.client)
 
+    @_sync_safe
     def export(self, session=None, path: str | Path | None = None) -> dict:
         """The export document; also written to `path` when given."""
         document = transfer.session_export(session=self._resolve(session))
@@ -157,6 +199,7 @@ class SessionManager:
             Path(path).write_text(json.dumps(document, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
         return document
 
+    @_sync_safe
     def import_(self, source: dict | str | bytes | Path, *, client: str | None = None) -> transfer.ImportResult:
         """Import a document (dict, JSON text or a file path); the new session becomes current."""
         if isinstance(source, Path) or (isinstance(source, str) and not source.lstrip().startswith("{")):
@@ -165,28 +208,6 @@ class SessionManager:
         self.session = result.session
         return result
 
+    @_sync_safe
     def stats(self) -> dict:
         return conversation.sessions_stats(user=self.user, client=self.client)
-
-
-def _run_sync(coroutine_function):
-    """Run a coroutine function to completion from sync code, even under a running loop."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return async_to_sync(coroutine_function)()
-    # Jupyter and friends: the calling thread already runs a loop, so use another thread.
-    box: dict = {}
-
-    def worker() -> None:
-        try:
-            box["value"] = async_to_sync(coroutine_function)()
-        except BaseException as exc:
-            box["error"] = exc
-
-    thread = threading.Thread(target=worker, name="session-manager-chat")
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]

@@ -37,6 +37,7 @@ from sessions_app.models import (
     MessageRole,
     MessageStatus,
     SessionMessage,
+    SessionSegment,
     SessionSource,
     SessionStatus,
 )
@@ -562,6 +563,16 @@ def session_import(*, user, data: str | bytes | dict, client: str | ClientDomain
             current_model=source["current_model"],
             last_activity_at=now,
             source=SessionSource.IMPORT,
+        )
+        # A zero-length segment: the import bills no time, and the session still has the one
+        # segment every ended session has (its duration is the sum of its segments: 0).
+        SessionSegment.objects.create(
+            session=session,
+            domain=target,
+            brand=session.brand,
+            model=session.current_model,
+            started_at=now,
+            ended_at=now,
         )
         previous = integrity.GENESIS
         rows = []

@@ -24,6 +24,10 @@ from billing.models import Invoice, LLMUsage
 from sessions_app.models import ChatSession, SessionMessage
 from tests.factories import MessageFactory, SegmentFactory, SessionFactory
 
+# Chats run through async_to_sync; the router's database_sync_to_async closes the calling
+# thread's connection after its lookup, which a test wrapped in a transaction cannot survive.
+pytestmark = pytest.mark.django_db(transaction=True)
+
 MANAGE = Path(settings.BASE_DIR) / "manage.py"
 SLOW_MODEL = "ollama:llama3.2-fault-slow-words-40"
 

@@ -1,0 +1,234 @@
+"""Export and import: the versioned JSON document, the round trip, and refusing bad files."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+from decimal import Decimal
+
+import pytest
+
+from billing.models import LLMUsage
+from sessions_app import integrity, services
+from sessions_app.invariants import check_session
+from sessions_app.models import ChatSession, SessionMessage
+from sessions_app.toolkit import SessionManager
+from sessions_app.transfer import (
+    FORMAT_NAME,
+    ImportInvalid,
+    session_export,
+    session_import,
+)
+
+# Chats run through async_to_sync; the router's database_sync_to_async closes the calling
+# thread's connection after its lookup, which a test wrapped in a transaction cannot survive.
+pytestmark = pytest.mark.django_db(transaction=True)
+
+# Fields an import necessarily changes: new ids, the new session's own chain, the imported mark.
+RENEWED = {"message_id", "hash", "is_imported"}
+
+
+@pytest.fixture
+def sealed(owner, client_acme, client_globex, use_simulator):
+    """An ended, sealed session on a paid model that switched client once."""
+    sm = SessionManager(owner, client="acme", model="openai:gpt-4o")
+    sm.create_session(name="Quarter close", system_prompt="Answer as an accountant.")
+    sm.chat("How do I close the quarter?")
+    services.session_switch(session_id=sm.session.pk, user=owner, client="globex", reason="Globex asked")
+    sm.chat("And for Globex?")
+    sm.end()
+    session = ChatSession.objects.get(pk=sm.session.pk)
+    assert session.status == "ended" and session.soulfra_hash
+    return session
+
+
+def test_the_export_holds_every_field_segments_streams_and_the_seal(sealed):
+    document = session_export(session=sealed)
+
+    assert document["format"] == FORMAT_NAME and document["version"] == 1
+    assert document["session"]["session_id"] == str(sealed.pk)
+    assert document["session"]["system_prompt"] == "Answer as an accountant."
+    assert document["session"]["estimated_cost_usd"] == f"{sealed.estimated_cost_usd:.6f}"
+    assert document["seal"] == sealed.soulfra_hash
+    assert document["signing_key"]["key_id"] == integrity.key_id()
+    assert [m["seq"] for m in document["messages"]] == [1, 2, 3, 4]
+    stored = sealed.messages.get(seq=2)
+    exported = document["messages"][1]
+    assert exported["hash"] == stored.hash
+    assert exported["cost_usd"] == f"{stored.cost_usd:.6f}"
+    assert exported["prompt_tokens"] == stored.prompt_tokens
+    assert exported["client"] == "acme"
+    assert set(exported) >= {"timestamp", "token_source", "status", "shared_to_domains", "shared_to_models"}
+    assert [s["client"] for s in document["segments"]] == ["acme", "globex"]
+    [stream] = document["context_streams"]
+    assert stream["target_client"] == "globex" and stream["note"] == "Globex asked"
+    assert stream["context_snapshot"]
+    json.dumps(document)  # JSON-able as it stands
+
+
+def test_round_trip_preserves_every_field_and_the_seal(sealed, owner):
+    before = LLMUsage.objects.count()
+    document = session_export(session=sealed)
+
+    result = session_import(user=owner, data=json.dumps(document))
+
+    assert result.valid and result.trusted
+    assert "seal signature valid" in result.detail
+    imported = result.session
+    assert imported.source == "import" and imported.pk != sealed.pk
+    again = session_export(session=imported)
+    for original, copied in zip(document["messages"], again["messages"], strict=True):
+        assert {k: v for k, v in copied.items() if k not in RENEWED} == {
+            k: v for k, v in original.items() if k not in RENEWED
+        }
+        assert copied["is_imported"] is True
+    assert again["imported"]["seal"] == document["seal"]
+    assert [m["hash"] for m in again["imported"]["message_hashes"]] == [m["hash"] for m in document["messages"]]
+    assert again["imported"]["segments"] == document["segments"]
+    assert again["imported"]["context_streams"] == document["context_streams"]
+    assert again["imported"]["source"] == document["session"]
+    assert again["session"]["system_prompt"] == document["session"]["system_prompt"]
+    # Never billed again: no usage rows, no tokens or cost in the totals, no time.
+    assert LLMUsage.objects.count() == before
+    assert imported.total_messages == 4
+    assert imported.total_tokens == 0 and imported.estimated_cost_usd == Decimal(0)
+    assert imported.duration_seconds == 0
+    assert check_session(imported) == []
+
+
+def test_an_export_of_an_import_imports_again(sealed, owner):
+    first = session_import(user=owner, data=session_export(session=sealed)).session
+    second = session_import(user=owner, data=session_export(session=first))
+    assert second.valid and second.trusted
+    assert second.session.imported_seal["source"]["session_id"] == str(first.pk)
+
+
+def test_an_active_session_imports_with_its_chain_checked_and_no_seal(owner, client_acme, use_simulator):
+    sm = SessionManager(owner, client="acme", model="ollama:llama3.2")
+    sm.chat("Hello")
+    result = session_import(user=owner, data=session_export(session=sm.session))
+    assert result.valid and not result.trusted
+    assert "not sealed" in result.detail
+
+
+def test_a_seal_from_another_server_is_checked_against_the_key_in_the_file(sealed, owner, settings):
+    document = session_export(session=sealed)
+    settings.SESSION_SIGNING_KEY = base64.b64encode(b"another-server-key-32-bytes-long").decode()
+
+    result = session_import(user=owner, data=document)
+
+    assert result.valid and not result.trusted
+    assert "not this server's key" in result.detail
+
+
+def _refused(owner, document, expected: str) -> None:
+    sessions, messages = ChatSession.objects.count(), SessionMessage.objects.count()
+    with pytest.raises(ImportInvalid) as caught:
+        session_import(user=owner, data=document if isinstance(document, str | bytes) else json.dumps(document))
+    assert expected in caught.value.message
+    assert (ChatSession.objects.count(), SessionMessage.objects.count()) == (sessions, messages)
+
+
+def _edit(document: dict, change) -> dict:
+    edited = copy.deepcopy(document)
+    change(edited)
+    return edited
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (
+            lambda d: d["messages"][1].update(content="A different answer"),
+            "messages[1] (seq 2): its hash does not match",
+        ),
+        (lambda d: d["messages"][3].update(cost_usd="0.000001"), "messages[3] (seq 4): its hash does not match"),
+        (lambda d: d["messages"][0].update(timestamp="2020-01-01T00:00:00.000000Z"), "messages[0] (seq 1)"),
+        (lambda d: d["session"].update(total_tokens=1), "session.total_tokens does not match the seal"),
+        (lambda d: d["segments"][0].update(model="ollama:llama3.2"), "session.segments does not match the seal"),
+        (lambda d: d["messages"].pop(), "the last message's hash does not match the seal"),
+        (lambda d: d["messages"][2].update(hash=""), "messages[2] (seq 3) has no hash"),
+        (lambda d: d.update(seal={**d["seal"], "signature": base64.b64encode(b"x" * 64).decode()}), "signature"),
+    ],
+)
+def test_a_tampered_file_is_refused_naming_what_is_wrong(sealed, owner, change, expected):
+    _refused(owner, _edit(session_export(session=sealed), change), expected)
+
+
+def test_a_forger_who_recomputes_the_chain_still_fails_the_signature(sealed, owner):
+    document = session_export(session=sealed)
+    document["messages"][1]["content"] = "Forged"
+    previous = integrity.GENESIS
+    for m in document["messages"]:
+        row = SessionMessage(
+            message_id=m["message_id"],
+            seq=m["seq"],
+            role=m["role"],
+            content=m["content"],
+            timestamp=m["timestamp"],
+            model=m["model"],
+            provider=m["provider"],
+            domain_id=m["client_id"],
+            prompt_tokens=m["prompt_tokens"],
+            completion_tokens=m["completion_tokens"],
+            tokens=m["tokens"],
+            token_source=m["token_source"],
+            cost_usd=Decimal(m["cost_usd"]),
+            status=m["status"],
+            is_imported=m["is_imported"],
+        )
+        from django.utils.dateparse import parse_datetime
+
+        row.timestamp = parse_datetime(m["timestamp"])
+        m["hash"] = previous = integrity.link_hash(previous, row)
+    document["seal"]["signed"]["chain_head"] = previous
+    _refused(owner, document, "the seal's signature is invalid")
+
+
+@pytest.mark.parametrize(
+    ("mangle", "expected"),
+    [
+        (lambda text: text[:-20], "The file is not JSON"),
+        (lambda text: "[1, 2]", "expected a JSON object"),
+        (lambda text: text.replace(FORMAT_NAME, "something-else"), "'format' is 'something-else'"),
+        (lambda text: text.replace('"version": 1', '"version": 2', 1), "format version 2; this server reads version 1"),
+    ],
+)
+def test_a_malformed_file_is_refused_with_a_clear_error(sealed, owner, mangle, expected):
+    text = json.dumps(session_export(session=sealed), indent=2)
+    _refused(owner, mangle(text), expected)
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (lambda d: d["messages"][0].pop("role"), "messages[0].role: missing"),
+        (lambda d: d["messages"][0].update(role="wizard"), "messages[0].role: 'wizard' is not one of"),
+        (lambda d: d["messages"][1].update(timestamp="yesterday"), "messages[1].timestamp: expected an ISO 8601 time"),
+        (lambda d: d["messages"][1].update(tokens=-3), "messages[1].tokens: expected a whole number"),
+        (lambda d: d["messages"][1].update(cost_usd="lots"), "messages[1].cost_usd: expected an amount"),
+        (lambda d: d["messages"][2].update(seq=1), "messages[2].seq: 1 is zero or repeated"),
+        (lambda d: d.pop("segments"), "segments: missing"),
+        (lambda d: d["session"].update(started_at=None), "session.started_at: must not be null"),
+    ],
+)
+def test_a_file_with_a_bad_field_is_refused_naming_the_field(sealed, owner, change, expected):
+    _refused(owner, _edit(session_export(session=sealed), change), expected)
+
+
+def test_an_unknown_client_is_named_and_can_be_overridden(sealed, owner, client_globex):
+    document = session_export(session=sealed)
+    document["session"]["client"] = "initech"
+    with pytest.raises(ImportInvalid, match="'initech' does not exist here"):
+        session_import(user=owner, data=document)
+    # The session's client is not part of what the seal signs by slug: the id still matches.
+    result = session_import(user=owner, data=document, client="globex")
+    assert result.session.domain == client_globex
+
+
+def test_an_import_belongs_to_the_importer_and_stays_out_of_billing(sealed, colleague):
+    result = session_import(user=colleague, data=session_export(session=sealed))
+    assert result.session.user == colleague
+    assert SessionMessage.objects.billable().filter(session=result.session).count() == 0
+    assert check_session(result.session) == []
