@@ -488,3 +488,20 @@ def test_a_long_conversation_larger_than_djangos_upload_limit_is_accepted(ollama
     response = ollama_client.chat(model="llama3.2", messages=[*history, {"role": "user", "content": "Sum up"}])
     assert response.done
     assert len(stored(gateway_sessions(acme_token[0]).get())) == len(history) + 2
+
+
+def test_a_second_call_while_an_answer_streams_is_a_409_in_each_protocol(gateway_url, acme_token, openai_client):
+    auth = {"Authorization": f"Bearer {acme_token[1]}"}
+    slow = {"model": "llama3.2-fault-slow-words-30", "messages": [{"role": "user", "content": "Slow one"}]}
+    with httpx.stream("POST", f"{gateway_url}/api/chat", json=slow, headers=auth) as streaming:
+        lines = streaming.iter_lines()  # kept: dropping the iterator would hang up
+        assert json.loads(next(lines))["done"] is False  # the turn holds the session now
+        more = {**slow, "messages": [*slow["messages"], {"role": "user", "content": "And another"}], "stream": False}
+        busy = httpx.post(f"{gateway_url}/api/chat", json=more, headers=auth)
+        assert busy.status_code == 409 and "already streaming" in busy.json()["error"]
+        with pytest.raises(openai.ConflictError) as conflict:
+            openai_client.chat.completions.create(model=more["model"], messages=more["messages"])
+        assert conflict.value.body["code"] == "session_busy"
+        rest = [json.loads(line) for line in lines if line]
+    assert rest[-1]["done"] is True  # the first answer was not disturbed
+    assert gateway_sessions(acme_token[0]).count() == 1
