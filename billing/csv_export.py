@@ -93,10 +93,16 @@ class _Echo:
 
 
 def stream_rows(header: list[str], rows: Iterable[list]) -> Iterator[str]:
+    """CSV text a line at a time: minimal quoting (fields with , " CR or LF), LF line ends.
+
+    The writer's CRLF terminator makes it quote fields holding a bare CR as well as LF (as
+    PostgreSQL's COPY does); each line's own CRLF then becomes LF, the form COPY writes, so
+    the Python and PostgreSQL exports are byte-identical.
+    """
     writer = csv.writer(_Echo(), lineterminator="\r\n")
-    yield writer.writerow(header)
+    yield writer.writerow(header)[:-2] + "\n"
     for row in rows:
-        yield writer.writerow(row)
+        yield writer.writerow(row)[:-2] + "\n"
 
 
 def _batched(chunks: Iterator[str], size: int) -> str | None:
@@ -117,18 +123,26 @@ async def _async_chunks(chunks: Iterator[str], size: int = ASYNC_BATCH) -> Async
 
 
 def csv_response(request, filename: str, header: list[str], rows: Iterable[list]) -> StreamingHttpResponse:
-    """Stream CSV with an iterator the server can consume lazily.
+    """Stream rows (lists of cells) as CSV; see `csv_text_response`."""
+    return csv_text_response(request, filename, stream_rows(header, rows))
+
+
+def csv_text_response(request, filename: str, chunks: Iterator[str]) -> StreamingHttpResponse:
+    """Stream CSV text with an iterator the server can consume lazily.
 
     Under ASGI (daphne) Django buffers a *sync* iterator whole before sending it, so ASGI
     requests get an async iterator; WSGI and the test client get the sync one.
     """
-    chunks = stream_rows(header, rows)
     content = _async_chunks(chunks) if isinstance(request, ASGIRequest) else chunks
     response = StreamingHttpResponse(content, content_type="text/csv; charset=utf-8")
     response["Content-Disposition"] = f'attachment; filename="{filename}"'
     response["X-Content-Type-Options"] = "nosniff"
     response["Cache-Control"] = "no-store"
     return response
+
+
+def header_line(header: list[str]) -> str:
+    return next(stream_rows(header, []))
 
 
 def report_rows(lines: Iterable[BillingLine], period: Period) -> Iterator[list]:

@@ -7,6 +7,7 @@ import io
 from decimal import Decimal
 
 import pytest
+from django.db import connections
 from django.http import StreamingHttpResponse
 from django.urls import reverse
 
@@ -268,3 +269,4 @@ async def test_csv_streams_lazily_under_asgi(async_client):
     body = "".join([chunk.decode() async for chunk in response.streaming_content])
     rows = list(csv.reader(io.StringIO(body)))
     assert rows[0] == REPORT_HEADER and len(rows) == 4
+    await sync_to_async(connections.close_all)()  # the sync thread's connection, so the test DB can be dropped

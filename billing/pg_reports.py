@@ -1,0 +1,181 @@
+"""PostgreSQL fast paths for the two heavy reads: the all-clients report and the full CSV.
+
+The rules are those of `billing/reports.py`, computed by the database in exact `numeric`
+arithmetic: time per (session, client) clipped to the period and floored to whole seconds,
+rounded up to the client's increment; amounts rounded to the cent once per line
+(`ROUND(numeric, 2)` rounds half away from zero, which is ROUND_HALF_UP for these
+non-negative amounts); totals are sums of rounded lines. The CSV is produced by
+`COPY … TO STDOUT` and streamed row by row, so an export of any size runs at database speed
+in constant memory.
+
+The Python path (`billing/selectors.py`) stays the reference and serves SQLite; the tests
+on PostgreSQL check that both give the same figures and byte-identical CSV.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from decimal import Decimal
+
+from django.db import connection
+
+from billing.csv_export import FORMULA_STARTS, iso
+from billing.models import ClientDomain
+from billing.reports import ClientTerms, GroupRow, Period, Totals, grand_total
+
+
+def available() -> bool:
+    return connection.vendor == "postgresql"
+
+
+def _esc(expr: str) -> str:
+    """SQL twin of `csv_export.escape_cell`, with '' as NULL so COPY writes it unquoted."""
+    starts = ", ".join(
+        "E'" + c.replace("\t", "\\t").replace("\r", "\\r").replace("'", "\\'") + "'" for c in FORMULA_STARTS
+    )
+    return f"NULLIF(CASE WHEN left({expr}, 1) IN ({starts}) THEN '''' || {expr} ELSE {expr} END, '')"
+
+
+def _iso(expr: str) -> str:
+    """SQL twin of `datetime.astimezone(tz).isoformat()`: local time, microseconds if any, ±hh:mm."""
+    local = f"({expr} AT TIME ZONE %(tz)s)"
+    offset = f"EXTRACT(EPOCH FROM ({local} - ({expr} AT TIME ZONE 'UTC')))::int"
+    return (
+        f"CASE WHEN {expr} IS NULL THEN NULL ELSE "
+        f"to_char({local}, 'YYYY-MM-DD\"T\"HH24:MI:SS')"
+        f" || CASE WHEN to_char({local}, 'US') <> '000000' THEN '.' || to_char({local}, 'US') ELSE '' END"
+        f" || CASE WHEN {offset} < 0 THEN '-' ELSE '+' END"
+        f" || lpad((abs({offset}) / 3600)::text, 2, '0') || ':' || lpad((mod(abs({offset}), 3600) / 60)::text, 2, '0')"
+        " END"
+    )
+
+
+def _lines_sql(*, client_id=None, user_id=None) -> str:
+    """The priced billing lines as a CTE chain ending in `priced` (one row per session and client)."""
+    seg_filter = msg_filter = ""
+    seg_join = msg_join = ""
+    if client_id is not None:
+        seg_filter += " AND s.domain_id = %(client)s"
+        msg_filter += " AND m.domain_id = %(client)s"
+    if user_id is not None:
+        seg_join = "JOIN ollama_streaming_sessions su ON su.session_id = s.session_id AND su.user_id = %(user)s"
+        msg_join = "JOIN ollama_streaming_sessions mu ON mu.session_id = m.session_id AND mu.user_id = %(user)s"
+    # Only constant fragments are interpolated; every value is a bound parameter.
+    return f"""
+    WITH seg AS (
+        SELECT s.session_id, s.domain_id,
+               FLOOR(EXTRACT(EPOCH FROM SUM(
+                   LEAST(COALESCE(s.ended_at, %(cap)s), %(cap)s) - GREATEST(s.started_at, %(start)s)
+               )))::bigint AS secs
+        FROM session_segments s {seg_join}
+        WHERE s.started_at < %(end)s AND (s.ended_at IS NULL OR s.ended_at > %(start)s){seg_filter}
+        GROUP BY s.session_id, s.domain_id
+    ), msg AS (
+        SELECT m.session_id, m.domain_id, COUNT(*) AS messages, COALESCE(SUM(m.tokens), 0) AS tokens,
+               COALESCE(SUM(m.cost_usd), 0) AS cost,
+               COUNT(*) FILTER (WHERE m.cost_usd IS NULL AND m.role <> 'user') AS unpriced
+        FROM ollama_session_messages m {msg_join}
+        WHERE m."timestamp" >= %(start)s AND m."timestamp" < %(end)s
+          AND m.copied_from_id IS NULL AND NOT m.is_imported{msg_filter}
+        GROUP BY m.session_id, m.domain_id
+    ), raw AS (
+        SELECT COALESCE(seg.session_id, msg.session_id) AS session_id,
+               COALESCE(seg.domain_id, msg.domain_id) AS domain_id,
+               GREATEST(COALESCE(seg.secs, 0), 0) AS secs, COALESCE(msg.messages, 0) AS messages,
+               COALESCE(msg.tokens, 0) AS tokens, COALESCE(msg.cost, 0) AS cost,
+               COALESCE(msg.unpriced, 0) AS unpriced
+        FROM seg FULL OUTER JOIN msg ON seg.session_id = msg.session_id AND seg.domain_id = msg.domain_id
+    ), lines AS (
+        SELECT raw.*, c.billing_increment_minutes AS inc, c.hourly_rate, c.llm_markup_percent,
+               CASE WHEN raw.secs > 0
+                    THEN ((raw.secs + c.billing_increment_minutes * 60 - 1) / (c.billing_increment_minutes * 60))
+                         * c.billing_increment_minutes
+                    ELSE 0 END AS minutes
+        FROM raw JOIN domain_portfolio c ON c.id = raw.domain_id
+        WHERE raw.secs > 0 OR raw.messages > 0
+    ), priced AS (
+        SELECT lines.*,
+               ROUND(hourly_rate * minutes / 60.0, 2) AS time_amount,
+               ROUND(cost, 2) AS llm_cost,
+               ROUND(cost * llm_markup_percent / 100, 2) AS markup
+        FROM lines
+    )
+    """  # noqa: S608  (constant fragments only; every value is a bound parameter)
+
+
+def _params(period: Period, cap: dt.datetime, client=None, user=None) -> dict:
+    return {
+        "start": period.start,
+        "end": period.end,
+        "cap": cap,
+        "tz": period.tz.key,
+        "client": getattr(client, "pk", None),
+        "user": getattr(user, "pk", None),
+    }
+
+
+def client_rows(*, period: Period, now: dt.datetime) -> tuple[list[GroupRow], Totals]:
+    """The staff report's rows (one per client) and total, summed by the database."""
+    cap = min(now, period.end)
+    totals_sql = """
+    SELECT p.domain_id, COUNT(*), SUM(p.secs), SUM(p.minutes), SUM(p.messages), SUM(p.tokens), SUM(p.cost),
+           SUM(p.unpriced), SUM(p.time_amount), SUM(p.llm_cost), SUM(p.markup),
+           COUNT(*) FILTER (WHERE ss.ended_at IS NULL)
+    FROM priced p JOIN ollama_streaming_sessions ss ON ss.session_id = p.session_id
+    GROUP BY p.domain_id
+    """
+    with connection.cursor() as cur:
+        cur.execute(_lines_sql() + totals_sql, _params(period, cap))
+        found = cur.fetchall()
+    clients = {c.pk: c for c in ClientDomain.objects.filter(pk__in=[r[0] for r in found])}
+    rows = []
+    for cid, sessions, secs, minutes, messages, tokens, cost, unpriced, time_amount, llm, markup, open_ in found:
+        totals = Totals(
+            sessions=sessions,
+            seconds=int(secs),
+            billable_minutes=int(minutes),
+            messages=int(messages),
+            tokens=int(tokens),
+            llm_cost_raw=Decimal(cost),
+            unpriced=int(unpriced),
+            open_sessions=open_,
+            time_amount=Decimal(time_amount),
+            llm_cost=Decimal(llm),
+            markup=Decimal(markup),
+        )
+        totals.total = totals.time_amount + totals.llm_cost + totals.markup
+        client = clients[cid]
+        rows.append(GroupRow(key=cid, label=client.name, terms=ClientTerms.of(client), totals=totals))
+    rows.sort(key=lambda r: (r.label.lower(), r.terms.slug))
+    return rows, grand_total(rows)
+
+
+def csv_lines(*, period: Period, now: dt.datetime, client=None, user=None) -> Iterator[str]:
+    """The report CSV's data rows (no header), straight from `COPY … TO STDOUT`, one row per chunk."""
+    cap = min(now, period.end)
+    params = _params(period, cap, client, user)
+    params["period_start"] = iso(period.start, period.tz)
+    params["period_end"] = iso(period.end, period.tz)
+    name = "COALESCE(NULLIF(ss.name, ''), 'Session ' || left(ss.session_id::text, 8))"
+    select = f"""
+    SELECT {_esc("c.slug")}, {_esc("c.name")}, p.session_id::text, {_esc(name)}, {_esc("u.username")},
+           {_iso("ss.started_at")}, {_iso("ss.ended_at")}, %(period_start)s, %(period_end)s,
+           p.secs, p.minutes, ROUND(p.minutes / 60.0, 4), ROUND(c.hourly_rate, 2), p.time_amount,
+           p.messages, p.tokens, p.unpriced, p.llm_cost, ROUND(c.llm_markup_percent, 2), p.markup,
+           p.time_amount + p.llm_cost + p.markup, {_esc("c.currency")}, {_esc("COALESCE(i.number, '')")}
+    FROM priced p
+    JOIN domain_portfolio c ON c.id = p.domain_id
+    JOIN ollama_streaming_sessions ss ON ss.session_id = p.session_id
+    JOIN auth_user u ON u.id = ss.user_id
+    LEFT JOIN invoices i ON i.id = ss.invoice_id
+    ORDER BY ss.started_at, ss.session_id, c.slug COLLATE "C"
+    """  # noqa: S608
+    query = _lines_sql(client_id=params["client"], user_id=params["user"]) + select
+    with connection.cursor() as cur:
+        # Django's cursor wrapper has no copy(); its psycopg cursor does.
+        raw = cur.cursor
+        sql = raw.mogrify(query, params)
+        with raw.copy(f"COPY ({sql}) TO STDOUT WITH (FORMAT csv)") as copy:
+            for chunk in copy:
+                yield bytes(chunk).decode()
