@@ -12,8 +12,10 @@ import secrets
 
 from django.contrib import admin, messages
 from django.db.models import Exists, OuterRef, Q
+from django.urls import reverse
 from django.utils import timezone
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
+from django.utils.safestring import mark_safe
 
 from billing.admin import ReadOnlyAdminMixin, money
 from billing.admin_actions import end_sessions, export_sessions_csv, verify_integrity
@@ -155,6 +157,26 @@ class ContextStreamInline(ReadOnlyInline):
 # --- Sessions -----------------------------------------------------------------------------
 
 
+class LineageFilter(admin.SimpleListFilter):
+    """Branches (with their parent) and the sessions that were branched."""
+
+    title = "lineage"
+    parameter_name = "lineage"
+
+    def lookups(self, request, model_admin):
+        return [("branch", "Branches"), ("branched", "Has branches"), ("original", "Not a branch")]
+
+    def queryset(self, request, queryset):
+        value = self.value()
+        if value == "branch":
+            return queryset.filter(parent__isnull=False)
+        if value == "branched":
+            return queryset.filter(Exists(ChatSession.objects.filter(parent=OuterRef("pk"))))
+        if value == "original":
+            return queryset.filter(parent__isnull=True)
+        return queryset
+
+
 @admin.register(ChatSession)
 class ChatSessionAdmin(admin.ModelAdmin):
     list_display = (
@@ -168,9 +190,18 @@ class ChatSessionAdmin(admin.ModelAdmin):
         "cost",
         "status",
         "billing",
+        "lineage",
     )
     list_display_links = ("title",)
-    list_filter = ("status", BilledClientFilter, MessageProviderFilter, "source", "end_reason", "started_at")
+    list_filter = (
+        "status",
+        BilledClientFilter,
+        MessageProviderFilter,
+        "source",
+        LineageFilter,
+        "end_reason",
+        "started_at",
+    )
     search_fields = (
         "name",
         "user__username",
@@ -180,7 +211,7 @@ class ChatSessionAdmin(admin.ModelAdmin):
         "domain__slug",
         "messages__content",
     )
-    list_select_related = ("user", "domain", "invoice")
+    list_select_related = ("user", "domain", "invoice", "parent")
     actions = [export_sessions_csv, verify_integrity, end_sessions]
     date_hierarchy = "started_at"
     list_per_page = 50
@@ -205,6 +236,7 @@ class ChatSessionAdmin(admin.ModelAdmin):
         "cost",
         "parent",
         "branched_at_seq",
+        "branches",
         "invoice",
         "api_token",
         "seal",
@@ -218,7 +250,7 @@ class ChatSessionAdmin(admin.ModelAdmin):
         ("Prompt", {"fields": ("system_prompt",)}),
         (
             "Lineage and billing",
-            {"fields": ("session_id", "parent", "branched_at_seq", "invoice", "api_token", "archived_at")},
+            {"fields": ("session_id", "parent", "branched_at_seq", "branches", "invoice", "api_token", "archived_at")},
         ),
         ("Integrity seal", {"fields": ("seal",), "classes": ("collapse",)}),
     )
@@ -243,6 +275,27 @@ class ChatSessionAdmin(admin.ModelAdmin):
         if obj.is_locked:
             return format_html("🔒 {}", obj.invoice.number)
         return "unbilled"
+
+    @admin.display(description="Branch of", ordering="parent__name")
+    def lineage(self, obj: ChatSession) -> str:
+        if obj.parent_id is None:
+            return "—"
+        url = reverse("admin:sessions_app_chatsession_change", args=[obj.parent_id])
+        return format_html('<a href="{}">{}</a> at #{}', url, obj.parent, obj.branched_at_seq)
+
+    @admin.display(description="Branches")
+    def branches(self, obj: ChatSession) -> str:
+        children = list(obj.branches.order_by("started_at").values_list("session_id", "name", "branched_at_seq"))
+        if not children:
+            return "none"
+        return format_html_join(
+            mark_safe("<br>"),
+            '<a href="{}">{}</a> (from message #{})',
+            (
+                (reverse("admin:sessions_app_chatsession_change", args=[pk]), name or f"Session {str(pk)[:8]}", at)
+                for pk, name, at in children
+            ),
+        )
 
     @admin.display(description="Session", ordering="name")
     def title(self, obj: ChatSession) -> str:

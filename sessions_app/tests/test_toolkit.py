@@ -192,3 +192,43 @@ def test_the_stats_api_needs_credentials_and_a_known_client(history, owner_clien
     response = owner_client.get("/api/ollama/stats?client=initech")
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "not_found"
+
+
+# --- branches in the admin and on the summary page ---------------------------------------------
+
+
+@pytest.fixture
+def family(owner, client_acme):
+    parent = SessionFactory(user=owner, domain=client_acme, name="Original plan")
+    MessageFactory(session=parent, seq=1, content="Plan A")
+    MessageFactory(session=parent, seq=2, role="assistant", content="Fine")
+    from sessions_app import services
+
+    branch = services.session_branch(session_id=parent.pk, user=owner, at_seq=1, name="Plan B")
+    return parent, branch
+
+
+def test_the_admin_links_a_branch_to_its_parent_and_lists_branches(family, staff_client):
+    from django.urls import reverse
+
+    parent, branch = family
+    changelist = staff_client.get(reverse("admin:sessions_app_chatsession_changelist") + "?lineage=branch")
+    html = changelist.content.decode()
+    assert changelist.status_code == 200
+    assert "Plan B" in html and reverse("admin:sessions_app_chatsession_change", args=[parent.pk]) in html
+    assert "Original plan</a> at #1" in html
+
+    detail = staff_client.get(reverse("admin:sessions_app_chatsession_change", args=[parent.pk])).content.decode()
+    assert reverse("admin:sessions_app_chatsession_change", args=[branch.pk]) in detail
+    assert "(from message #1)" in detail
+
+    originals = staff_client.get(reverse("admin:sessions_app_chatsession_changelist") + "?lineage=branched")
+    assert "Original plan" in originals.content.decode() and "Plan B" not in originals.content.decode()
+
+
+def test_the_summary_page_shows_parent_and_branches(family, owner_client):
+    parent, branch = family
+    branch_page = owner_client.get(f"/sessions/{branch.pk}/summary/").content.decode()
+    assert f'href="/sessions/{parent.pk}/summary/"' in branch_page and "at message #1" in branch_page
+    parent_page = owner_client.get(f"/sessions/{parent.pk}/summary/").content.decode()
+    assert f'href="/sessions/{branch.pk}/summary/"' in parent_page and "Plan B" in parent_page
