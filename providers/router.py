@@ -13,8 +13,9 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from channels.db import database_sync_to_async
+from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.db import close_old_connections, connection
 from django.utils import timezone
 
 from providers import errors
@@ -26,6 +27,28 @@ from providers.ollama_adapter import OllamaAdapter
 from providers.openai_adapter import OpenAIAdapter
 
 log = logging.getLogger(__name__)
+
+
+def db_sync_to_async(func):
+    """`channels.db.database_sync_to_async`, minus closing a connection inside a transaction.
+
+    Like channels, drop stale connections around the call (a long-lived worker thread must
+    not keep a dead one). Unlike channels, leave a connection alone while it is inside an
+    atomic block: closing it there would abort the caller's transaction (a test's, under
+    PostgreSQL, or a service's).
+    """
+
+    def run(*args, **kwargs):
+        outside = not connection.in_atomic_block
+        if outside:
+            close_old_connections()
+        try:
+            return func(*args, **kwargs)
+        finally:
+            if outside:
+                close_old_connections()
+
+    return sync_to_async(run)
 
 ADAPTERS: dict[str, type[ProviderAdapter]] = {
     "ollama": OllamaAdapter,
@@ -120,7 +143,7 @@ async def available_models() -> list[ModelInfo]:
         models.extend(await OllamaAdapter().list_models())
     except ProviderError as exc:
         log.warning("Ollama models unavailable: %s", exc)
-    models.extend(await database_sync_to_async(_paid_models)())
+    models.extend(await db_sync_to_async(_paid_models)())
     return models
 
 
@@ -160,7 +183,7 @@ async def stream_chat(
     """
     ref = _ref(model)
     adapter = get_adapter(ref.provider)
-    ref = await database_sync_to_async(resolve_alias)(ref)
+    ref = await db_sync_to_async(resolve_alias)(ref)
     options = options or StreamOptions()
     first_limit = settings.PROVIDER_FIRST_TOKEN_TIMEOUT
     idle_limit = settings.PROVIDER_IDLE_TIMEOUT
