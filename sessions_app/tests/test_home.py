@@ -7,6 +7,7 @@ from decimal import Decimal
 
 import pytest
 from django.core.cache import cache
+from django.test import Client
 from django.utils import timezone
 
 from tests.factories import BrandFactory, ClientFactory, SessionFactory
@@ -124,3 +125,18 @@ def test_wrong_password_shows_a_form_error(client, owner):
     response = client.post("/accounts/login/", {"username": owner.username, "password": "nope"})
     assert response.status_code == 200
     assert "form-error" in response.content.decode()
+
+
+def test_unknown_pages_get_a_branded_404(owner_client):
+    response = owner_client.get("/no-such-page/")
+    assert response.status_code == 404
+    body = response.content.decode()
+    assert "Page not found" in body
+    assert "--brand-primary:" in body
+
+
+def test_an_expired_form_explains_itself(owner):
+    browser = Client(enforce_csrf_checks=True)
+    response = browser.post("/accounts/login/", {"username": owner.username, "password": "pw-for-tests-1"})
+    assert response.status_code == 403
+    assert "That form has expired" in response.content.decode()
