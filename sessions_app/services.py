@@ -46,6 +46,7 @@ from billing.models import Brand, ClientDomain, LLMUsage, TokenSource, UsageStat
 from providers import router, tokens
 from providers.base import ChatMessage, ErrorKind, ProviderError, StreamOptions, Usage
 from providers.naming import ModelRef, parse_model
+from providers.router import db_sync_to_async
 from sessions_app import integrity
 from sessions_app.context import ContextPlan, build_context
 from sessions_app.errors import (
@@ -630,14 +631,14 @@ async def session_chat(*, session_id, user, message, options=None) -> AsyncItera
     Raises `ProviderFailed`/`ProviderTimeout` after storing a failed answer, and
     `SessionEnded` when the session was ended mid-answer (the partial answer is stored).
     """
-    start = await sync_to_async(_begin_turn)(session_id=session_id, user=user, message=message)
+    start = await db_sync_to_async(_begin_turn)(session_id=session_id, user=user, message=message)
     try:
         opts = _stream_options(options, start.ref)
         if start.ref.provider == "ollama" and opts.num_ctx is None:
             opts.num_ctx = start.plan.window
         provider_stream = router.stream_chat(start.ref, start.plan.messages, opts)
     except BaseException:
-        await sync_to_async(_release_claim)(start.session.pk, start.claim)
+        await db_sync_to_async(_release_claim)(start.session.pk, start.claim)
         raise
 
     turn = _Turn(start=start, loop=asyncio.get_running_loop())
@@ -698,7 +699,7 @@ async def session_chat(*, session_id, user, message, options=None) -> AsyncItera
             if _TURNS.get(key) is turn:
                 del _TURNS[key]
         # Store even when cancelled: shield the write from a second cancellation.
-        result = await asyncio.shield(asyncio.ensure_future(sync_to_async(_finish_turn)(turn)))
+        result = await asyncio.shield(asyncio.ensure_future(db_sync_to_async(_finish_turn)(turn)))
 
     if result is None or turn.outcome == "stopped":
         raise SessionEnded(ENDED_DURING_ANSWER)
@@ -812,7 +813,7 @@ async def wait_for_turn(session_id, *, poll: float = 0.1) -> None:
     """Wait (without blocking a thread) until no answer streams in the session."""
     deadline = time.monotonic() + turn_stale_after().total_seconds()
     while time.monotonic() < deadline:
-        claim = await sync_to_async(
+        claim = await db_sync_to_async(
             lambda: ChatSession.objects.filter(pk=session_id).values_list("turn_started_at", flat=True).first()
         )()
         if claim is None or claim < timezone.now() - turn_stale_after():
@@ -824,7 +825,7 @@ async def asession_switch(*, session_id, user, client=None, model=None, reason: 
     """`session_switch` that applies after a streaming answer finishes instead of raising busy."""
     for attempt in range(3):
         try:
-            return await sync_to_async(session_switch)(
+            return await db_sync_to_async(session_switch)(
                 session_id=session_id, user=user, client=client, model=model, reason=reason
             )
         except SessionBusy:
@@ -912,7 +913,7 @@ def session_end(*, session_id, user, reason: str = EndReason.USER) -> dict:
 
 async def asession_end(*, session_id, user, reason: str = EndReason.USER) -> dict:
     """`session_end` for async callers: waits for an answer in another process without a thread."""
-    session = await sync_to_async(session_get_for_user)(session_id=session_id, user=user)
+    session = await db_sync_to_async(session_get_for_user)(session_id=session_id, user=user)
     with _TURNS_LOCK:
         local = str(session.pk) in _TURNS
     if not local and session.status == SessionStatus.ACTIVE and turn_is_live(session):
@@ -923,7 +924,7 @@ async def asession_end(*, session_id, user, reason: str = EndReason.USER) -> dic
             thread_sensitive=False,
         )()
         await wait_for_turn(session.pk)
-    return await sync_to_async(session_end)(session_id=session_id, user=user, reason=reason)
+    return await db_sync_to_async(session_end)(session_id=session_id, user=user, reason=reason)
 
 
 def sessions_end_idle(*, now: datetime | None = None) -> list[ChatSession]:
