@@ -407,23 +407,40 @@ def test_ctrl_c_stores_the_partial_answer_and_exits_130(terminal):
     assert query("SELECT status FROM user_llm_usage") == [("cancelled",)]
 
 
-def test_conflicting_flags_exit_2_on_the_command_line(terminal):
-    run, _ = terminal
-    process = run("-l", "--stats", "--user", "olivia")
-    _, err = process.communicate(timeout=60)
-    assert process.returncode == 2
-    assert b"not allowed with argument" in err
+def command_line(capsys, *args: str) -> tuple[int, str, str]:
+    """Run `manage.py chat ARGS` as the shell would (argv parsing, exit status), in-process."""
+    from django.core.management import execute_from_command_line
+
+    with pytest.raises(SystemExit) as caught:
+        execute_from_command_line(["manage.py", "chat", *args])
+    captured = capsys.readouterr()
+    return caught.value.code, captured.out, captured.err
 
 
-def test_a_provider_failure_exits_1_without_a_traceback(terminal):
-    run, query = terminal
-    process = run("-n", "Fail", "--user", "olivia", "--client", "acme", "-m", "ollama:x-fault-status-500")
-    _, err = process.communicate(timeout=60)
-    assert process.returncode == 1
-    assert b"Traceback" not in err
-    lines = [line for line in err.decode().splitlines() if line.startswith("CommandError")]
-    assert len(lines) == 1
-    assert query("SELECT role FROM ollama_session_messages ORDER BY seq") == [("user",), ("assistant",)]
+def test_conflicting_flags_exit_2_on_the_command_line(owner, capsys):
+    code, _, err = command_line(capsys, "-l", "--stats", "--user", "olivia")
+    assert code == 2
+    assert "not allowed with argument" in err
+
+
+def test_a_stray_flag_exits_2_on_the_command_line(owner, capsys):
+    code, _, err = command_line(capsys, "-l", "-o", "x.json", "--user", "olivia")
+    assert code == 2
+    assert err.strip() == "CommandError: -o cannot be used with -l."
+
+
+def test_a_provider_failure_exits_1_with_one_line_and_no_traceback(owner, client_acme, use_simulator, capsys):
+    code, _, err = command_line(
+        capsys, "-n", "Fail", "--user", "olivia", "--client", "acme", "-m", "ollama:x-fault-status-500"
+    )
+    assert code == 1
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("CommandError")] == [err.splitlines()[-1]]
+    session = ChatSession.objects.get(user=owner)
+    assert [(m.role, m.status) for m in session.messages.order_by("seq")] == [
+        ("user", "complete"),
+        ("assistant", "error"),
+    ]
 
 
 def test_every_message_stays_linked_in_the_chain(acme_session):
