@@ -273,6 +273,7 @@ def test_summarize_overflow_calls_the_registered_handler(owner, acme, chat, sett
         plan.extra_system.append(f"Summary of {len(plan.omitted)} earlier messages.")
         return plan
 
+    previous = context._OVERFLOW_HANDLERS.get("summarize")
     context.register_overflow_handler("summarize", summarize)
     try:
         session = start(owner)
@@ -285,6 +286,8 @@ def test_summarize_overflow_calls_the_registered_handler(owner, acme, chat, sett
         chat(session, owner, "Now?")
     finally:
         context._OVERFLOW_HANDLERS.pop("summarize", None)
+        if previous is not None:
+            context.register_overflow_handler("summarize", previous)
     assert calls and calls[0]
     sent = use_simulator.last_request(path="/api/chat")["body"]["messages"]
     assert any(m["content"].startswith("Summary of") for m in sent)
