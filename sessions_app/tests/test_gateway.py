@@ -67,6 +67,16 @@ def gateway_sessions(token: ApiToken):
     return ChatSession.objects.filter(api_token=token).order_by("started_at")
 
 
+def wait_for_answer(token: ApiToken) -> SessionMessage:
+    """The token's first assistant message, once stored (after a hang-up the server stores it a moment later)."""
+    for _ in range(600):
+        answer = SessionMessage.objects.filter(session__api_token=token, role="assistant").first()
+        if answer is not None:
+            return answer
+        time.sleep(0.05)
+    raise AssertionError("no answer was stored")
+
+
 def stored(session: ChatSession) -> list[tuple[str, str]]:
     return [(m.role, m.content) for m in SessionMessage.objects.filter(session=session).order_by("seq")]
 
@@ -447,13 +457,8 @@ def test_a_client_that_hangs_up_leaves_the_partial_answer_stored(gateway_url, ac
     with httpx.stream("POST", f"{gateway_url}/api/chat", json=body, headers=auth) as response:
         first = json.loads(next(response.iter_lines()))
     assert first["done"] is False
-    answer = None
-    for _ in range(200):  # the gateway stores the partial answer once it notices the hang-up
-        answer = SessionMessage.objects.filter(session__api_token=acme_token[0], role="assistant").first()
-        if answer is not None:
-            break
-        time.sleep(0.05)
-    assert answer is not None and answer.status == "partial"
+    answer = wait_for_answer(acme_token[0])
+    assert answer.status == "partial"
     assert answer.content.startswith(first["message"]["content"])
     assert len(answer.content.split()) < 200
 
@@ -492,16 +497,17 @@ def test_a_long_conversation_larger_than_djangos_upload_limit_is_accepted(ollama
 
 def test_a_second_call_while_an_answer_streams_is_a_409_in_each_protocol(gateway_url, acme_token, openai_client):
     auth = {"Authorization": f"Bearer {acme_token[1]}"}
-    slow = {"model": "llama3.2-fault-slow-words-30", "messages": [{"role": "user", "content": "Slow one"}]}
-    with httpx.stream("POST", f"{gateway_url}/api/chat", json=slow, headers=auth) as streaming:
+    # A stalled upstream keeps the first answer streaming for as long as this test needs.
+    stalled = {"model": "llama3.2-fault-stall", "messages": [{"role": "user", "content": "Slow one"}]}
+    with httpx.stream("POST", f"{gateway_url}/api/chat", json=stalled, headers=auth) as streaming:
         lines = streaming.iter_lines()  # kept: dropping the iterator would hang up
         assert json.loads(next(lines))["done"] is False  # the turn holds the session now
-        more = {**slow, "messages": [*slow["messages"], {"role": "user", "content": "And another"}], "stream": False}
-        busy = httpx.post(f"{gateway_url}/api/chat", json=more, headers=auth)
+        messages = [*stalled["messages"], {"role": "user", "content": "And another"}]
+        busy = httpx.post(f"{gateway_url}/api/chat", json={**stalled, "messages": messages}, headers=auth)
         assert busy.status_code == 409 and "already streaming" in busy.json()["error"]
         with pytest.raises(openai.ConflictError) as conflict:
-            openai_client.chat.completions.create(model=more["model"], messages=more["messages"])
+            openai_client.chat.completions.create(model=stalled["model"], messages=messages)
         assert conflict.value.body["code"] == "session_busy"
-        rest = [json.loads(line) for line in lines if line]
-    assert rest[-1]["done"] is True  # the first answer was not disturbed
+        assert not SessionMessage.objects.filter(role="assistant").exists()  # the first answer still streams
+    assert wait_for_answer(acme_token[0]).status == "partial"  # and is kept when its client hangs up
     assert gateway_sessions(acme_token[0]).count() == 1
