@@ -14,11 +14,12 @@ on PostgreSQL check that both give the same figures and byte-identical CSV.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 from collections.abc import Iterator
 from decimal import Decimal
 
-from django.db import connection
+from django.db import DatabaseError, connection, transaction
 
 from billing.csv_export import FORMULA_STARTS, iso
 from billing.models import ClientDomain
@@ -38,16 +39,15 @@ def _esc(expr: str) -> str:
 
 
 def _iso(expr: str) -> str:
-    """SQL twin of `datetime.astimezone(tz).isoformat()`: local time, microseconds if any, ±hh:mm."""
-    local = f"({expr} AT TIME ZONE %(tz)s)"
-    offset = f"EXTRACT(EPOCH FROM ({local} - ({expr} AT TIME ZONE 'UTC')))::int"
+    """SQL twin of `datetime.astimezone(tz).isoformat()`, with the session's TimeZone set to tz.
+
+    Local time to the second, then microseconds only when there are any (as Python does),
+    then the offset as ±hh:mm.
+    """
     return (
-        f"CASE WHEN {expr} IS NULL THEN NULL ELSE "
-        f"to_char({local}, 'YYYY-MM-DD\"T\"HH24:MI:SS')"
-        f" || CASE WHEN to_char({local}, 'US') <> '000000' THEN '.' || to_char({local}, 'US') ELSE '' END"
-        f" || CASE WHEN {offset} < 0 THEN '-' ELSE '+' END"
-        f" || lpad((abs({offset}) / 3600)::text, 2, '0') || ':' || lpad((mod(abs({offset}), 3600) / 60)::text, 2, '0')"
-        " END"
+        f"to_char({expr}, 'YYYY-MM-DD\"T\"HH24:MI:SS')"
+        f" || CASE WHEN mod(EXTRACT(MICROSECONDS FROM {expr})::bigint, 1000000) <> 0"
+        f" THEN to_char({expr}, '.US') ELSE '' END || to_char({expr}, 'TZH:TZM')"
     )
 
 
@@ -172,10 +172,20 @@ def csv_lines(*, period: Period, now: dt.datetime, client=None, user=None) -> It
     ORDER BY ss.started_at, ss.session_id, c.slug COLLATE "C"
     """  # noqa: S608
     query = _lines_sql(client_id=params["client"], user_id=params["user"]) + select
-    with connection.cursor() as cur:
-        # Django's cursor wrapper has no copy(); its psycopg cursor does.
-        raw = cur.cursor
-        sql = raw.mogrify(query, params)
-        with raw.copy(f"COPY ({sql}) TO STDOUT WITH (FORMAT csv)") as copy:
-            for chunk in copy:
-                yield bytes(chunk).decode()
+    # The zone is set for this transaction only and put back afterwards, so nothing else on
+    # the connection (Django reads timestamps as UTC) ever sees it, even inside an outer
+    # transaction or when the download is cut short.
+    with transaction.atomic(), connection.cursor() as cur:
+        cur.execute("SELECT current_setting('TimeZone'), set_config('TimeZone', %s, true)", [period.tz.key])
+        previous = cur.fetchone()[0]
+        try:
+            # Django's cursor wrapper has no copy(); its psycopg cursor does.
+            raw = cur.cursor
+            sql = raw.mogrify(query, params)
+            with raw.copy(f"COPY ({sql}) TO STDOUT WITH (FORMAT csv)") as copy:
+                for chunk in copy:
+                    yield bytes(chunk).decode()
+        finally:
+            # After a cut download the transaction is aborted and rolls back, which undoes it too.
+            with contextlib.suppress(DatabaseError):
+                cur.execute("SELECT set_config('TimeZone', %s, true)", [previous])

@@ -119,3 +119,17 @@ def test_sql_paths_handle_an_empty_period(staff):
     rows, total = pg_reports.client_rows(period=march(), now=timezone.now())
     assert rows == [] and total.total == 0
     assert list(pg_reports.csv_lines(period=march(), now=timezone.now())) == []
+
+
+@pytest.mark.django_db
+def test_a_cut_csv_download_leaves_the_connection_as_it_was(staff, awkward_month):
+    from sessions_app.models import ChatSession
+
+    before = ChatSession.objects.get(pk=awkward_month.pk).started_at
+    lines = pg_reports.csv_lines(period=march(), now=timezone.now())
+    next(lines)
+    lines.close()  # the client went away mid-download
+    assert ChatSession.objects.get(pk=awkward_month.pk).started_at == before
+    with connection.cursor() as cur:
+        cur.execute("SELECT current_setting('TimeZone')")
+        assert cur.fetchone()[0] == "UTC"
