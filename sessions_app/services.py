@@ -112,6 +112,10 @@ NAME_LIMIT = 200
 REASON_LIMIT = 500
 HISTORY_LIMIT_FACTOR = 8  # imported answers may be longer than what a consultant may type
 TURN_GRACE_SECONDS = 30
+# A worker streaming an answer polls for a stop request every half second; if it has not let go
+# of the session after this long it is gone, and the end goes ahead (its answer, should it still
+# arrive, is stored and the seal renewed).
+REMOTE_STOP_WAIT_SECONDS = 10.0
 SIX_PLACES = Decimal("0.000001")
 
 
@@ -809,9 +813,9 @@ def session_switch(*, session_id, user, client=None, model=None, reason: str = "
     return stream
 
 
-async def wait_for_turn(session_id, *, poll: float = 0.1) -> None:
+async def wait_for_turn(session_id, *, poll: float = 0.1, limit: float | None = None) -> None:
     """Wait (without blocking a thread) until no answer streams in the session."""
-    deadline = time.monotonic() + turn_stale_after().total_seconds()
+    deadline = time.monotonic() + (limit if limit is not None else turn_stale_after().total_seconds())
     while time.monotonic() < deadline:
         claim = await db_sync_to_async(
             lambda: ChatSession.objects.filter(pk=session_id).values_list("turn_started_at", flat=True).first()
@@ -844,7 +848,7 @@ def _wait_for_remote_turn(session: ChatSession, *, timeout: float | None = None)
     if claim is None:
         return
     cache.set(_stop_key(session.pk, claim), True, timeout=int(turn_stale_after().total_seconds()) + 60)
-    deadline = time.monotonic() + (timeout if timeout is not None else min(30.0, turn_stale_after().total_seconds()))
+    deadline = time.monotonic() + (timeout if timeout is not None else REMOTE_STOP_WAIT_SECONDS)
     while time.monotonic() < deadline:
         current = ChatSession.objects.filter(pk=session.pk).values_list("turn_started_at", flat=True).first()
         if current != claim:
@@ -852,7 +856,7 @@ def _wait_for_remote_turn(session: ChatSession, *, timeout: float | None = None)
         time.sleep(0.1)
 
 
-def _end(session: ChatSession, *, reason: str, at: datetime | None = None) -> dict:
+def _end(session: ChatSession, *, reason: str, at: datetime | None = None, wait_remote: bool = True) -> dict:
     if session.status == SessionStatus.ENDED:
         return session_summary(session=session)
     if session.is_locked:
@@ -868,7 +872,7 @@ def _end(session: ChatSession, *, reason: str, at: datetime | None = None) -> di
         else:
             # The answer is being stored right now in another thread: let it finish.
             turn.finished.wait(timeout=30)
-    elif turn_is_live(session):
+    elif wait_remote and turn_is_live(session):
         _wait_for_remote_turn(session)
 
     now = timezone.now()
@@ -913,6 +917,8 @@ def session_end(*, session_id, user, reason: str = EndReason.USER) -> dict:
 
 async def asession_end(*, session_id, user, reason: str = EndReason.USER) -> dict:
     """`session_end` for async callers: waits for an answer in another process without a thread."""
+    if reason not in EndReason.values:
+        raise BadInput(UNKNOWN_END_REASON.format(reason=reason, choices=", ".join(EndReason.values)))
     session = await db_sync_to_async(session_get_for_user)(session_id=session_id, user=user)
     with _TURNS_LOCK:
         local = str(session.pk) in _TURNS
@@ -923,8 +929,13 @@ async def asession_end(*, session_id, user, reason: str = EndReason.USER) -> dic
             ),
             thread_sensitive=False,
         )()
-        await wait_for_turn(session.pk)
-    return await db_sync_to_async(session_end)(session_id=session_id, user=user, reason=reason)
+        await wait_for_turn(session.pk, limit=REMOTE_STOP_WAIT_SECONDS)
+
+    def end() -> dict:
+        fresh = session_get_for_user(session_id=session.pk, user=user)
+        return _end(fresh, reason=reason, wait_remote=False)
+
+    return await db_sync_to_async(end)()
 
 
 def sessions_end_idle(*, now: datetime | None = None) -> list[ChatSession]:

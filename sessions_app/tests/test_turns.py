@@ -7,14 +7,15 @@ from datetime import timedelta
 
 import pytest
 from asgiref.sync import async_to_sync, sync_to_async
+from django.core.cache import cache
 from django.db import connection
 from django.utils import timezone
 
-from billing.models import LLMUsage
+from billing.models import Invoice, LLMUsage
 from sessions_app import context, services
-from sessions_app.errors import ProviderFailed, ProviderTimeout, SessionBusy, SessionEnded
+from sessions_app.errors import BadInput, ProviderFailed, ProviderTimeout, SessionBusy, SessionEnded, SessionLocked
 from sessions_app.events import Done, Token
-from sessions_app.models import ChatSession, SessionMessage
+from sessions_app.models import ApiToken, ChatSession, SessionMessage
 
 pytestmark = pytest.mark.usefixtures("sound_sessions")
 
@@ -311,3 +312,49 @@ def test_paid_model_usage_is_priced_from_the_reported_snapshot(owner, acme, chat
     usage = LLMUsage.objects.get(message=done.message)
     assert usage.provider_model.startswith("gpt-4o-2024") and usage.cost == done.message.cost_usd > 0
     assert done.message.token_source == "provider"
+
+
+def test_an_end_requested_by_another_worker_stops_the_answer_through_the_cache(owner, acme, settings):
+    settings.REDIS_URL = "redis://shared-cache-stand-in"  # the watcher runs when workers share a cache
+    session = start(owner, model="ollama:llama3.2-fault-slow-words-60")
+
+    async def scenario():
+        events = services.session_chat(session_id=session.pk, user=owner, message="Long answer")
+        await events.__anext__()
+        claim = await sync_to_async(lambda: ChatSession.objects.get(pk=session.pk).turn_started_at)()
+        await sync_to_async(cache.set)(services._stop_key(session.pk, claim), True)
+        with pytest.raises(SessionEnded):
+            async for _event in events:
+                pass
+
+    async_to_sync(scenario)()
+    answer = SessionMessage.objects.get(session=session, role="assistant")
+    assert answer.status == "partial" and answer.error_text == services.STOPPED_BY_END
+    assert ChatSession.objects.get(pk=session.pk).turn_started_at is None
+    summary = services.session_end(session_id=session.pk, user=owner)
+    assert summary["total_messages"] == 2 and summary["integrity"]["valid"]
+
+
+def test_an_invoiced_session_is_locked(owner, acme, chat):
+    session = start(owner)
+    chat(session, owner, "Bill me")
+    services.session_end(session_id=session.pk, user=owner)
+    invoice = Invoice.objects.create(
+        client=acme, period_start=timezone.now().date(), period_end=timezone.now().date(), status="issued"
+    )
+    ChatSession.objects.filter(pk=session.pk).update(invoice=invoice)
+    assert services.session_end(session_id=session.pk, user=owner)["status"] == "ended"
+    active = start(owner)
+    ChatSession.objects.filter(pk=active.pk).update(invoice=invoice)
+    with pytest.raises(SessionLocked):
+        chat(active, owner, "Too late")
+    ChatSession.objects.filter(pk=active.pk).update(invoice=None)
+
+
+def test_a_token_bound_to_a_client_cannot_start_sessions_for_another(owner, acme, client_globex):
+    token, _raw = ApiToken.issue(user=owner, client=acme)
+    with pytest.raises(BadInput, match="only bill client 'acme'"):
+        services.session_start(user=owner, client="globex", model="ollama:llama3.2", api_token=token)
+    assert (
+        services.session_start(user=owner, client="acme", model="ollama:llama3.2", api_token=token).api_token == token
+    )
