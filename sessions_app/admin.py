@@ -181,12 +181,12 @@ class LineageFilter(admin.SimpleListFilter):
 class ChatSessionAdmin(admin.ModelAdmin):
     list_display = (
         "title",
-        "user",
-        "domain",
-        "current_model",
-        "started_at",
+        "consultant",
+        "client",
+        "model_name",
+        "started",
         "duration",
-        "total_messages",
+        "messages_count",
         "cost",
         "status",
         "billing",
@@ -300,6 +300,28 @@ class ChatSessionAdmin(admin.ModelAdmin):
     @admin.display(description="Session", ordering="name")
     def title(self, obj: ChatSession) -> str:
         return str(obj)
+
+    @admin.display(description="Consultant", ordering="user__username")
+    def consultant(self, obj: ChatSession) -> str:
+        return obj.user.get_full_name() or obj.user.get_username()
+
+    @admin.display(description="Client", ordering="domain__name")
+    def client(self, obj: ChatSession) -> str:
+        return obj.domain.name
+
+    @admin.display(description="Model", ordering="current_model")
+    def model_name(self, obj: ChatSession) -> str:
+        if obj.primary_model and obj.primary_model != obj.current_model:
+            return f"{obj.current_model} (from {obj.primary_model})"
+        return obj.current_model
+
+    @admin.display(description="Started", ordering="started_at")
+    def started(self, obj: ChatSession):
+        return obj.started_at
+
+    @admin.display(description="Messages", ordering="total_messages")
+    def messages_count(self, obj: ChatSession) -> int:
+        return obj.total_messages
 
     @admin.display(description="Duration", ordering="duration_seconds")
     def duration(self, obj: ChatSession) -> str:

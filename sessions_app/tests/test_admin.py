@@ -106,6 +106,10 @@ def test_session_changelist_shows_the_columns_staff_need(staff_client):
     body = response.content.decode()
     for text in ["Forecast review", session.user.username, session.domain.name, "0:30:00", "0.000150", "Ended"]:
         assert text in body
+    headers = [str(h["text"]).capitalize() for h in response.context["result_headers"]]
+    for header in ["Consultant", "Client", "Model", "Started", "Duration", "Messages", "Cost (usd)", "Status"]:
+        assert header in headers
+    assert "ollama:llama3.2" in body
 
 
 def test_session_change_page_shows_messages_segments_and_streams_read_only(staff_client):
