@@ -97,7 +97,12 @@ if not SECRET_KEY:
 
 # ".localhost" lets the demo clients' hostnames (acme.localhost, ...) pick their branding locally.
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", ".localhost", "127.0.0.1", "[::1]"])
+if not ALLOWED_HOSTS:
+    raise ImproperlyConfigured("ALLOWED_HOSTS must list at least one host (comma-separated)")
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
+for _origin in CSRF_TRUSTED_ORIGINS:
+    if urlparse(_origin).scheme not in ("http", "https") or not urlparse(_origin).netloc:
+        raise ImproperlyConfigured(f"CSRF_TRUSTED_ORIGINS entries must look like https://host, got {_origin!r}")
 
 INSTALLED_APPS = [
     "daphne",

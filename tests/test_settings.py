@@ -28,6 +28,7 @@ CONFIG_VARS = {
     "LOG_LEVEL",
     "OLLAMA_KEEP_ALIVE",
     "SERVE_STATIC",
+    "CSRF_TRUSTED_ORIGINS",
     "DJANGO_SETTINGS_MODULE",
 }
 
@@ -101,6 +102,8 @@ def test_bad_signing_key_is_refused(tmp_path, key):
         ("LOG_LEVEL", "chatty"),
         ("OLLAMA_KEEP_ALIVE", "forever"),
         ("SERVE_STATIC", "sometimes"),
+        ("ALLOWED_HOSTS", ","),
+        ("CSRF_TRUSTED_ORIGINS", "billing.example.com"),
     ],
 )
 def test_other_bad_values_are_refused_by_name(tmp_path, name, value):
