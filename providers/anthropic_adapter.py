@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 
 import anthropic
@@ -11,6 +12,7 @@ from django.conf import settings
 from providers import errors
 from providers.base import ChatMessage, ErrorKind, ModelInfo, ProviderAdapter, ProviderError, StreamOptions, Usage
 from providers.clients import pooled, timeouts
+from providers.sse import iter_events
 from providers.tokens import estimate_messages, estimate_tokens
 
 NAME = "anthropic"
@@ -88,7 +90,6 @@ class AnthropicAdapter(ProviderAdapter):
         provider_model = ""
         stop_reason = None
         finished = False
-        stream = None
 
         def partial() -> Usage | None:
             if input_tokens is None and output_tokens is None:
@@ -96,27 +97,36 @@ class AnthropicAdapter(ProviderAdapter):
             return Usage(input_tokens or 0, output_tokens or 0, "provider", provider_model, stop_reason)
 
         try:
-            stream = await client.messages.create(**params)
-            async for event in stream:
-                kind = getattr(event, "type", None)
-                if kind == "content_block_delta":
-                    delta = event.delta
-                    if getattr(delta, "type", None) == "text_delta" and delta.text:
-                        parts.append(delta.text)
-                        yield delta.text
-                elif kind == "message_start":
-                    message = event.message
-                    provider_model = message.model or provider_model
-                    input_tokens, output_tokens = _merge(message.usage, input_tokens, output_tokens)
-                elif kind == "message_delta":
-                    input_tokens, output_tokens = _merge(event.usage, input_tokens, output_tokens)
-                    stop_reason = getattr(event.delta, "stop_reason", None) or stop_reason
-                    # A stop reason means the message is complete even if message_stop is lost
-                    # (the SDK drops a last event that has no blank line after it).
-                    finished = finished or stop_reason is not None
-                elif kind == "message_stop":
-                    finished = True
-                # content_block_start/stop, ping and event types added later carry nothing we bill.
+            async with client.messages.with_streaming_response.create(**params) as response:
+                async for event, data in iter_events(response.http_response.aiter_lines()):
+                    if event == "ping":
+                        continue
+                    try:
+                        payload = json.loads(data)
+                    except ValueError:
+                        raise errors.from_response(NAME, 502, f"an event that is not JSON: {data[:80]}") from None
+                    if not isinstance(payload, dict):
+                        continue
+                    kind = payload.get("type") if event == "message" else event
+                    if kind == "content_block_delta":
+                        delta = payload.get("delta") or {}
+                        if delta.get("type") == "text_delta" and delta.get("text"):
+                            parts.append(delta["text"])
+                            yield delta["text"]
+                    elif kind == "message_start":
+                        message = payload.get("message") or {}
+                        provider_model = message.get("model") or provider_model
+                        input_tokens, output_tokens = _merge(message.get("usage"), input_tokens, output_tokens)
+                    elif kind == "message_delta":
+                        input_tokens, output_tokens = _merge(payload.get("usage"), input_tokens, output_tokens)
+                        stop_reason = (payload.get("delta") or {}).get("stop_reason") or stop_reason
+                        # A stop reason means the message is complete even if message_stop is lost.
+                        finished = finished or stop_reason is not None
+                    elif kind == "message_stop":
+                        finished = True
+                    elif kind == "error":
+                        raise errors.from_response(NAME, 200, payload, model=model, usage=partial())
+                    # content_block_start/stop and event types added later carry nothing we bill.
         except anthropic.APIStatusError as exc:
             raise _status_error(exc, model, partial())
         except anthropic.APITimeoutError:
@@ -127,9 +137,6 @@ class AnthropicAdapter(ProviderAdapter):
             raise errors.timeout_error(NAME, "the model stopped sending tokens", usage=partial())
         except httpx2.TransportError:
             raise errors.connection_error(NAME, "the connection closed in the middle of the answer", usage=partial())
-        finally:
-            if stream is not None:
-                await stream.close()
         if not finished:
             raise errors.connection_error(NAME, "the answer ended before it was finished", usage=partial())
         if input_tokens is None and output_tokens is None:
@@ -148,17 +155,15 @@ class AnthropicAdapter(ProviderAdapter):
         return [ModelInfo(name=f"{NAME}:{m.id}", provider=NAME, model=m.id, paid=True) for m in page.data]
 
 
-def _merge(usage, input_tokens: int | None, output_tokens: int | None) -> tuple[int | None, int | None]:
+def _merge(usage: dict | None, input_tokens: int | None, output_tokens: int | None) -> tuple[int | None, int | None]:
     """Counts are cumulative; some gateways send 0 first and the real count later: keep the max."""
-    if usage is None:
+    if not isinstance(usage, dict):
         return input_tokens, output_tokens
-    parts = [
-        getattr(usage, f, None) for f in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
-    ]
+    parts = [usage.get(f) for f in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")]
     if any(p is not None for p in parts):
         total_in = sum(p or 0 for p in parts)
         input_tokens = total_in if input_tokens is None else max(input_tokens, total_in)
-    out = getattr(usage, "output_tokens", None)
+    out = usage.get("output_tokens")
     if out is not None:
         output_tokens = out if output_tokens is None else max(output_tokens, out)
     return input_tokens, output_tokens

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 
 import httpx2
@@ -11,6 +12,7 @@ from django.conf import settings
 from providers import errors
 from providers.base import ChatMessage, ErrorKind, ModelInfo, ProviderAdapter, ProviderError, StreamOptions, Usage
 from providers.clients import pooled, timeouts
+from providers.sse import iter_events
 from providers.tokens import estimate_messages, estimate_tokens
 
 NAME = "openai"
@@ -61,40 +63,44 @@ class OpenAIAdapter(ProviderAdapter):
         if options.extra:
             params["extra_body"] = dict(options.extra)
         parts: list[str] = []
-        usage = None
+        usage: dict | None = None
         provider_model = ""
         stop_reason = None
-        stream = None
         try:
-            stream = await client.chat.completions.create(**params)
-            async for chunk in stream:
-                provider_model = chunk.model or provider_model
-                if chunk.usage is not None:
-                    usage = chunk.usage
-                for choice in chunk.choices:  # the usage chunk has `choices: []`
-                    if choice.index != 0:
+            async with client.chat.completions.with_streaming_response.create(**params) as response:
+                async for _event, data in iter_events(response.http_response.aiter_lines()):
+                    if data.startswith("[DONE]"):
+                        continue  # read to the end of the body so the connection can be reused
+                    try:
+                        chunk = json.loads(data)
+                    except ValueError:
+                        raise errors.from_response(NAME, 502, f"an event that is not JSON: {data[:80]}") from None
+                    if not isinstance(chunk, dict):
                         continue
-                    text = choice.delta.content if choice.delta is not None else None
-                    if text:
-                        parts.append(text)
-                        yield text
-                    if choice.finish_reason:
-                        stop_reason = choice.finish_reason
+                    if chunk.get("error"):
+                        raise errors.from_response(NAME, 200, chunk, model=model)
+                    provider_model = chunk.get("model") or provider_model
+                    if chunk.get("usage"):
+                        usage = chunk["usage"]
+                    for choice in chunk.get("choices") or ():  # the usage chunk has `choices: []`
+                        if choice.get("index", 0) != 0:
+                            continue
+                        text = (choice.get("delta") or {}).get("content")
+                        if text:
+                            parts.append(text)
+                            yield text
+                        if choice.get("finish_reason"):
+                            stop_reason = choice["finish_reason"]
         except openai.APIStatusError as exc:
             raise _status_error(exc, model)
         except openai.APITimeoutError:
             raise errors.timeout_error(NAME, "no answer in time")
         except openai.APIConnectionError as exc:
             raise errors.connection_error(NAME, _connection_detail(exc))
-        except openai.APIError as exc:  # a `{"error": ...}` event inside the 200 stream
-            raise errors.from_response(NAME, 200, {"error": exc.body or {"message": exc.message}}, model=model)
         except httpx2.TimeoutException:
             raise errors.timeout_error(NAME, "the model stopped sending tokens")
         except httpx2.TransportError:
             raise errors.connection_error(NAME, "the connection closed in the middle of the answer")
-        finally:
-            if stream is not None:
-                await stream.close()
         if usage is None and stop_reason is None:
             raise errors.connection_error(NAME, "the answer ended before it was finished")
         text = "".join(parts)
@@ -103,7 +109,11 @@ class OpenAIAdapter(ProviderAdapter):
             yield Usage(estimate_messages(messages), estimate_tokens(text), "estimated", provider_model, stop_reason)
             return
         yield Usage(
-            int(usage.prompt_tokens or 0), int(usage.completion_tokens or 0), "provider", provider_model, stop_reason
+            int(usage.get("prompt_tokens") or 0),
+            int(usage.get("completion_tokens") or 0),
+            "provider",
+            provider_model,
+            stop_reason,
         )
 
     async def list_models(self) -> list[ModelInfo]:

@@ -50,6 +50,7 @@ def db_sync_to_async(func):
 
     return sync_to_async(run)
 
+
 ADAPTERS: dict[str, type[ProviderAdapter]] = {
     "ollama": OllamaAdapter,
     "openai": OpenAIAdapter,
@@ -190,15 +191,18 @@ async def stream_chat(
     attempt = 0
     while True:
         upstream: Any = adapter.stream(ref.model, messages, options)
+        watchdog = _Watchdog()
         started = False
         try:
             while True:
+                watchdog.arm(idle_limit if started else first_limit)
                 try:
-                    async with asyncio.timeout(idle_limit if started else first_limit):
-                        item = await upstream.__anext__()
+                    item = await upstream.__anext__()
                 except StopAsyncIteration:
                     return
-                except TimeoutError:
+                except asyncio.CancelledError:
+                    if not watchdog.expired():
+                        raise
                     if started:
                         raise errors.timeout_error(
                             ref.provider, f"no token for {idle_limit:g}s in the middle of the answer"
@@ -206,6 +210,8 @@ async def stream_chat(
                     raise errors.timeout_error(
                         ref.provider, f"no first token within {first_limit:g}s", retryable=False
                     ) from None
+                finally:
+                    watchdog.disarm()
                 if isinstance(item, str):
                     if not item:
                         continue
@@ -224,7 +230,64 @@ async def stream_chat(
             log.info("Retrying %s after %s (attempt %s, in %.2fs)", ref.name, exc.kind, attempt + 1, delay)
             await asyncio.sleep(delay)
         finally:
+            watchdog.close()
             await upstream.aclose()
+
+
+class _Watchdog:
+    """A deadline for each wait on the provider, cheaper than `asyncio.timeout()` per token.
+
+    One timer serves the whole stream: arming only moves the deadline, and the timer re-arms
+    itself for the later deadline when it fires early. When a wait outlasts its deadline, the
+    waiting task is cancelled (and `expired()` turns that back into a timeout, as
+    `asyncio.timeout` does); time the consumer spends between tokens never counts.
+    """
+
+    __slots__ = ("_deadline", "_fired", "_handle", "_loop", "_task")
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._handle: asyncio.TimerHandle | None = None
+        self._deadline: float | None = None
+        self._task: asyncio.Task | None = None
+        self._fired = False
+
+    def arm(self, seconds: float) -> None:
+        self._deadline = deadline = self._loop.time() + seconds
+        self._task = asyncio.current_task()
+        handle = self._handle
+        if handle is None or handle.when() > deadline:
+            if handle is not None:
+                handle.cancel()
+            self._handle = self._loop.call_at(deadline, self._check)
+
+    def disarm(self) -> None:
+        self._deadline = None
+
+    def _check(self) -> None:
+        self._handle = None
+        if self._deadline is None:
+            return  # not waiting now; the next arm() schedules a new check
+        if self._loop.time() < self._deadline:
+            self._handle = self._loop.call_at(self._deadline, self._check)
+            return
+        if self._task is not None and not self._task.done():
+            self._fired = True
+            self._task.cancel()
+
+    def expired(self) -> bool:
+        """True when our own cancellation is being delivered (and takes it back from the task)."""
+        if not self._fired:
+            return False
+        self._fired = False
+        task = self._task
+        return task is None or task.uncancel() == 0
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        self._deadline = None
 
 
 def _backoff(attempt: int) -> float:

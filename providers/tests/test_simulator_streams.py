@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import subprocess
 import sys
@@ -11,14 +12,25 @@ from pathlib import Path
 
 import httpx
 import pytest
-from asgiref.sync import sync_to_async
+from asgiref.sync import async_to_sync
 
 from providers.base import ErrorKind, ProviderError, StreamOptions, Usage
 from providers.naming import ModelRef
-from providers.router import available_models, context_window, stream_chat, validate_model
+from providers.router import available_models, context_window, db_sync_to_async, stream_chat, validate_model
 from providers.simulator import count_prompt_tokens
 
-pytestmark = pytest.mark.django_db(transaction=True)
+
+def in_sync_thread(test):
+    """Run an async test through `async_to_sync`, as Django runs async tests: database work the
+    router hands to `db_sync_to_async` then runs on this thread's connection, inside the
+    test's transaction, so no test needs a (slow) transactional database."""
+
+    @functools.wraps(test)
+    def wrapper(*args, **kwargs):
+        return async_to_sync(test)(*args, **kwargs)
+
+    return wrapper
+
 
 CHAT = [
     {"role": "system", "content": "You are terse."},
@@ -56,6 +68,7 @@ def faulty(provider: str, fault: str) -> str:
 
 
 @pytest.mark.parametrize("model", MODELS)
+@in_sync_thread
 async def test_each_provider_streams_the_answer_then_exactly_one_provider_usage(use_simulator, model):
     text, usage = await collect(model)
     assert text == 'Simulated answer to "And a journal?" with 3 earlier messages in context.'
@@ -65,6 +78,7 @@ async def test_each_provider_streams_the_answer_then_exactly_one_provider_usage(
 
 
 @pytest.mark.parametrize("model", MODELS)
+@in_sync_thread
 async def test_the_answer_shows_how_much_context_was_carried(use_simulator, model):
     text, _ = await collect(model, [{"role": "user", "content": "Only this"}])
     assert "with 0 earlier messages" in text
@@ -74,12 +88,14 @@ async def test_the_answer_shows_how_much_context_was_carried(use_simulator, mode
 
 
 @pytest.mark.parametrize("model", MODELS)
+@in_sync_thread
 async def test_provider_counts_are_deterministic(use_simulator, model):
     _, first = await collect(model)
     _, second = await collect(model)
     assert (first.prompt_tokens, first.completion_tokens) == (second.prompt_tokens, second.completion_tokens)
 
 
+@in_sync_thread
 async def test_ollama_request_has_keep_alive_top_level_and_num_ctx_and_temperature_in_options(use_simulator, settings):
     settings.OLLAMA_NUM_CTX = 4096
     await collect("ollama:llama3.2:latest", CHAT, StreamOptions(temperature=0.2, keep_alive="30m", seed=7))
@@ -93,12 +109,14 @@ async def test_ollama_request_has_keep_alive_top_level_and_num_ctx_and_temperatu
     assert body["stream"] is True
 
 
+@in_sync_thread
 async def test_ollama_usage_reports_the_tagged_model(use_simulator):
     _, usage = await collect("ollama:llama3.2")
     assert usage.provider_model == "llama3.2:latest"
     assert usage.stop_reason == "stop"
 
 
+@in_sync_thread
 async def test_openai_request_asks_for_the_usage_chunk_and_the_reply_names_the_snapshot(use_simulator):
     _, usage = await collect("openai:gpt-4o", CHAT, StreamOptions(temperature=0.5, max_tokens=100))
     request = use_simulator.requests[-1]
@@ -110,6 +128,7 @@ async def test_openai_request_asks_for_the_usage_chunk_and_the_reply_names_the_s
     assert usage.provider_model == "gpt-4o-2024-08-06"
 
 
+@in_sync_thread
 async def test_anthropic_request_has_top_level_system_max_tokens_and_merged_turns(use_simulator, settings):
     settings.ANTHROPIC_MAX_TOKENS = 777
     messages = [
@@ -139,6 +158,7 @@ async def test_anthropic_request_has_top_level_system_max_tokens_and_merged_turn
 
 
 @pytest.mark.parametrize(("model", "reason"), [(MODELS[0], "length"), (MODELS[1], "length"), (MODELS[2], "max_tokens")])
+@in_sync_thread
 async def test_max_tokens_cuts_the_answer_and_says_why(use_simulator, model, reason):
     text, usage = await collect(model, CHAT, StreamOptions(max_tokens=4))
     assert usage.completion_tokens == 4 == len(text.split())
@@ -146,12 +166,14 @@ async def test_max_tokens_cuts_the_answer_and_says_why(use_simulator, model, rea
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
+@in_sync_thread
 async def test_words_n_makes_the_answer_n_words_long(use_simulator, provider):
     text, usage = await collect(faulty(provider, "words-250"))
     assert len(text.split()) == 250 == usage.completion_tokens
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
+@in_sync_thread
 async def test_multibyte_answers_arrive_intact(use_simulator, provider):
     text, _ = await collect(faulty(provider, "unicode"))
     assert "日本語" in text and "emoji🙂" in text and "\ufffd" not in text
@@ -181,6 +203,7 @@ STATUS_KINDS = [
 
 
 @pytest.mark.parametrize(("provider", "status", "kind"), STATUS_KINDS)
+@in_sync_thread
 async def test_an_error_status_is_a_typed_error_retried_only_when_retrying_helps(
     use_simulator, settings, provider, status, kind
 ):
@@ -196,6 +219,7 @@ async def test_an_error_status_is_a_typed_error_retried_only_when_retrying_helps
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
+@in_sync_thread
 async def test_a_model_named_missing_is_not_found_and_not_retried(use_simulator, provider):
     model = faulty(provider, "missing")
     _, error = await failure(model)
@@ -205,6 +229,7 @@ async def test_a_model_named_missing_is_not_found_and_not_retried(use_simulator,
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
+@in_sync_thread
 async def test_a_mid_stream_error_keeps_the_text_so_far_and_is_never_retried(use_simulator, provider):
     text, error = await failure(faulty(provider, "fault-midstream"))
     assert text == "Simulated answer to"
@@ -214,6 +239,7 @@ async def test_a_mid_stream_error_keeps_the_text_so_far_and_is_never_retried(use
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
+@in_sync_thread
 async def test_a_cut_connection_is_a_connection_error_after_the_text_so_far(use_simulator, provider):
     text, error = await failure(faulty(provider, "fault-cut"))
     assert text == "Simulated answer to"
@@ -222,6 +248,7 @@ async def test_a_cut_connection_is_a_connection_error_after_the_text_so_far(use_
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
+@in_sync_thread
 async def test_silence_between_tokens_times_out_and_closes_the_upstream(use_simulator, settings, provider):
     settings.PROVIDER_IDLE_TIMEOUT = 0.3
     text, error = await failure(faulty(provider, "fault-stall"))
@@ -234,6 +261,7 @@ async def test_silence_between_tokens_times_out_and_closes_the_upstream(use_simu
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
+@in_sync_thread
 async def test_silence_before_the_first_token_times_out_without_retrying(use_simulator, settings, provider):
     settings.PROVIDER_FIRST_TOKEN_TIMEOUT = 0.3
     text, error = await failure(faulty(provider, "fault-stall-first"))
@@ -244,6 +272,7 @@ async def test_silence_before_the_first_token_times_out_without_retrying(use_sim
     assert await asyncio.to_thread(use_simulator.requests[-1].wait_finished, 5)
 
 
+@in_sync_thread
 async def test_an_unreachable_ollama_is_a_connection_error_after_retries(use_simulator, settings):
     settings.OLLAMA_HOST = "http://127.0.0.1:9"  # discard port: nothing listens
     _, error = await failure("ollama:llama3.2")
@@ -252,6 +281,7 @@ async def test_an_unreachable_ollama_is_a_connection_error_after_retries(use_sim
 
 
 @pytest.mark.parametrize(("provider", "setting"), [("openai", "OPENAI_API_KEY"), ("anthropic", "ANTHROPIC_API_KEY")])
+@in_sync_thread
 async def test_a_paid_provider_without_a_key_fails_clearly(use_simulator, settings, provider, setting):
     setattr(settings, setting, "")
     _, error = await failure(PROVIDERS[provider])
@@ -264,6 +294,7 @@ async def test_a_paid_provider_without_a_key_fails_clearly(use_simulator, settin
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
+@in_sync_thread
 async def test_closing_the_stream_closes_the_upstream_connection(use_simulator, provider):
     stream = stream_chat(faulty(provider, "fault-slow-words-400"), CHAT)
     assert await stream.__anext__() == "Simulated"
@@ -275,6 +306,7 @@ async def test_closing_the_stream_closes_the_upstream_connection(use_simulator, 
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
+@in_sync_thread
 async def test_cancelling_the_consuming_task_closes_the_upstream_connection(use_simulator, provider):
     first = asyncio.Event()
 
@@ -296,6 +328,7 @@ async def test_cancelling_the_consuming_task_closes_the_upstream_connection(use_
 # --- models -------------------------------------------------------------------------------------------
 
 
+@in_sync_thread
 async def test_available_models_lists_live_ollama_models_and_priced_paid_models(use_simulator):
     names = {m.name: m for m in await available_models()}
     assert {"ollama:llama3.2:latest", "ollama:qwen2.5:7b"} <= set(names)
@@ -309,6 +342,7 @@ async def test_available_models_lists_live_ollama_models_and_priced_paid_models(
     assert names["openai:gpt-4o"].paid and not names["ollama:llama3.2:latest"].paid
 
 
+@in_sync_thread
 async def test_available_models_leaves_out_providers_without_a_key(use_simulator, settings):
     settings.OPENAI_API_KEY = ""
     names = {m.name for m in await available_models()}
@@ -316,6 +350,7 @@ async def test_available_models_leaves_out_providers_without_a_key(use_simulator
     assert any(n.startswith("anthropic:") for n in names)
 
 
+@in_sync_thread
 async def test_available_models_without_ollama_still_lists_paid_models(use_simulator, settings):
     settings.OLLAMA_HOST = "http://127.0.0.1:9"
     names = {m.name for m in await available_models()}
@@ -370,6 +405,7 @@ def test_context_windows(use_simulator, settings):
 # --- the simulator itself ---------------------------------------------------------------------------------
 
 
+@in_sync_thread
 async def test_the_request_log_is_served_over_http(use_simulator):
     await collect("ollama:llama3.2")
     async with httpx.AsyncClient() as client:
@@ -383,6 +419,7 @@ async def test_the_request_log_is_served_over_http(use_simulator):
     assert models["object"] == "list" and any(m["id"] == "gpt-4o" for m in models["data"])
 
 
+@in_sync_thread
 async def test_the_simulator_streams_ollama_ndjson_with_the_documented_headers(use_simulator):
     body = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}
     async with httpx.AsyncClient() as client:
@@ -394,6 +431,7 @@ async def test_the_simulator_streams_ollama_ndjson_with_the_documented_headers(u
     assert lines[-1]["done"] is True and lines[-1]["eval_count"] == len(lines) - 1
 
 
+@in_sync_thread
 async def test_the_simulator_answers_non_streaming_requests_too(use_simulator):
     async with httpx.AsyncClient() as client:
         ollama = await client.post(
@@ -426,7 +464,8 @@ def test_simulate_providers_command_serves_until_stopped():
         process.wait(10)
 
 
+@in_sync_thread
 async def test_available_models_runs_database_work_off_the_event_loop(use_simulator):
     # validate_model is sync; from async code it goes through sync_to_async.
-    ref = await sync_to_async(validate_model)("openai:gpt-4o-mini")
+    ref = await db_sync_to_async(validate_model)("openai:gpt-4o-mini")
     assert ref == ModelRef("openai", "gpt-4o-mini")
