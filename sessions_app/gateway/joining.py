@@ -1,13 +1,15 @@
 """Join a gateway call to the token's automatic work session.
 
 Clients of the Ollama and OpenAI APIs resend the whole conversation on every call. The
-gateway stores only what is new: it recognizes the prefix already stored in the token's
-current session and appends the rest; when the conversation diverges from what was stored
-(an edited or regenerated turn, another chat in the same tool) it branches from the stored
-conversation that shares the longest prefix, so nothing is stored (or billed) twice.
+gateway stores only what is new: it recognizes the prefix already stored in the session the
+call continues and appends the rest; when the conversation diverges from what was stored
+(an edited or regenerated turn) it branches from the stored conversation that shares the
+longest prefix, so nothing is stored (or billed) twice.
 
-One token has at most one active automatic session, so a client's time is never counted
-twice: a session the conversation moved away from ends when its successor starts.
+A tool that holds several conversations (chats, or side requests such as title generation)
+gets a session per conversation: each call continues the session whose conversation it
+extends. A session ends when its conversation is edited away from (it is branched), or
+when it goes idle: the guardian ends it at its last activity, so idle time is never billed.
 """
 
 from __future__ import annotations
@@ -129,30 +131,48 @@ class Plan:
 
 
 def _plan(token: ApiToken, chat: ChatRequest) -> Plan:
-    """Read the token's recent sessions and decide where this call belongs (no writes)."""
+    """Read the token's recent sessions and decide where this call belongs (no writes).
+
+    1. Continue the live session whose stored conversation the call extends (the longest
+       such, then the most recent): the usual call, and also a return to a chat the tool
+       left for a moment (a title or tag request in between).
+    2. Otherwise branch from the recent session that shares the longest prefix (an edited
+       or regenerated turn, or a conversation whose session ended).
+    3. Otherwise it is a new conversation: a new session.
+    """
     cutoff = timezone.now() - timedelta(seconds=settings.SESSION_IDLE_TIMEOUT)
     candidates = list(
-        ChatSession.objects.filter(api_token=token, user=token.user, domain_id=token.client_id)
-        .select_related("domain")
-        .order_by("-last_activity_at")[:CANDIDATE_SESSIONS]
+        ChatSession.objects.filter(api_token=token, user=token.user, domain_id=token.client_id).order_by(
+            "-last_activity_at"
+        )[:CANDIDATE_SESSIONS]
     )
     live = [s for s in candidates if s.is_active and s.last_activity_at >= cutoff]
-    current = live[0] if live else None
-    best: tuple[ChatSession, Match] | None = None
-    # The usual call continues the current conversation: read only its messages first.
-    if current is not None and _same(current.system_prompt, chat.system):
+    usable = [s for s in candidates if _same(s.system_prompt, chat.system)]  # a new prompt needs a new session
+    complete: tuple[ChatSession, Match] | None = None
+    partial: tuple[ChatSession, Match] | None = None
+
+    def consider(session: ChatSession, match: Match) -> None:
+        nonlocal complete, partial
+        if match.complete and session in live:
+            if complete is None or match.matched > complete[1].matched:
+                complete = (session, match)
+        elif match.matched and (partial is None or match.matched > partial[1].matched):
+            partial = (session, match)
+
+    # The usual call extends the most recent live conversation: read only its messages first.
+    current = next((s for s in live if s in usable), None)
+    if current is not None:
         match = match_history(_stored_messages([current])[current.pk], chat.history)
-        if match.complete:
-            return Plan(live, current, None, chat.history[match.next_index :])
-        if match.matched:
-            best = (current, match)
-    others = [s for s in candidates if s is not current and _same(s.system_prompt, chat.system)]
+        if match.complete and match.next_index == len(chat.history):
+            return Plan(live, current, None, [])  # nothing new before the message: none can do better
+        consider(current, match)
+    others = [s for s in usable if s is not current]
     for session_id, turns in _stored_messages(others).items():
-        match = match_history(turns, chat.history)
-        if match.matched and (best is None or match.matched > best[1].matched):
-            best = (next(s for s in others if s.pk == session_id), match)
-    tail = chat.history[best[1].next_index :] if best else chat.history
-    return Plan(live, None, best, tail)
+        consider(next(s for s in others if s.pk == session_id), match_history(turns, chat.history))
+    if complete is not None:
+        return Plan(live, complete[0], None, chat.history[complete[1].next_index :])
+    tail = chat.history[partial[1].next_index :] if partial else chat.history
+    return Plan(live, None, partial, tail)
 
 
 def _lock_token(token: ApiToken) -> None:
@@ -182,26 +202,26 @@ def gateway_session_join(*, token: ApiToken, chat: ChatRequest) -> ChatSession:
         _lock_token(token)
         plan = _plan(token, chat)  # again, under the lock: another call may have moved on
         target = plan.target
-        if target is None:
-            if plan.source is not None:
-                source, match = plan.source
-                target = services.session_branch(session_id=source.pk, user=user, at_seq=match.last_seq)
-                ChatSession.objects.filter(pk=target.pk).update(api_token=token)
-                target.api_token = token
-            else:
-                target = services.session_start(
-                    user=user,
-                    client=token.client,
-                    model=chat.model_name,
-                    name=token.name or "Gateway",
-                    system_prompt=chat.system,
-                    source=SessionSource.GATEWAY,
-                    api_token=token,
-                )
-            # The conversation moved on: the session it left stops its clock now.
-            for session in plan.live:
-                if session.pk != target.pk:
-                    _end_quietly(session, user, EndReason.USER)
+        if target is None and plan.source is not None:
+            source, match = plan.source
+            target = services.session_branch(session_id=source.pk, user=user, at_seq=match.last_seq)
+            ChatSession.objects.filter(pk=target.pk).update(api_token=token)
+            target.api_token = token
+            if source in plan.live:
+                # The client's conversation left this line (an edit, a regenerated answer): its clock stops now.
+                _end_quietly(source, user, EndReason.USER)
+        elif target is None:
+            # A new conversation. Other live sessions are left as they are: a tool may come back
+            # to them, and the guardian ends them at their last activity, so idle time is never billed.
+            target = services.session_start(
+                user=user,
+                client=token.client,
+                model=chat.model_name,
+                name=token.name or "Gateway",
+                system_prompt=chat.system,
+                source=SessionSource.GATEWAY,
+                api_token=token,
+            )
         if plan.tail:
             services.session_append_history(session_id=target.pk, user=user, messages=plan.tail)
         if not same_model(target.current_model, chat.model_name):

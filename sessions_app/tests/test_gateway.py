@@ -254,7 +254,22 @@ def test_an_edited_history_branches_instead_of_duplicating(ollama_client, acme_t
     copies = SessionMessage.objects.filter(session=branch, copied_from__isnull=False)
     assert copies.count() == 2  # the shared turns are copies, not billed again
     original.refresh_from_db()
-    assert not original.is_active  # one clock per token: the abandoned conversation stopped
+    assert not original.is_active  # the abandoned line of the conversation stopped its clock
+
+
+def test_a_side_request_between_turns_does_not_disturb_the_chat(ollama_client, acme_token):
+    history = [{"role": "user", "content": "Plan the Acme migration"}]
+    answer = ollama_client.chat(model="llama3.2", messages=history, stream=False).message.content
+    # What chat front-ends do after an answer: a one-off request of their own (a title, tags).
+    ollama_client.chat(model="llama3.2", messages=[{"role": "user", "content": "Title for: Plan the Acme migration"}])
+    history += [{"role": "assistant", "content": answer}, {"role": "user", "content": "Next step?"}]
+    ollama_client.chat(model="llama3.2", messages=history, stream=False)
+
+    chat, aside = gateway_sessions(acme_token[0])
+    assert [role for role, _ in stored(chat)] == ["user", "assistant", "user", "assistant"]
+    assert chat.is_active and chat.parent_id is None  # continued, not branched
+    assert stored(aside)[0] == ("user", "Title for: Plan the Acme migration")
+    assert not ChatSession.objects.filter(parent__in=[chat, aside]).exists()
 
 
 def test_a_token_for_one_client_never_lands_in_another_clients_session(
