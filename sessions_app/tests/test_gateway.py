@@ -526,3 +526,14 @@ def test_a_second_call_while_an_answer_streams_is_a_409_in_each_protocol(gateway
         assert not SessionMessage.objects.filter(role="assistant").exists()  # the first answer still streams
     assert wait_for_answer(acme_token[0]).status == "partial"  # and is kept when its client hangs up
     assert gateway_sessions(acme_token[0]).count() == 1
+
+
+def test_a_paid_model_through_the_gateway_is_billed_to_the_tokens_client(openai_client, acme_token, client_acme):
+    completion = openai_client.chat.completions.create(
+        model="openai:gpt-4o", messages=[{"role": "user", "content": "Estimate the Acme budget"}]
+    )
+    answer = SessionMessage.objects.get(session__api_token=acme_token[0], role="assistant")
+    assert answer.provider == "openai" and answer.domain == client_acme
+    assert answer.cost_usd > 0
+    assert completion.usage.completion_tokens == answer.completion_tokens
+    assert completion.model == "openai:gpt-4o"  # the name the client asked for, echoed
