@@ -221,17 +221,19 @@ def verify_session(session) -> tuple[bool, str]:
     problems: list[str] = []
     previous = GENESIS
     count = 0
+    head = GENESIS  # the stored head, so one edited message is reported once, not again as the head
     for message in _chain_messages(session):
         count += 1
+        head = message.hash or GENESIS
+        if problems:
+            continue
         expected = link_hash(previous, message)
         if message.hash != expected:
             problems.append(
                 f"message #{message.seq} ({message.message_id}): hash does not match its stored fields "
                 "(content, tokens, cost, timestamp or an earlier link was changed)"
             )
-            break
         previous = expected
-    head = previous
 
     seal = session.soulfra_hash
     if session.status != "ended":
