@@ -277,7 +277,7 @@ def _snippet(content: str, found: list[re.Match]) -> list[tuple[str, bool]]:
         segments.append((content[cursor:end], False))
     if end < len(content):
         segments.append(("…", False))
-    return [(" ".join(text.split()) if not hit else text, hit) for text, hit in segments if text]
+    return [(re.sub(r"\s+", " ", text) if not hit else text, hit) for text, hit in segments if text]
 
 
 # --- Stats ----------------------------------------------------------------------------------

@@ -164,6 +164,15 @@ def test_list_prints_a_table_of_the_users_sessions(acme_session, colleague):
     assert "Not mine" not in out
 
 
+def test_list_shows_the_newest_sessions_up_to_the_limit(owner, client_acme):
+    for n in range(3):
+        SessionFactory(user=owner, domain=client_acme, name=f"Numbered {n}")
+    out, _ = chat("-l", "--user", "olivia", "--limit", "2")
+    lines = out.strip().splitlines()
+    assert len(lines) == 4  # header, two rows, the "more" line
+    assert lines[-1] == "… 1 more (use --limit N)."
+
+
 def test_history_prints_roles_times_tokens_and_cost(acme_session):
     out, _ = chat("--history", str(acme_session.session_id)[:10])
 
@@ -172,6 +181,7 @@ def test_history_prints_roles_times_tokens_and_cost(acme_session):
     assert "#1 USER" in out and "What is a ledger?" in out
     local = timezone.localtime(answer.timestamp).strftime("%Y-%m-%d %H:%M:%S")
     assert f"#2 ASSISTANT · {local} · ollama:llama3.2 · {answer.tokens} tokens · $0.000000" in out
+    assert "#1 USER · " in out and "#1 USER · 0 tokens" not in out
 
 
 def test_history_reads_an_archived_session(acme_session):

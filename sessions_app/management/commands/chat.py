@@ -8,6 +8,7 @@ with Ctrl-C (the partial answer is stored).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -30,7 +31,7 @@ from sessions_app.events import Done, Token
 from sessions_app.models import ChatSession, EndReason, SessionSource, SessionStatus
 
 DEFAULT_MODEL = "ollama:llama3.2"
-USAGE, FAILED, INTERRUPTED = 2, 1, 130
+USAGE, FAILED, INTERRUPTED, BROKEN_PIPE = 2, 1, 130, 141
 
 ACTIONS = ("new", "send", "list", "history", "clean", "branch", "search", "export", "import_file", "stats")
 # The options each action accepts besides itself; anything else is a usage error.
@@ -202,6 +203,11 @@ class Command(BaseCommand):
         except KeyboardInterrupt:
             self.stderr.write("Interrupted.")
             raise CommandError("Stopped by Ctrl-C.", returncode=INTERRUPTED) from None
+        except BrokenPipeError:
+            # The reader went away (`| head`): stop quietly, as Unix tools do.
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise SystemExit(BROKEN_PIPE) from None
         except SessionError as exc:
             raise CommandError(exc.message, returncode=FAILED) from None
 
@@ -388,9 +394,10 @@ class Command(BaseCommand):
                 flags.append("copy")
             if m.is_imported:
                 flags.append("imported")
-            meta = f"{m.tokens} tokens · {dollars(m.cost_usd)}" if m.role != "user" else f"{m.tokens} tokens"
+            # A question's tokens are billed on its answer, as the answer's prompt.
+            meta = f" · {m.tokens} tokens · {dollars(m.cost_usd)}" if m.role != "user" else ""
             w(
-                f"#{m.seq} {m.role.upper()} · {local(m.timestamp)} · {m.model or '—'} · {meta}"
+                f"#{m.seq} {m.role.upper()} · {local(m.timestamp)} · {m.model or '—'}{meta}"
                 + (f" · {', '.join(flags)}" if flags else "")
             )
             for text_line in (m.content or "").splitlines() or [""]:
