@@ -198,6 +198,7 @@ def client_report(request, slug: str):
         "daily_chart": _daily_chart(period, daily, {}, "model"),
         "invoices": Invoice.objects.filter(client=client).order_by("-created_at")[:10],
         "billing_tz": settings.TIME_ZONE,
+        "session_admin": reverse("admin:sessions_app_chatsession_changelist"),
     }
     return render(request, "billing/client_report.html", context)
 
