@@ -223,3 +223,20 @@ def _staff():
     from tests.factories import UserFactory
 
     return UserFactory(username="auditor", is_staff=True)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("seconds", "minutes", "amount"), [(360, 6, "15.00"), (361, 12, "30.00"), (359, 6, "15.00"), (0, 0, "0.00")]
+)
+def test_a_session_at_an_increment_boundary_bills_as_stated(owner, client_acme, seconds, minutes, amount):
+    work(user=owner, client=client_acme, start=at(12), seconds=seconds, costs=["0"])
+    line = report_for_period(period=march(), user=_staff()).lines[0]
+    assert (line.seconds, line.billable_minutes, line.time_amount) == (seconds, minutes, Decimal(amount))
+
+
+@pytest.mark.django_db
+def test_an_open_segment_counts_up_to_now_inside_the_period(owner, client_acme):
+    work(user=owner, client=client_acme, start=at(12, 9, 0), ended=False)
+    line = report_for_period(period=march(), user=_staff(), now=at(12, 9, 7)).lines[0]
+    assert (line.seconds, line.billable_minutes) == (420, 12)
