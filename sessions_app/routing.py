@@ -1,3 +1,9 @@
 """WebSocket routes."""
 
-websocket_urlpatterns: list = []
+from django.urls import path
+
+from sessions_app.consumers import SessionConsumer
+
+websocket_urlpatterns: list = [
+    path("ws/sessions/<uuid:session_id>/", SessionConsumer.as_asgi()),
+]

@@ -1,0 +1,49 @@
+"""What the live chat hands to pages: the brand a session wears and the page's start-up data."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.urls import reverse
+from django.utils import timezone
+
+from billing.branding import HOUSE_STYLE, BrandStyle, default_brand
+from sessions_app import selectors
+from sessions_app.models import ChatSession
+
+
+def session_brand_style(session: ChatSession) -> BrandStyle:
+    """The brand a session's pages wear: its own, else its client's default, else the house style."""
+    brand = session.brand or default_brand(session.domain)
+    return BrandStyle.from_brand(brand) if brand else HOUSE_STYLE
+
+
+def brand_payload(style: BrandStyle) -> dict[str, str]:
+    """Brand values a page may apply as CSS custom properties (BrandStyle validated them all)."""
+    return {
+        "name": style.name,
+        "primary_color": style.primary_color,
+        "accent_color": style.accent_color,
+        "background_color": style.background_color,
+        "font_stack": style.font_stack,
+        "logo": style.logo,
+        "welcome_text": style.welcome_text,
+        "client": style.client_slug,
+    }
+
+
+def chat_page_config(session: ChatSession, *, can_chat: bool) -> dict:
+    """The chat page's start-up data, embedded with `json_script` (never as markup)."""
+    sid = session.session_id
+    return {
+        "session": selectors.session_as_dict(session),
+        "client_name": session.domain.name,
+        "brand": brand_payload(session_brand_style(session)),
+        "can_chat": can_chat,
+        "streaming": session.turn_started_at is not None,
+        "server_now": timezone.now().isoformat(),
+        "max_chars": settings.CHAT_MAX_MESSAGE_CHARS,
+        "ws_path": f"/ws/sessions/{sid}/",
+        "messages_url": reverse("session-messages", kwargs={"session_id": sid}),
+        "models_url": reverse("session-models"),
+        "summary_url": reverse("session-summary", kwargs={"session_id": sid}),
+    }

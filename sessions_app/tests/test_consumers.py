@@ -1,0 +1,432 @@
+"""The chat WebSocket: who may connect, frame validation, streaming, stop, switch, end, fan-out."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+
+import pytest
+from channels.db import database_sync_to_async
+from channels.layers import InMemoryChannelLayer
+from channels.routing import URLRouter
+from channels.testing import WebsocketCommunicator
+from django.contrib.auth.models import AnonymousUser
+
+from billing.models import LLMUsage
+from sessions_app import services
+from sessions_app.consumers import (
+    CLOSE_NOT_FOUND,
+    CLOSE_UNAUTHENTICATED,
+    SessionConsumer,
+)
+from sessions_app.errors import MESSAGE_EMPTY, SESSION_BUSY
+from sessions_app.models import ChatSession, SessionMessage
+from sessions_app.routing import websocket_urlpatterns
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+SLOW = "ollama:llama3.2-fault-slow-words-400"  # 20 tokens a second: still streaming when we act
+FAST = "ollama:llama3.2-words-200"
+
+
+def socket(session, user) -> WebsocketCommunicator:
+    communicator = WebsocketCommunicator(URLRouter(websocket_urlpatterns), f"/ws/sessions/{session.pk}/")
+    communicator.scope["user"] = user
+    return communicator
+
+
+async def connected(session, user) -> WebsocketCommunicator:
+    communicator = socket(session, user)
+    ok, _ = await communicator.connect(timeout=10)
+    assert ok
+    ready = await receive(communicator)
+    assert ready["type"] == "ready"
+    return communicator
+
+
+async def receive(communicator, timeout: float = 10) -> dict:
+    return json.loads(await communicator.receive_from(timeout=timeout))
+
+
+async def frames_until(communicator, frame_type: str, timeout: float = 20) -> list[dict]:
+    """Every frame up to and including the first of `frame_type`."""
+    frames = []
+    while True:
+        frame = await receive(communicator, timeout)
+        frames.append(frame)
+        if frame["type"] == frame_type:
+            return frames
+
+
+def token_text(frames: list[dict]) -> str:
+    return "".join(f["text"] for f in frames if f["type"] == "token")
+
+
+@pytest.fixture
+def start(owner, client_acme, use_simulator):
+    def make(model: str = FAST, **kwargs) -> ChatSession:
+        return services.session_start(user=owner, client=client_acme, model=model, **kwargs)
+
+    return make
+
+
+@database_sync_to_async
+def stored_messages(session) -> list[SessionMessage]:
+    return list(SessionMessage.objects.filter(session=session).order_by("seq"))
+
+
+@database_sync_to_async
+def reload(session) -> ChatSession:
+    return ChatSession.objects.select_related("domain", "brand").get(pk=session.pk)
+
+
+# --- Who may connect -------------------------------------------------------------------------
+
+
+async def test_only_the_signed_in_owner_may_connect(start, outsider, staff):
+    session = await database_sync_to_async(start)()
+    for user, code in [(AnonymousUser(), CLOSE_UNAUTHENTICATED), (outsider, CLOSE_NOT_FOUND), (staff, CLOSE_NOT_FOUND)]:
+        # Staff review sessions in the admin; a live chat is its owner's alone.
+        assert await socket(session, user).connect(timeout=10) == (False, code)
+
+
+async def test_owner_is_greeted_with_the_session(start, owner):
+    session = await database_sync_to_async(start)()
+    communicator = socket(session, owner)
+    assert (await communicator.connect(timeout=10))[0]
+    ready = await receive(communicator)
+    assert ready["type"] == "ready"
+    assert ready["session"]["session_id"] == str(session.pk)
+    assert ready["session"]["client"] == "acme"
+    assert ready["streaming"] is False
+    await communicator.disconnect()
+
+
+async def test_full_stack_accepts_the_session_cookie_and_refuses_without_it(start, owner, client):
+    from config.asgi import application
+
+    session = await database_sync_to_async(start)()
+    await database_sync_to_async(client.force_login)(owner)
+    cookie = f"sessionid={client.cookies['sessionid'].value}".encode()
+    path = f"/ws/sessions/{session.pk}/"
+
+    signed_in = WebsocketCommunicator(
+        application, path, headers=[(b"origin", b"http://localhost"), (b"cookie", cookie)]
+    )
+    assert (await signed_in.connect(timeout=10))[0]
+    assert (await receive(signed_in))["type"] == "ready"
+    await signed_in.disconnect()
+
+    anonymous = WebsocketCommunicator(application, path, headers=[(b"origin", b"http://localhost")])
+    assert await anonymous.connect(timeout=10) == (False, CLOSE_UNAUTHENTICATED)
+
+    foreign_origin = WebsocketCommunicator(
+        application, path, headers=[(b"origin", b"https://evil.example"), (b"cookie", cookie)]
+    )
+    assert (await foreign_origin.connect(timeout=10))[0] is False
+
+
+# --- Every inbound frame is validated ----------------------------------------------------------
+
+
+async def test_bad_frames_get_error_frames_and_the_socket_stays_open(start, owner, settings):
+    settings.CHAT_MAX_MESSAGE_CHARS = 50
+    session = await database_sync_to_async(start)()
+    communicator = await connected(session, owner)
+
+    cases = [
+        ("not json at all", "invalid_json"),
+        ("[1, 2]", "invalid_frame"),
+        ('{"message": "no type"}', "invalid_frame"),
+        ('{"type": "dance"}', "unknown_type"),
+        ('{"type": "chat"}', "bad_request"),
+        ('{"type": "chat", "message": "   "}', "bad_request"),
+        ('{"type": "chat", "message": 42}', "bad_request"),
+        ('{"type": "chat", "message": "hi", "turn": "<script>"}', "bad_request"),
+        (json.dumps({"type": "chat", "message": "x" * 51}), "message_too_large"),
+        (json.dumps({"type": "chat", "message": "x" * 10_000}), "message_too_large"),
+        ('{"type": "switch"}', "bad_request"),
+        ('{"type": "switch", "client": ["acme"]}', "bad_request"),
+    ]
+    for text, code in cases:
+        await communicator.send_to(text_data=text)
+        frame = await receive(communicator)
+        assert (frame["type"], frame["code"]) == ("error", code), text
+        assert frame["message"]
+
+    await communicator.send_json_to({"type": "switch", "client": "nobody"})
+    unknown = await receive(communicator)
+    assert (unknown["type"], unknown["code"]) == ("error", "bad_request")
+    assert "nobody" in unknown["message"]
+
+    await communicator.send_to(bytes_data=b"\x00\x01")
+    assert (await receive(communicator))["code"] == "invalid_frame"
+
+    await communicator.send_json_to({"type": "chat"})
+    assert (await receive(communicator))["message"] == MESSAGE_EMPTY
+
+    await communicator.send_json_to({"type": "ping"})
+    assert (await receive(communicator))["type"] == "pong"
+    assert await stored_messages(session) == []
+    await communicator.disconnect()
+
+
+# --- Streaming -------------------------------------------------------------------------------
+
+
+async def test_an_answer_streams_as_tokens_then_message_done_with_totals(start, owner):
+    session = await database_sync_to_async(start)()
+    communicator = await connected(session, owner)
+    await communicator.send_json_to({"type": "chat", "message": "Summarise the contract", "turn": "t1"})
+    frames = await frames_until(communicator, "message.done")
+    await communicator.disconnect()
+
+    assert frames[0] == {"type": "turn.started", "turn": "t1", "message": "Summarise the contract"}
+    done = frames[-1]
+    assert {f["turn"] for f in frames} == {"t1"}
+    assert token_text(frames) == done["message"]["content"]
+    assert done["message"]["role"] == "assistant"
+    assert done["message"]["status"] == "complete"
+    assert done["message"]["tokens"] > 0
+    assert done["message"]["cost_usd"] == "0.000000"
+    assert done["session"]["total_messages"] == 2
+    assert done["session"]["total_tokens"] == done["message"]["tokens"] + 0  # the user message costs nothing
+    user, answer = await stored_messages(session)
+    assert (user.role, user.content) == ("user", "Summarise the contract")
+    assert answer.content == done["message"]["content"]
+
+
+async def test_a_fast_stream_is_coalesced_by_the_timer_not_by_the_number_of_tokens(start, owner, monkeypatch):
+    session = await database_sync_to_async(start)()
+    communicator = await connected(session, owner)
+
+    # A long interval: the first delta leaves at once and everything else in one final frame.
+    monkeypatch.setattr(SessionConsumer, "token_interval", 60.0)
+    await communicator.send_json_to({"type": "chat", "message": "hello"})
+    coalesced = await frames_until(communicator, "message.done")
+
+    # No interval: every delta would be a frame of its own.
+    monkeypatch.setattr(SessionConsumer, "token_interval", 0.0)
+    await communicator.send_json_to({"type": "chat", "message": "hello again"})
+    uncoalesced = await frames_until(communicator, "message.done")
+    await communicator.disconnect()
+
+    assert len([f for f in coalesced if f["type"] == "token"]) == 2
+    assert token_text(coalesced) == coalesced[-1]["message"]["content"]
+    assert len(coalesced[-1]["message"]["content"].split()) >= 200
+    assert len([f for f in uncoalesced if f["type"] == "token"]) >= 200
+    assert token_text(uncoalesced) == uncoalesced[-1]["message"]["content"]
+
+
+async def test_a_second_chat_while_streaming_is_refused_as_busy(start, owner):
+    session = await database_sync_to_async(start)(model=SLOW)
+    communicator = await connected(session, owner)
+    await communicator.send_json_to({"type": "chat", "message": "first", "turn": "a"})
+    await frames_until(communicator, "token")
+    await communicator.send_json_to({"type": "chat", "message": "second", "turn": "b"})
+    frames = await frames_until(communicator, "error")
+    assert (frames[-1]["code"], frames[-1]["message"]) == ("session_busy", SESSION_BUSY)
+    await communicator.send_json_to({"type": "stop"})
+    await frames_until(communicator, "stopped")
+    await communicator.disconnect()
+    assert [m.content for m in await stored_messages(session) if m.role == "user"] == ["first"]
+
+
+async def test_stop_cancels_the_answer_and_stores_exactly_what_was_shown(start, owner):
+    session = await database_sync_to_async(start)(model=SLOW)
+    communicator = await connected(session, owner)
+    await communicator.send_json_to({"type": "chat", "message": "tell me everything", "turn": "s"})
+    frames = await frames_until(communicator, "token")
+    frames += await frames_until(communicator, "token")
+    await communicator.send_json_to({"type": "stop"})
+    frames += await frames_until(communicator, "stopped")
+    await communicator.disconnect()
+
+    stopped = frames[-1]
+    assert stopped["stored"]["status"] == "partial"
+    assert stopped["stored"]["content"] == token_text(frames)
+    assert stopped["session"]["total_messages"] == 2
+    answer = (await stored_messages(session))[-1]
+    assert (answer.role, answer.status, answer.content) == ("assistant", "partial", token_text(frames))
+    usage = await database_sync_to_async(lambda: LLMUsage.objects.get(session=session))()
+    assert usage.status == "cancelled"
+    assert (await reload(session)).turn_started_at is None
+
+
+async def test_disconnecting_mid_answer_stores_the_partial_answer(start, owner):
+    session = await database_sync_to_async(start)(model=SLOW)
+    communicator = await connected(session, owner)
+    await communicator.send_json_to({"type": "chat", "message": "a long one please"})
+    frames = await frames_until(communicator, "token")
+    await communicator.disconnect()
+
+    messages = await stored_messages(session)
+    assert [m.role for m in messages] == ["user", "assistant"]
+    assert messages[-1].status == "partial"
+    assert messages[-1].content.startswith(token_text(frames))
+    assert len(messages[-1].content.split()) < 400
+    assert (await reload(session)).turn_started_at is None
+
+
+async def test_a_provider_failure_is_an_error_frame_with_the_stored_partial(start, owner):
+    session = await database_sync_to_async(start)(model="ollama:llama3.2-fault-midstream")
+    communicator = await connected(session, owner)
+    await communicator.send_json_to({"type": "chat", "message": "hi", "turn": "f"})
+    frames = await frames_until(communicator, "error")
+    await communicator.disconnect()
+    error = frames[-1]
+    assert error["code"] == "provider_error"
+    assert error["turn"] == "f"
+    assert error["stored"]["status"] in ("partial", "error")
+    assert error["stored"]["content"] == token_text(frames)
+
+
+# --- Switch and end --------------------------------------------------------------------------
+
+
+async def test_switch_moves_the_session_and_sends_the_new_brand(start, owner, client_globex):
+    session = await database_sync_to_async(start)()
+    communicator = await connected(session, owner)
+    await communicator.send_json_to({"type": "switch", "client": "globex", "reason": "their ticket"})
+    switched = await receive(communicator)
+    await communicator.disconnect()
+
+    assert switched["type"] == "switched"
+    assert switched["client"] == {"slug": "globex", "name": "Globex"}
+    assert switched["model"] == session.current_model
+    assert switched["brand"]["name"] == "Globex"
+    assert switched["brand"]["primary_color"] == "#c92a2a"
+    assert switched["stream"]["source_client"] == "acme"
+    assert switched["stream"]["target_client"] == "globex"
+    assert switched["session"]["client"] == "globex"
+    assert (await reload(session)).domain.slug == "globex"
+
+
+async def test_switch_while_streaming_is_refused_as_busy(start, owner, client_globex):
+    session = await database_sync_to_async(start)(model=SLOW)
+    communicator = await connected(session, owner)
+    await communicator.send_json_to({"type": "chat", "message": "go"})
+    await frames_until(communicator, "token")
+    await communicator.send_json_to({"type": "switch", "client": "globex"})
+    frames = await frames_until(communicator, "error")
+    assert frames[-1]["code"] == "session_busy"
+    await communicator.disconnect()
+    assert (await reload(session)).domain.slug == "acme"
+
+
+async def test_end_stops_the_answer_and_sends_the_summary_url(start, owner):
+    session = await database_sync_to_async(start)(model=SLOW)
+    communicator = await connected(session, owner)
+    await communicator.send_json_to({"type": "chat", "message": "go"})
+    await frames_until(communicator, "token")
+    await communicator.send_json_to({"type": "end"})
+    frames = await frames_until(communicator, "ended")
+    assert "stopped" in [f["type"] for f in frames]
+    ended = frames[-1]
+    assert ended["summary_url"] == f"/sessions/{session.pk}/summary/"
+    assert ended["summary"]["status"] == "ended"
+    assert ended["summary"]["by_client"][0]["client"] == "acme"
+
+    await communicator.send_json_to({"type": "chat", "message": "one more"})
+    error = await frames_until(communicator, "error")
+    assert error[-1]["code"] == "session_ended"
+    await communicator.disconnect()
+    assert [m.status for m in await stored_messages(session)] == ["complete", "partial"]
+
+
+# --- Fan-out to the session's other sockets ----------------------------------------------------
+
+
+async def test_a_second_tab_watches_the_same_answer_live(start, owner):
+    session = await database_sync_to_async(start)()
+    asking = await connected(session, owner)
+    watching = await connected(session, owner)
+    await asking.send_json_to({"type": "chat", "message": "for both tabs", "turn": "w"})
+    asked = await frames_until(asking, "message.done")
+    watched = await frames_until(watching, "message.done")
+    await asking.disconnect()
+    await watching.disconnect()
+
+    assert watched[0] == {"type": "turn.started", "turn": "w", "message": "for both tabs"}
+    assert token_text(watched) == token_text(asked) == watched[-1]["message"]["content"]
+    assert watched[-1]["message"]["message_id"] == asked[-1]["message"]["message_id"]
+
+
+async def test_a_busy_refusal_is_not_broadcast_to_the_other_tab(start, owner):
+    session = await database_sync_to_async(start)(model=SLOW)
+    asking = await connected(session, owner)
+    other = await connected(session, owner)
+    await asking.send_json_to({"type": "chat", "message": "first"})
+    await frames_until(other, "token")
+    await other.send_json_to({"type": "chat", "message": "second", "turn": "x"})
+    refused = await frames_until(other, "error")
+    assert refused[-1]["code"] == "session_busy"
+    # The other tab may stop the answer it watches.
+    await other.send_json_to({"type": "stop"})
+    asked = await frames_until(asking, "stopped")
+    assert "error" not in [f["type"] for f in asked]
+    await asking.disconnect()
+    await other.disconnect()
+
+
+class FailingChannelLayer(InMemoryChannelLayer):
+    """A channel layer whose group operations fail, as a Redis outage would make them."""
+
+    async def group_add(self, group, channel):
+        raise ConnectionError("channel layer down")
+
+    async def group_send(self, group, message):
+        raise ConnectionError("channel layer down")
+
+
+async def test_the_asking_socket_gets_its_answer_when_the_channel_layer_fails(start, owner, settings, caplog):
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "sessions_app.tests.test_consumers.FailingChannelLayer"}}
+    session = await database_sync_to_async(start)()
+    communicator = socket(session, owner)
+    with caplog.at_level(logging.WARNING, logger="sessions_app.consumers"):
+        assert (await communicator.connect(timeout=10))[0]
+        assert (await receive(communicator))["type"] == "ready"
+        await communicator.send_json_to({"type": "chat", "message": "still there?"})
+        frames = await frames_until(communicator, "message.done")
+        await communicator.disconnect()
+    assert token_text(frames) == frames[-1]["message"]["content"]
+    assert "Fan-out" in caplog.text
+
+
+async def test_the_asking_socket_gets_its_answer_when_redis_is_unreachable(start, owner, settings, caplog):
+    settings.CHANNEL_LAYERS = {
+        "default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": ["redis://127.0.0.1:9/0"]}}
+    }
+    session = await database_sync_to_async(start)()
+    communicator = socket(session, owner)
+    with caplog.at_level(logging.WARNING, logger="sessions_app.consumers"):
+        assert (await communicator.connect(timeout=10))[0]
+        assert (await receive(communicator))["type"] == "ready"
+        await communicator.send_json_to({"type": "chat", "message": "still there?"})
+        frames = await frames_until(communicator, "message.done")
+        await communicator.disconnect()
+    assert frames[-1]["message"]["status"] == "complete"
+    assert token_text(frames) == frames[-1]["message"]["content"]
+
+
+async def test_the_coalescer_never_sends_two_frames_within_one_interval():
+    from sessions_app.consumers import TokenCoalescer
+
+    loop = asyncio.get_running_loop()
+    sent: list[tuple[float, str]] = []
+
+    async def emit(text):
+        sent.append((loop.time(), text))
+
+    coalescer = TokenCoalescer(emit, 0.05)
+    for index in range(40):
+        await coalescer.add(f"{index} ")
+        await asyncio.sleep(0.005)
+    await coalescer.close()
+    assert "".join(text for _, text in sent) == "".join(f"{i} " for i in range(40))
+    # Every frame but the final flush waits a full interval after the one before.
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(sent[:-1])]
+    assert all(gap >= 0.049 for gap in gaps)
+    assert len(sent) < 40
