@@ -393,11 +393,20 @@ class ProviderSimulator:
             body = b"".join(parts)
         return method.upper(), target.split("?", 1)[0], headers, body
 
-    def _send_json(self, conn: _Conn, status: int, payload: Any, headers: list[tuple[str, str]] | None = None) -> None:
+    def _send_json(
+        self,
+        conn: _Conn,
+        status: int,
+        payload: Any,
+        headers: list[tuple[str, str]] | None = None,
+        *,
+        head_only: bool = False,
+    ) -> None:
         body = (payload if isinstance(payload, str) else _compact(payload)).encode()
         base = [("Content-Type", "application/json; charset=utf-8"), ("Date", _http_date())]
         conn.head(status, [*base, *(headers or []), ("Content-Length", str(len(body)))])
-        conn.transport.write(body)
+        if not head_only:
+            conn.transport.write(body)
 
     def _log(self, method: str, path: str, headers: dict, raw: bytes, protocol: str) -> SimRequest:
         try:
@@ -435,12 +444,13 @@ class ProviderSimulator:
             if path == "/":
                 body = b"Ollama is running (provider simulator)"
                 conn.head(200, [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))])
-                conn.transport.write(body)
+                if method != "HEAD":
+                    conn.transport.write(body)
             else:
-                self._send_json(conn, 200, {"version": "0.5.1"})
+                self._send_json(conn, 200, {"version": "0.5.1"}, head_only=method == "HEAD")
             return keep
         if path == "/api/tags" and method in ("GET", "HEAD"):
-            self._send_json(conn, 200, {"models": [self._tag(*t) for t in OLLAMA_TAGS]})
+            self._send_json(conn, 200, {"models": [self._tag(*t) for t in OLLAMA_TAGS]}, head_only=method == "HEAD")
             return keep
         if path == "/v1/models" and method == "GET":
             if "anthropic-version" in headers:

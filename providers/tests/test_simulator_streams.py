@@ -413,6 +413,10 @@ async def test_the_request_log_is_served_over_http(use_simulator):
         version = (await client.get(f"{use_simulator.url}/api/version")).json()
         tags = (await client.get(f"{use_simulator.url}/api/tags")).json()
         models = (await client.get(f"{use_simulator.openai_url}/models")).json()
+        head = await client.head(f"{use_simulator.url}/api/tags")
+        again = await client.get(f"{use_simulator.url}/api/version")  # same connection, still in step
+    assert head.status_code == 200 and head.content == b""
+    assert again.json() == {"version": "0.5.1"}
     assert log[-1]["path"] == "/api/chat" and log[-1]["body"]["model"] == "llama3.2"
     assert version == {"version": "0.5.1"}
     assert tags["models"][0]["name"] == "llama3.2:latest"
