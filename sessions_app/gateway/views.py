@@ -253,7 +253,9 @@ async def _ollama_turn(request: HttpRequest, token: str | None, kind: str) -> Ht
         chat, session, events, turn = started.chat, started.session, started.events, started.turn
         if not chat.stream:
             await _drain(events, turn)
-            return ollama_wire.complete_response(kind, chat.model, turn.text, turn.metrics())
+            response = ollama_wire.complete_response(kind, chat.model, turn.text, turn.metrics())
+            response["X-Session-Id"] = str(session.pk)
+            return response
     except GatewayError as exc:
         return ollama_wire.error_response(exc)
     except SessionError as exc:
@@ -269,6 +271,9 @@ async def _ollama_turn(request: HttpRequest, token: str | None, kind: str) -> Ht
             yield ollama_wire.done_line(kind, chat.model, turn.metrics())
         except SessionError as exc:
             yield ollama_wire.error_line(error_from_session(exc).message)
+        except Exception:
+            log.exception("gateway stream failed")
+            yield ollama_wire.error_line(INTERNAL_ERROR)
         finally:
             await events.aclose()
 
@@ -401,7 +406,9 @@ async def openai_chat_completions(request: HttpRequest, token: str | None = None
         completion = openai_wire.Completion(model=chat.model, include_usage=chat.include_usage)
         if not chat.stream:
             await _drain(events, turn)
-            return completion.response(turn.text, turn.finish_reason, turn.prompt_tokens, turn.completion_tokens)
+            response = completion.response(turn.text, turn.finish_reason, turn.prompt_tokens, turn.completion_tokens)
+            response["X-Session-Id"] = str(session.pk)
+            return response
     except GatewayError as exc:
         return openai_wire.error_response(exc)
     except SessionError as exc:
@@ -421,6 +428,9 @@ async def openai_chat_completions(request: HttpRequest, token: str | None = None
             yield openai_wire.DONE_EVENT
         except SessionError as exc:
             yield openai_wire.error_event(error_from_session(exc))
+        except Exception:
+            log.exception("gateway stream failed")
+            yield openai_wire.error_event(GatewayError(500, INTERNAL_ERROR, code="internal_error"))
         finally:
             await events.aclose()
 
