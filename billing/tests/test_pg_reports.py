@@ -133,3 +133,41 @@ def test_a_cut_csv_download_leaves_the_connection_as_it_was(staff, awkward_month
     with connection.cursor() as cur:
         cur.execute("SELECT current_setting('TimeZone')")
         assert cur.fetchone()[0] == "UTC"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_issues_get_distinct_consecutive_numbers():
+    import threading
+
+    from django.db import connections
+
+    from billing.models import Invoice
+
+    staff = UserFactory(username="issuer", is_staff=True)
+    drafts = []
+    for i in range(4):
+        client = ClientFactory(slug=f"race-{i}", name=f"Race {i}")
+        work(user=staff, client=client, start=at(2 + i), seconds=600, costs=["1.00"])
+        drafts.append(
+            invoice_create_draft(client=client, period_start=at(1).date(), period_end=at(31).date(), user=staff)
+        )
+    barrier = threading.Barrier(len(drafts))
+    errors = []
+
+    def issue(draft):
+        try:
+            barrier.wait()
+            invoice_issue(invoice=draft, user=staff, now=at(31, 12))
+        except Exception as exc:  # reported below, with the thread's own message
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=issue, args=(d,)) for d in drafts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    numbers = sorted(Invoice.objects.values_list("number", flat=True))
+    assert numbers == ["INV-2026-0001", "INV-2026-0002", "INV-2026-0003", "INV-2026-0004"]
