@@ -200,16 +200,6 @@ def _issue_once(*, invoice: Invoice, user, now: dt.datetime) -> Invoice:
     return locked
 
 
-@transaction.atomic
-def invoice_delete_draft(*, invoice: Invoice) -> None:
-    """Throw a draft away; issued invoices stay forever."""
-    locked = Invoice.objects.select_for_update().get(pk=invoice.pk)
-    if locked.status != InvoiceStatus.DRAFT:
-        raise BillingError(ERR_NOT_DRAFT.format(invoice=locked))
-    locked.lines.all().delete()
-    locked.delete()
-
-
 def invoices_draft_for_clients(*, clients, period_start: dt.date, period_end: dt.date, user) -> tuple[list, list]:
     """Draft one invoice per client; returns (drafts, [(client, reason)] for those skipped)."""
     drafts, skipped = [], []
