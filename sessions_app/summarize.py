@@ -14,14 +14,13 @@ truncation and says so in its notes; the failed call is still in the usage ledge
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from decimal import Decimal
 
-from django.db import connections, transaction
+from asgiref.sync import async_to_sync
+from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -212,32 +211,6 @@ def _record_failure(*, session: ChatSession, model: str, error: ProviderError) -
     )
 
 
-def _run_in_own_loop(coroutine):
-    """Run the provider calls on a fresh loop in a worker thread.
-
-    The handler may run inside a caller's transaction (a switch holds one). The router looks
-    up aliases through `database_sync_to_async`, which closes the connection of the thread it
-    runs on; on a worker thread with its own loop that is a connection of its own, never the
-    caller's.
-    """
-    box: dict = {}
-
-    def worker() -> None:
-        try:
-            box["value"] = asyncio.run(coroutine)
-        except BaseException as exc:
-            box["error"] = exc
-        finally:
-            connections.close_all()
-
-    thread = threading.Thread(target=worker, name="context-summary")
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
-
-
 def summarize_overflow(*, session: ChatSession, target, plan: ContextPlan) -> ContextPlan:
     """The `summarize` overflow handler: replace the omitted history with a stored summary."""
     covered = sorted(set(plan.omitted) | set(plan.seqs))
@@ -249,7 +222,8 @@ def summarize_overflow(*, session: ChatSession, target, plan: ContextPlan) -> Co
     ref = parse_model(model)
     window = router.context_window(ref)
     try:
-        outcome = _run_in_own_loop(_fold(model, window, lines))
+        # Runs on this thread's connection: the router's lookups leave a caller's transaction alone.
+        outcome = async_to_sync(_fold)(model, window, lines)
     except ProviderError as exc:
         logger.warning("Context summary for session %s failed: %s", session.pk, exc)
         _record_failure(session=session, model=model, error=exc)

@@ -22,10 +22,6 @@ from sessions_app.toolkit import SessionManager
 from sessions_app.transfer import session_export
 from tests.factories import MessageFactory, SessionFactory, UsageFactory
 
-# Chats run through async_to_sync; the router's database_sync_to_async closes the calling
-# thread's connection after its lookup, which a test wrapped in a transaction cannot survive.
-pytestmark = pytest.mark.django_db(transaction=True)
-
 FIELDS = [f.attname for f in SessionMessage._meta.concrete_fields]
 
 

@@ -24,10 +24,6 @@ from billing.models import Invoice, LLMUsage
 from sessions_app.models import ChatSession, SessionMessage
 from tests.factories import MessageFactory, SegmentFactory, SessionFactory
 
-# Chats run through async_to_sync; the router's database_sync_to_async closes the calling
-# thread's connection after its lookup, which a test wrapped in a transaction cannot survive.
-pytestmark = pytest.mark.django_db(transaction=True)
-
 MANAGE = Path(settings.BASE_DIR) / "manage.py"
 SLOW_MODEL = "ollama:llama3.2-fault-slow-words-40"
 
@@ -418,7 +414,11 @@ def test_ctrl_c_stores_the_partial_answer_and_exits_130(terminal):
 
 
 def command_line(capsys, *args: str) -> tuple[int, str, str]:
-    """Run `manage.py chat ARGS` as the shell would (argv parsing, exit status), in-process."""
+    """Run `manage.py chat ARGS` as the shell would (argv parsing, exit status), in-process.
+
+    `run_from_argv` closes every connection when it is done, so the tests that use this run
+    outside a test transaction.
+    """
     from django.core.management import execute_from_command_line
 
     with pytest.raises(SystemExit) as caught:
@@ -427,18 +427,21 @@ def command_line(capsys, *args: str) -> tuple[int, str, str]:
     return caught.value.code, captured.out, captured.err
 
 
+@pytest.mark.django_db(transaction=True)
 def test_conflicting_flags_exit_2_on_the_command_line(owner, capsys):
     code, _, err = command_line(capsys, "-l", "--stats", "--user", "olivia")
     assert code == 2
     assert "not allowed with argument" in err
 
 
+@pytest.mark.django_db(transaction=True)
 def test_a_stray_flag_exits_2_on_the_command_line(owner, capsys):
     code, _, err = command_line(capsys, "-l", "-o", "x.json", "--user", "olivia")
     assert code == 2
     assert err.strip() == "CommandError: -o cannot be used with -l."
 
 
+@pytest.mark.django_db(transaction=True)
 def test_a_provider_failure_exits_1_with_one_line_and_no_traceback(owner, client_acme, use_simulator, capsys):
     code, _, err = command_line(
         capsys, "-n", "Fail", "--user", "olivia", "--client", "acme", "-m", "ollama:x-fault-status-500"

@@ -21,10 +21,6 @@ from sessions_app.transfer import (
     session_import,
 )
 
-# Chats run through async_to_sync; the router's database_sync_to_async closes the calling
-# thread's connection after its lookup, which a test wrapped in a transaction cannot survive.
-pytestmark = pytest.mark.django_db(transaction=True)
-
 # Fields an import necessarily changes: new ids, the new session's own chain, the imported mark.
 RENEWED = {"message_id", "hash", "is_imported"}
 

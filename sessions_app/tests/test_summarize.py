@@ -11,10 +11,6 @@ from sessions_app.invariants import check_session
 from sessions_app.models import ChatSession
 from sessions_app.toolkit import SessionManager
 
-# Chats run through async_to_sync; the router's database_sync_to_async closes the calling
-# thread's connection after its lookup, which a test wrapped in a transaction cannot survive.
-pytestmark = pytest.mark.django_db(transaction=True)
-
 MODEL = "openai:gpt-4o-words-12"  # priced as gpt-4o, answers twelve words long
 LONG = "Please keep in mind the following ledger detail: " + "entry " * 60
 

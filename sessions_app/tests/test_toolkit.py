@@ -18,10 +18,6 @@ from sessions_app.models import ApiToken, ChatSession
 from sessions_app.toolkit import NO_SESSION, SessionManager
 from tests.factories import MessageFactory, SessionFactory
 
-# Chats run through async_to_sync; the router's database_sync_to_async closes the calling
-# thread's connection after its lookup, which a test wrapped in a transaction cannot survive.
-pytestmark = pytest.mark.django_db(transaction=True)
-
 
 @pytest.fixture
 def manager(owner, client_acme, use_simulator):
@@ -42,6 +38,8 @@ def test_chat_starts_a_session_streams_tokens_and_returns_the_stored_answer(mana
     assert check_session(session) == []
 
 
+# The call runs on a worker thread with its own connection, which must see committed data.
+@pytest.mark.django_db(transaction=True)
 def test_chat_works_under_a_running_event_loop_like_a_notebook(manager):
     async def notebook_cell():
         return manager.chat("Hello from Jupyter")
