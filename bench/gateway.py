@@ -66,7 +66,7 @@ def server_env(args, db_url: str, sim_port: int) -> dict[str, str]:
     return env
 
 
-def wait_for(url: str, timeout: float = 30.0) -> None:
+def wait_for(url: str, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -201,6 +201,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
+    load_before = [round(x, 2) for x in os.getloadavg()]
     sim_port, app_port = args.port, args.port + 1
     workdir = tempfile.mkdtemp(prefix="gateway-bench-")
     db_url = os.environ.get("DATABASE_URL") or f"sqlite:///{workdir}/bench.sqlite3"
@@ -268,7 +269,14 @@ def main() -> None:
         "database": db_url.split("://", 1)[0],
         "requests_per_phase": args.requests,
         "turns_per_conversation": TURNS_PER_CONVERSATION,
-        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": {
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            # Other work on the machine inflates every figure; the load says how much there was.
+            "load_average_before": load_before,
+            "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        },
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "results": results,
     }
