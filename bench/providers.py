@@ -1,6 +1,6 @@
 """Per-token overhead of each provider adapter, and the highest rate one stream sustains.
 
-    .venv/bin/python bench/providers.py [--tokens 2000] [--repeats 3] [--port 18190]
+    .venv/bin/python bench/providers.py [--tokens 2000] [--repeats 5] [--port 18190]
 
 Starts two provider simulators (`manage.py simulate_providers`) in their own processes: one
 pacing answers at 2,000 tokens a second, one unthrottled. Against the paced one, each adapter
@@ -9,8 +9,9 @@ streams an answer of `--tokens` tokens; the CPU time this process spends per tok
 `httpx` client reading the same bytes without parsing them. The difference is the overhead
 the adapter adds per token (target: under 50 µs). `stream_chat` (router: alias lookup,
 first-token and between-token timeouts) is measured the same way over the Ollama adapter.
-Against the unthrottled simulator, one stream of 20,000 tokens per adapter gives the highest
-rate a single stream sustains (target: 5,000 tokens a second).
+Against the unthrottled simulator, the best of three streams of 20,000 tokens per adapter gives
+the highest rate a single stream sustains (target: 5,000 tokens a second), next to the rate
+this process could take on a CPU of its own (tokens per CPU second).
 
 Figures are printed and written to bench/results/providers.json.
 """
@@ -34,6 +35,7 @@ TARGET_OVERHEAD_US = 50.0
 TARGET_RATE = 5000.0
 PACED_RATE = 2000.0
 MAX_RATE_TOKENS = 20000
+MAX_RATE_RUNS = 3  # the best is kept: the highest rate a stream sustains
 CHAT = [
     {"role": "system", "content": "You are a benchmark."},
     {"role": "user", "content": "Count for me, please."},
@@ -163,34 +165,40 @@ async def measure(paced_url: str, fast_url: str, tokens: int, repeats: int) -> d
                 await run_raw(raw_client, provider, url, 20)
 
         point_at(paced_url)
-        baseline: dict[str, float] = {}
-        for provider in ("ollama", "openai", "anthropic"):
-            cpu = [(await run_raw(raw_client, provider, paced_url, tokens))[1] for _ in range(repeats)]
-            baseline[provider] = min(cpu) / tokens * 1e6
         for kind in kinds:
-            runs = [await run_adapter(kind, tokens) for _ in range(repeats)]
-            cpu_us = min(r[1] for r in runs) / tokens * 1e6
-            wall = min(r[2] for r in runs)
-            base = baseline["ollama" if kind == "router" else kind]
+            provider = "ollama" if kind == "router" else kind
+            adapter_us, base_us, walls = [], [], []
+            # Interleaved, so both see the same machine load; the median difference is kept.
+            for _ in range(repeats):
+                base_us.append((await run_raw(raw_client, provider, paced_url, tokens))[1] / tokens * 1e6)
+                _, cpu, wall = await run_adapter(kind, tokens)
+                adapter_us.append(cpu / tokens * 1e6)
+                walls.append(wall)
+            added = sorted(a - b for a, b in zip(adapter_us, base_us, strict=True))
+            median_added = added[len(added) // 2]
             results["per_token"][kind] = {
                 "rate_tokens_per_s": PACED_RATE,
                 "tokens": tokens,
-                "cpu_us_per_token": round(cpu_us, 2),
-                "baseline_httpx_cpu_us_per_token": round(base, 2),
-                "added_us_per_token": round(cpu_us - base, 2),
-                "wall_s": round(wall, 3),
+                "runs": repeats,
+                "cpu_us_per_token": round(sorted(adapter_us)[len(adapter_us) // 2], 2),
+                "baseline_httpx_cpu_us_per_token": round(sorted(base_us)[len(base_us) // 2], 2),
+                "added_us_per_token": round(median_added, 2),
+                "added_us_per_token_range": [round(added[0], 2), round(added[-1], 2)],
+                "wall_s": round(min(walls), 3),
                 "ideal_wall_s": round(tokens / PACED_RATE, 3),
-                "meets_target": cpu_us - base < TARGET_OVERHEAD_US,
+                "meets_target": median_added < TARGET_OVERHEAD_US,
             }
 
         point_at(fast_url)
+        results["client_cpu_ceiling"] = {}
         for provider in ("ollama", "openai", "anthropic"):
-            _, _, wall = await run_raw(raw_client, provider, fast_url, MAX_RATE_TOKENS)
-            results["max_rate"][f"httpx_raw_{provider}"] = round(MAX_RATE_TOKENS / wall)
+            walls = [(await run_raw(raw_client, provider, fast_url, MAX_RATE_TOKENS))[2] for _ in range(MAX_RATE_RUNS)]
+            results["max_rate"][f"httpx_raw_{provider}"] = round(MAX_RATE_TOKENS / min(walls))
         for kind in kinds:
-            _, _, wall = await run_adapter(kind, MAX_RATE_TOKENS)
-            rate = MAX_RATE_TOKENS / wall
-            results["max_rate"][kind] = round(rate)
+            runs = [await run_adapter(kind, MAX_RATE_TOKENS) for _ in range(MAX_RATE_RUNS)]
+            results["max_rate"][kind] = round(MAX_RATE_TOKENS / min(r[2] for r in runs))
+            # What this process could take if it had a CPU to itself: tokens per CPU second.
+            results["client_cpu_ceiling"][kind] = round(MAX_RATE_TOKENS / min(r[1] for r in runs))
         results["max_rate_meets_target"] = {kind: results["max_rate"][kind] >= TARGET_RATE for kind in kinds}
     return results
 
@@ -198,7 +206,7 @@ async def measure(paced_url: str, fast_url: str, tokens: int, repeats: int) -> d
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=2000, help="Tokens per paced stream (default 2000: 1 s each).")
-    parser.add_argument("--repeats", type=int, default=3, help="Paced streams per adapter; the best is kept.")
+    parser.add_argument("--repeats", type=int, default=5, help="Paced streams per adapter (median kept).")
     parser.add_argument(
         "--port", type=int, default=18190, help="Port of the paced simulator; the next one is used too."
     )
@@ -228,17 +236,25 @@ def main() -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
 
-    print(f"Per-token cost at {PACED_RATE:g} tokens/s ({args.tokens} tokens, best of {args.repeats}):")
-    print(f"  {'adapter':<10} {'CPU µs/token':>13} {'bare httpx':>11} {'added':>8}  target < {TARGET_OVERHEAD_US:g} µs")
+    print(f"Per-token cost at {PACED_RATE:g} tokens/s ({args.tokens} tokens, median of {args.repeats}):")
+    print(
+        f"  {'adapter':<10} {'CPU µs/token':>13} {'bare httpx':>11} {'added':>8} {'range':>15}"
+        f"  target < {TARGET_OVERHEAD_US:g} µs"
+    )
     for kind, row in results["per_token"].items():
         verdict = "ok" if row["meets_target"] else "MISSED"
+        low, high = row["added_us_per_token_range"]
         print(
             f"  {kind:<10} {row['cpu_us_per_token']:>13.1f} {row['baseline_httpx_cpu_us_per_token']:>11.1f} "
-            f"{row['added_us_per_token']:>8.1f}  {verdict}"
+            f"{row['added_us_per_token']:>8.1f} {f'{low:.1f}..{high:.1f}':>15}  {verdict}"
         )
-    print(f"Highest rate one stream sustains ({MAX_RATE_TOKENS} tokens, simulator unthrottled):")
+    print(
+        f"Highest rate one stream sustains ({MAX_RATE_TOKENS} tokens, simulator unthrottled, best of {MAX_RATE_RUNS}):"
+    )
     for kind, rate in results["max_rate"].items():
-        print(f"  {kind:<20} {rate:>8} tokens/s")
+        ceiling = results["client_cpu_ceiling"].get(kind)
+        extra = f"   (client CPU ceiling {ceiling} tokens/s)" if ceiling else ""
+        print(f"  {kind:<20} {rate:>8} tokens/s{extra}")
     print(f"Written to {RESULTS.relative_to(ROOT)} (runtime {results['runtime_s']} s)")
 
 

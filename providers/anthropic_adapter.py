@@ -12,7 +12,7 @@ from django.conf import settings
 from providers import errors
 from providers.base import ChatMessage, ErrorKind, ModelInfo, ProviderAdapter, ProviderError, StreamOptions, Usage
 from providers.clients import pooled, timeouts
-from providers.sse import iter_events
+from providers.sse import iter_events, iter_lines
 from providers.tokens import estimate_messages, estimate_tokens
 
 NAME = "anthropic"
@@ -98,7 +98,7 @@ class AnthropicAdapter(ProviderAdapter):
 
         try:
             async with client.messages.with_streaming_response.create(**params) as response:
-                async for event, data in iter_events(response.http_response.aiter_lines()):
+                async for event, data in iter_events(iter_lines(response.http_response.aiter_bytes())):
                     if event == "ping":
                         continue
                     try:

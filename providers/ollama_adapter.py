@@ -12,6 +12,7 @@ from django.conf import settings
 from providers import errors
 from providers.base import ChatMessage, ModelInfo, ProviderAdapter, StreamOptions, Usage
 from providers.clients import pooled, timeouts
+from providers.sse import iter_lines
 from providers.tokens import estimate_messages, estimate_tokens
 
 log = logging.getLogger(__name__)
@@ -72,13 +73,14 @@ class OllamaAdapter(ProviderAdapter):
                 if response.status_code != 200:
                     raw = await response.aread()
                     raise errors.from_response(NAME, response.status_code, raw, model=model)
-                async for line in response.aiter_lines():
+                async for line in iter_lines(response.aiter_bytes()):
                     if not line or line.isspace():
                         continue
                     try:
                         chunk = json.loads(line)
                     except ValueError:
-                        raise errors.from_response(NAME, 502, f"a line that is not JSON: {line[:80]}") from None
+                        text = line[:80].decode("utf-8", "replace")
+                        raise errors.from_response(NAME, 502, f"a line that is not JSON: {text}") from None
                     if not isinstance(chunk, dict):
                         continue
                     if "error" in chunk:

@@ -12,7 +12,7 @@ from django.conf import settings
 from providers import errors
 from providers.base import ChatMessage, ErrorKind, ModelInfo, ProviderAdapter, ProviderError, StreamOptions, Usage
 from providers.clients import pooled, timeouts
-from providers.sse import iter_events
+from providers.sse import iter_events, iter_lines
 from providers.tokens import estimate_messages, estimate_tokens
 
 NAME = "openai"
@@ -68,7 +68,7 @@ class OpenAIAdapter(ProviderAdapter):
         stop_reason = None
         try:
             async with client.chat.completions.with_streaming_response.create(**params) as response:
-                async for _event, data in iter_events(response.http_response.aiter_lines()):
+                async for _event, data in iter_events(iter_lines(response.http_response.aiter_bytes())):
                     if data.startswith("[DONE]"):
                         continue  # read to the end of the body so the connection can be reused
                     try:

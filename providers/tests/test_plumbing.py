@@ -10,13 +10,13 @@ from providers import errors
 from providers.base import ErrorKind, StreamOptions, Usage
 from providers.clients import pooled, reset_clients
 from providers.ollama_adapter import OllamaAdapter
-from providers.sse import iter_events
+from providers.sse import iter_events, iter_lines
 from providers.tokens import estimate_messages, estimate_tokens
 
 
 async def lines(*items):
     for item in items:
-        yield item
+        yield item.encode() if isinstance(item, str) else item
 
 
 async def events(*items):
@@ -32,6 +32,13 @@ async def test_sse_dispatches_a_last_event_without_a_blank_line():
     assert await events("event: message_stop", 'data: {"type":"message_stop"}') == [
         ("message_stop", '{"type":"message_stop"}')
     ]
+
+
+async def test_lines_split_at_newlines_keep_multibyte_characters_whole():
+    data = "café\r\n日本語\n\nlast".encode()
+    pieces = [data[i : i + 1] for i in range(len(data))]
+    got = [line async for line in iter_lines(lines(*pieces))]
+    assert [line.decode() for line in got] == ["café", "日本語", "", "last"]
 
 
 def test_token_estimates_grow_with_text_and_count_non_ascii_characters():
