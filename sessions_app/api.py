@@ -242,8 +242,8 @@ def session_list(request, user):
     offset = _int_param(request, "offset", 0)
     if not 1 <= limit <= MAX_LIMIT or offset < 0:
         raise BadInput(BAD_PAGING.format(max=MAX_LIMIT))
-    client = request.GET.get("client", "").strip() or None
-    status = request.GET.get("status", "").strip() or None
+    client = request.GET.get("client", "").replace("\x00", "").strip() or None
+    status = request.GET.get("status", "").replace("\x00", "").strip() or None
     sessions = selectors.session_list(
         user=user, client=client, status=status, start=_when(request, "from"), end=_when(request, "to", end=True)
     )

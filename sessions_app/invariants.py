@@ -79,13 +79,14 @@ def check_streams(session: ChatSession, messages: list, usage: list) -> list[str
             continue
         if not stream.total_tokens and not stream.cost_usd:
             continue
+        # The call that settled it is stored in the same transaction, with the same instant.
         settling = next(
             (
                 m
                 for m in messages
                 if m.role == MessageRole.ASSISTANT
                 and m.copied_from_id is None
-                and m.timestamp >= stream.streamed_at
+                and m.timestamp == stream.settled_at
                 and m.model == stream.target_model
                 and m.prompt_tokens
             ),

@@ -155,6 +155,10 @@ def _require_text(value, field_name: str) -> str:
     return value.replace("\x00", "")
 
 
+def _has_control_characters(text: str) -> bool:
+    return any(ord(ch) < 32 or ord(ch) == 127 for ch in text)
+
+
 def _resolve_client(client, user) -> ClientDomain:
     if isinstance(client, ClientDomain):
         domain = client
@@ -165,7 +169,9 @@ def _resolve_client(client, user) -> ClientDomain:
         slug = (client or "").strip()
         if not slug:
             raise BadInput(CLIENT_REQUIRED)
-        domain = ClientDomain.objects.filter(slug=slug[:100]).first()
+        if _has_control_characters(slug) or len(slug) > 100:
+            raise BadInput(UNKNOWN_CLIENT.format(slug=slug[:100]))
+        domain = ClientDomain.objects.filter(slug=slug).first()
     if domain is None or not domain.is_active:
         raise BadInput(UNKNOWN_CLIENT.format(slug=slug))
     if not ClientDomain.objects.open_to(user).filter(pk=domain.pk).exists():
@@ -184,6 +190,8 @@ def _resolve_model(model) -> str:
         raise BadInput(MODEL_REQUIRED)
     if len(name) > 200:
         raise BadInput(UNKNOWN_MODEL.format(model=name[:60] + "…") + " The name is too long.")
+    if _has_control_characters(name):
+        raise BadInput(UNKNOWN_MODEL.format(model=name) + " Model names cannot contain control characters.")
     try:
         router.validate_model(name)
         ref = parse_model(name)

@@ -408,3 +408,15 @@ def test_openapi_document_is_served_and_covers_every_route(client):
         "/signing-key",
         "/openapi.json",
     }
+
+
+def test_control_characters_and_nul_bytes_are_bad_input_not_a_crash(api, owner, client_acme, use_simulator):
+    call(api, "POST", "/session/start", {"client": "ac\u0000me", "model": "ollama:llama3.2"}, status=400)
+    call(api, "POST", "/session/start", {"client": "acme", "model": "llama\u00003.2"}, status=400)
+    session = start(api, name="na\u0000me", system_prompt="sys\u0000tem")
+    assert session["name"] == "name"
+    answer = call(api, "POST", f"/session/{session['session_id']}/chat", {"message": "he\u0000llo"}, status=200)
+    assert SessionMessage.objects.get(session_id=session["session_id"], seq=1).content == "hello"
+    assert answer["status"] == "complete"
+    call(api, "GET", "/sessions?client=%00", status=200)
+    call(api, "GET", "/session/%00/summary", status=404)

@@ -7,11 +7,11 @@ from decimal import Decimal
 
 import pytest
 from django.db.models import F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from sessions_app import services
-from sessions_app.errors import ProviderFailed, SessionEnded
+from sessions_app.errors import BadInput, ProviderFailed, SessionEnded
 from sessions_app.invariants import check_session
 from sessions_app.models import ChatSession, ContextStream, SessionSegment
 from sessions_app.tests.conftest import run_chat
@@ -49,12 +49,29 @@ def _elapse(session, milliseconds: int) -> None:
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(ops=operations)
+# Found by this test: time passing moved a stream before earlier answers; settlement is matched exactly.
+@example(
+    ops=[
+        ("fault", "fault-midstream"),
+        ("chat", "ggh bfé "),
+        ("fault", "fault-cut"),
+        ("elapse", 1227),
+        ("chat", "g"),
+        ("switch", ("globex", "openai:gpt-4o")),
+        ("chat", "h"),
+        ("end", None),
+    ]
+)
 def test_random_sequences_keep_every_invariant(ops, owner, client_acme, client_globex, use_simulator):
     session = services.session_start(user=owner, client="acme", model="ollama:llama3.2")
     ended = False
     for op, arg in ops:
         session.refresh_from_db()
         if op == "chat":
+            if not arg.strip():
+                with pytest.raises(BadInput):
+                    run_chat(session, owner, arg)
+                continue
             try:
                 run_chat(session, owner, arg)
                 assert not ended

@@ -14,12 +14,14 @@ from sessions_app.models import ChatSession, SessionStatus
 class Command(BaseCommand):
     help = (
         "Check each session's hash chain, Ed25519 seal and DESIGN.md invariants; print valid or exactly "
-        "what fails. Exits 1 when any session fails. Without IDs: every ended session (--all: every session)."
+        "what fails. Exits 1 when any session fails. Without IDs (or with --all): every session; "
+        "--ended: only ended ones."
     )
 
     def add_arguments(self, parser):
         parser.add_argument("ids", nargs="*", help="Session UUIDs (or unique prefixes of at least 8 characters).")
-        parser.add_argument("--all", action="store_true", help="Also check active sessions (their chain so far).")
+        parser.add_argument("--all", action="store_true", help="Every session (the default without IDs).")
+        parser.add_argument("--ended", action="store_true", help="Only ended (sealed) sessions.")
 
     def _resolve(self, ids: list[str]):
         sessions = []
@@ -42,7 +44,7 @@ class Command(BaseCommand):
             sessions = self._resolve(options["ids"])
         else:
             qs = ChatSession.objects.order_by("started_at")
-            if not options["all"]:
+            if options["ended"]:
                 qs = qs.filter(status=SessionStatus.ENDED)
             sessions = qs.iterator()
         failed = checked = 0
