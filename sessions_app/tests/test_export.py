@@ -39,6 +39,18 @@ def sealed(owner, client_acme, client_globex, use_simulator):
     return session
 
 
+@pytest.fixture
+def document(owner, client_acme, client_globex):
+    """The export of a sealed session with a switch, built without a provider call (fast)."""
+    session = services.session_start(user=owner, client="acme", model="ollama:llama3.2", name="Quick")
+    history = [{"role": "user", "content": "One?"}, {"role": "assistant", "content": "One."}]
+    services.session_append_history(session_id=session.pk, user=owner, messages=history)
+    services.session_switch(session_id=session.pk, user=owner, client="globex")
+    services.session_append_history(session_id=session.pk, user=owner, messages=history)
+    services.session_end(session_id=session.pk, user=owner)
+    return session_export(session=ChatSession.objects.get(pk=session.pk))
+
+
 def test_the_export_holds_every_field_segments_streams_and_the_seal(sealed):
     document = session_export(session=sealed)
 
@@ -142,14 +154,14 @@ def _edit(document: dict, change) -> dict:
         (lambda d: d["messages"][3].update(cost_usd="0.000001"), "messages[3] (seq 4): its hash does not match"),
         (lambda d: d["messages"][0].update(timestamp="2020-01-01T00:00:00.000000Z"), "messages[0] (seq 1)"),
         (lambda d: d["session"].update(total_tokens=1), "session.total_tokens does not match the seal"),
-        (lambda d: d["segments"][0].update(model="ollama:llama3.2"), "session.segments does not match the seal"),
+        (lambda d: d["segments"][0].update(model="ollama:edited"), "session.segments does not match the seal"),
         (lambda d: d["messages"].pop(), "the last message's hash does not match the seal"),
         (lambda d: d["messages"][2].update(hash=""), "messages[2] (seq 3) has no hash"),
         (lambda d: d.update(seal={**d["seal"], "signature": base64.b64encode(b"x" * 64).decode()}), "signature"),
     ],
 )
-def test_a_tampered_file_is_refused_naming_what_is_wrong(sealed, owner, change, expected):
-    _refused(owner, _edit(session_export(session=sealed), change), expected)
+def test_a_tampered_file_is_refused_naming_what_is_wrong(document, owner, change, expected):
+    _refused(owner, _edit(document, change), expected)
 
 
 def test_a_forger_who_recomputes_the_chain_still_fails_the_signature(sealed, owner):
@@ -191,8 +203,8 @@ def test_a_forger_who_recomputes_the_chain_still_fails_the_signature(sealed, own
         (lambda text: text.replace('"version": 1', '"version": 2', 1), "format version 2; this server reads version 1"),
     ],
 )
-def test_a_malformed_file_is_refused_with_a_clear_error(sealed, owner, mangle, expected):
-    text = json.dumps(session_export(session=sealed), indent=2)
+def test_a_malformed_file_is_refused_with_a_clear_error(document, owner, mangle, expected):
+    text = json.dumps(document, indent=2)
     _refused(owner, mangle(text), expected)
 
 
@@ -209,8 +221,8 @@ def test_a_malformed_file_is_refused_with_a_clear_error(sealed, owner, mangle, e
         (lambda d: d["session"].update(started_at=None), "session.started_at: must not be null"),
     ],
 )
-def test_a_file_with_a_bad_field_is_refused_naming_the_field(sealed, owner, change, expected):
-    _refused(owner, _edit(session_export(session=sealed), change), expected)
+def test_a_file_with_a_bad_field_is_refused_naming_the_field(document, owner, change, expected):
+    _refused(owner, _edit(document, change), expected)
 
 
 def test_an_unknown_client_is_named_and_can_be_overridden(sealed, owner, client_globex):
