@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from sessions_app import views
+from sessions_app import toolkit_views, views
 
 urlpatterns = [
     path("", views.home, name="home"),
@@ -12,4 +12,5 @@ urlpatterns = [
     path("sessions/<uuid:session_id>/", views.session_chat_page, name="session-chat"),
     path("sessions/<uuid:session_id>/summary/", views.session_summary_page, name="session-summary"),
     path("sessions/<uuid:session_id>/messages.json", views.session_messages_json, name="session-messages"),
+    path("search/", toolkit_views.search_page, name="search"),
 ]
