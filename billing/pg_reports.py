@@ -26,6 +26,9 @@ from billing.models import ClientDomain
 from billing.reports import ClientTerms, GroupRow, Period, Totals, grand_total
 
 ROWS_PER_CHUNK = 500
+# For this transaction only: sort and hash a year of lines in memory rather than on disk, and
+# skip JIT compilation, which costs more than it saves on these queries.
+QUERY_SETTINGS = "SELECT set_config('work_mem', '64MB', true), set_config('jit', 'off', true)"
 
 
 def available() -> bool:
@@ -127,7 +130,8 @@ def client_rows(*, period: Period, now: dt.datetime) -> tuple[list[GroupRow], To
     FROM priced p JOIN ollama_streaming_sessions ss ON ss.session_id = p.session_id
     GROUP BY p.domain_id
     """
-    with connection.cursor() as cur:
+    with transaction.atomic(), connection.cursor() as cur:
+        cur.execute(QUERY_SETTINGS)
         cur.execute(_lines_sql() + totals_sql, _params(period, cap))
         found = cur.fetchall()
     clients = {c.pk: c for c in ClientDomain.objects.filter(pk__in=[r[0] for r in found])}
@@ -180,6 +184,7 @@ def csv_lines(*, period: Period, now: dt.datetime, client=None, user=None) -> It
     with transaction.atomic(), connection.cursor() as cur:
         cur.execute("SELECT current_setting('TimeZone'), set_config('TimeZone', %s, true)", [period.tz.key])
         previous = cur.fetchone()[0]
+        cur.execute(QUERY_SETTINGS)
         try:
             # Django's cursor wrapper has no copy(); its psycopg cursor does.
             raw = cur.cursor
