@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -378,11 +379,11 @@ def _stop_key(session_id, claim: datetime) -> str:
     return f"sessions:stop:{session_id}:{claim.timestamp():.6f}"
 
 
-def _stream_options(options, ref: ModelRef) -> StreamOptions:
+def _stream_options(options) -> StreamOptions:
     if options is None:
         opts = StreamOptions()
     elif isinstance(options, StreamOptions):
-        opts = options
+        opts = dataclasses.replace(options)  # the caller's object is not changed
     elif isinstance(options, dict):
         known = {"temperature", "max_tokens", "num_ctx", "keep_alive", "seed"}
         opts = StreamOptions(
@@ -643,9 +644,9 @@ async def session_chat(*, session_id, user, message, options=None) -> AsyncItera
     Raises `ProviderFailed`/`ProviderTimeout` after storing a failed answer, and
     `SessionEnded` when the session was ended mid-answer (the partial answer is stored).
     """
+    opts = _stream_options(options)  # bad options are refused before anything is stored
     start = await db_sync_to_async(_begin_turn)(session_id=session_id, user=user, message=message)
     try:
-        opts = _stream_options(options, start.ref)
         if start.ref.provider == "ollama" and opts.num_ctx is None:
             opts.num_ctx = start.plan.window
         provider_stream = router.stream_chat(start.ref, start.plan.messages, opts)
