@@ -407,6 +407,8 @@ def test_openapi_document_is_served_and_covers_every_route(client):
         "/sessions",
         "/signing-key",
         "/openapi.json",
+        "/search",
+        "/stats",
     }
 
 

@@ -8,6 +8,7 @@ from django.db import connection
 from sessions_app.conversation import SEARCH_EMPTY, messages_search
 from sessions_app.errors import BadInput
 from sessions_app.models import ApiToken
+from sessions_app.tests.schema_check import assert_matches
 from tests.factories import MessageFactory, SessionFactory
 
 
@@ -108,6 +109,7 @@ def test_the_search_api_answers_ranked_json(library, owner_client):
     assert first["message_id"] == str(library["thrice"].message_id)
     assert first["client"] == "acme" and first["session_name"] == "Billing questions"
     assert "<mark>" in first["snippet_html"] and "<mark>" not in first["snippet"]
+    assert_matches(body, "/search", "GET", 200)
 
 
 def test_the_search_api_takes_a_bearer_token(library, client, colleague):
@@ -125,6 +127,7 @@ def test_the_search_api_explains_bad_input(owner_client, query, status, code):
     response = owner_client.get("/api/ollama/search", query)
     assert response.status_code == status
     assert response.json()["error"]["code"] == code
+    assert_matches(response.json(), "/search", "GET", status)
 
 
 def test_the_search_api_needs_credentials(client, db):

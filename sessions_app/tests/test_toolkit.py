@@ -15,6 +15,7 @@ from sessions_app.conversation import session_resolve, sessions_stats
 from sessions_app.errors import BadInput, NotFound, ProviderFailed
 from sessions_app.invariants import check_session
 from sessions_app.models import ApiToken, ChatSession
+from sessions_app.tests.schema_check import assert_matches
 from sessions_app.toolkit import NO_SESSION, SessionManager
 from tests.factories import MessageFactory, SessionFactory
 
@@ -173,6 +174,7 @@ def test_the_stats_api_answers_json_for_the_caller(history, owner_client):
     assert response.status_code == 200
     body = response.json()
     assert body["sessions"] == 3 and body["messages"] == 7
+    assert_matches(body, "/stats", "GET", 200)
     assert {row["client"] for row in body["by_client"]} == {"acme", "globex"}
 
 
@@ -189,6 +191,7 @@ def test_the_stats_api_needs_credentials_and_a_known_client(history, owner_clien
     assert Client().get("/api/ollama/stats").status_code == 401
     response = owner_client.get("/api/ollama/stats?client=initech")
     assert response.status_code == 404
+    assert_matches(response.json(), "/stats", "GET", 404)
     assert response.json()["error"]["code"] == "not_found"
 
 
@@ -230,3 +233,9 @@ def test_the_summary_page_shows_parent_and_branches(family, owner_client):
     assert f'href="/sessions/{parent.pk}/summary/"' in branch_page and "at message #1" in branch_page
     parent_page = owner_client.get(f"/sessions/{parent.pk}/summary/").content.decode()
     assert f'href="/sessions/{branch.pk}/summary/"' in parent_page and "Plan B" in parent_page
+
+
+def test_stats_of_a_consultant_without_sessions_match_the_schema(owner, owner_client):
+    body = owner_client.get("/api/ollama/stats").json()
+    assert body["sessions"] == 0 and body["oldest_session"] is None and body["by_client"] == []
+    assert_matches(body, "/stats", "GET", 200)
