@@ -13,7 +13,14 @@ from django.utils import timezone
 
 from billing.csv_export import csv_response, escape_cell, iso
 from billing.reports import money_str
-from billing.services import BillingError, billing_tz, invoice_issue, invoices_draft_for_clients, last_month
+from billing.services import (
+    BillingError,
+    billing_tz,
+    invoice_issue,
+    invoices_draft_for_clients,
+    last_month,
+    unpriced_calls_on,
+)
 
 SESSION_HEADER = [
     "session_id",
@@ -60,6 +67,13 @@ def issue_invoices(modeladmin, request, queryset):
             modeladmin.message_user(request, f"{invoice}: {exc.message}", messages.ERROR)
         else:
             modeladmin.message_user(request, f"Issued {issued.number} for {issued.client}.", messages.SUCCESS)
+            unpriced = unpriced_calls_on(issued)
+            if unpriced:
+                modeladmin.message_user(
+                    request,
+                    f"{issued.number} covers {unpriced} call(s) with unknown price, billed at 0.00 and named on its LLM lines.",
+                    messages.WARNING,
+                )
 
 
 def _session_rows(queryset):

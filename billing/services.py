@@ -13,7 +13,7 @@ from django.utils import timezone
 
 from billing.models import ClientDomain, Invoice, InvoiceLine, InvoiceStatus
 from billing.reports import PERIOD_CUSTOM, ZERO, BillingLine, Period, hours, month_bounds
-from billing.selectors import billed_pairs, billing_lines
+from billing.selectors import UNPRICED, billed_pairs, billing_lines, messages_for_period
 from sessions_app.models import ChatSession, SessionStatus
 
 ERR_NOTHING_TO_BILL = "No unbilled, ended sessions for {client} between {start} and {end}."
@@ -198,6 +198,18 @@ def _issue_once(*, invoice: Invoice, user, now: dt.datetime) -> Invoice:
     )
     invoice.refresh_from_db()
     return locked
+
+
+def unpriced_calls_on(invoice: Invoice) -> int:
+    """Calls with an unknown price inside the invoice's sessions, client and period."""
+    period = invoice_period(invoice)
+    return (
+        messages_for_period(period.start, period.end)
+        .billed_to(invoice.client)
+        .filter(UNPRICED, session__invoice_lines__invoice=invoice)
+        .distinct()
+        .count()
+    )
 
 
 def invoices_draft_for_clients(*, clients, period_start: dt.date, period_end: dt.date, user) -> tuple[list, list]:

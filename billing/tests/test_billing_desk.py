@@ -107,3 +107,20 @@ def test_a_new_price_is_entered_with_its_effective_date(staff_client):
     pricing = pytest.importorskip("billing.pricing")
     assert pricing.price_for("openai", "gpt-4o", at(10)).input_per_mtok == 2.5
     assert pricing.price_for("openai", "gpt-4o", at(20)).input_per_mtok == 5
+
+
+@pytest.mark.django_db
+def test_issuing_an_invoice_with_unknown_prices_warns(staff_client, staff, owner, client_acme):
+    work(user=owner, client=client_acme, start=at(2), seconds=600, costs=["1.00", None, None])
+    draft = invoice_create_draft(client=client_acme, period_start=at(1).date(), period_end=at(31).date(), user=staff)
+    page = _post_action(staff_client, "/admin/billing/invoice/", "issue_invoices", [draft.pk]).content.decode()
+    assert "covers 2 call(s) with unknown price" in page
+
+
+@pytest.mark.django_db
+def test_drafting_with_bad_dates_explains_and_creates_nothing(staff_client, client_acme):
+    response = staff_client.post(
+        "/reports/clients/acme/invoice/", {"start": "2026-03-31", "end": "2026-03-01"}, follow=True
+    )
+    assert "The end date is before the start date." in response.content.decode()
+    assert not Invoice.objects.exists()
