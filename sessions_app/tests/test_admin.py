@@ -193,3 +193,13 @@ def test_revoke_action_stops_a_token_working(staff_client, owner):
     token.refresh_from_db()
     assert token.revoked_at is not None
     assert ApiToken.authenticate(raw) is None
+
+
+def test_user_changelist_is_bounded_too(staff_client, django_assert_max_num_queries):
+    def add_users(n: int) -> None:
+        for _ in range(n):
+            UserFactory()
+
+    assert_bounded_queries(
+        staff_client, reverse("admin:auth_user_changelist"), add_users, django_assert_max_num_queries, bound=12
+    )
