@@ -537,3 +537,15 @@ def test_a_paid_model_through_the_gateway_is_billed_to_the_tokens_client(openai_
     assert answer.cost_usd > 0
     assert completion.usage.completion_tokens == answer.completion_tokens
     assert completion.model == "openai:gpt-4o"  # the name the client asked for, echoed
+
+
+def test_what_the_ollama_cli_asks_before_chatting_is_answered(gateway_url, acme_token, use_simulator):
+    prefixed = f"{gateway_url}/t/{acme_token[1]}"
+    assert httpx.head(prefixed + "/").status_code == 200  # the CLI's heartbeat
+    shown = httpx.post(f"{prefixed}/api/show", json={"model": "llama3.2"})
+    assert shown.status_code == 200 and "completion" in shown.json()["capabilities"]
+    assert httpx.post(f"{prefixed}/api/show", json={"model": "missing-model"}).status_code == 404
+    assert httpx.get(f"{prefixed}/api/ps").json() == {"models": []}
+    unload = httpx.post(f"{prefixed}/api/generate", json={"model": "llama3.2", "keep_alive": 0, "stream": False})
+    assert unload.json()["done_reason"] == "unload"
+    assert not gateway_sessions(acme_token[0]).exists()
