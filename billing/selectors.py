@@ -9,6 +9,7 @@ not grow with the number of rows.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from django.db.models import Count, DateTimeField, DurationField, ExpressionWrap
 from django.db.models.functions import Coalesce, Greatest, Least, TruncDate
 from django.utils import timezone
 
+from billing import csv_export, pg_reports
 from billing.models import ClientDomain, InvoiceLine, InvoiceStatus, LLMUsage
 from billing.reports import (
     ZERO,
@@ -306,6 +308,28 @@ def iter_billing_lines(
         )
         lines.sort(key=lambda ln: (ln.started_at, str(ln.session_id), ln.terms.slug))
         yield from lines
+
+
+def staff_report(*, period: Period, user, now=None) -> ReportData:
+    """The staff report's client rows: summed by PostgreSQL when it is the database.
+
+    Same figures as `report_for_period` (tested), without loading every line into Python.
+    """
+    if pg_reports.available():
+        rows, total = pg_reports.client_rows(period=period, now=now or timezone.now())
+        return ReportData(period=period, lines=[], rows=rows, total=total)
+    return report_for_period(period=period, user=user, now=now)
+
+
+def report_csv_chunks(*, period: Period, user, mine: bool = False, client=None, now=None) -> Iterator[str]:
+    """The report CSV as text chunks, one row per billing line; COPY-streamed on PostgreSQL."""
+    if pg_reports.available():
+        owner = user if (mine or not user.is_staff) else None
+        header = csv_export.header_line(csv_export.REPORT_HEADER)
+        lines = pg_reports.csv_lines(period=period, now=now or timezone.now(), client=client, user=owner)
+        return itertools.chain([header], lines)
+    found = iter_billing_lines(period=period, user=user, mine=mine, client=client, now=now)
+    return csv_export.stream_rows(csv_export.REPORT_HEADER, csv_export.report_rows(found, period))
 
 
 def report_for_period(*, period: Period, user, mine: bool = False, now=None) -> ReportData:

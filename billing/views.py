@@ -7,7 +7,6 @@ the viewer's time zone (`?tz=`, else settings.TIME_ZONE) and queried in UTC.
 from __future__ import annotations
 
 import functools
-import itertools
 from decimal import Decimal
 
 from django.conf import settings
@@ -22,7 +21,7 @@ from django.utils import timezone
 from django.utils.http import urlencode
 from django.views.decorators.http import require_GET, require_POST
 
-from billing import charts, csv_export, pg_reports, selectors
+from billing import charts, csv_export, selectors
 from billing.models import ClientDomain, Invoice, InvoiceStatus
 from billing.reports import PERIOD_CHOICES, ROUNDING_RULE, PeriodError, parse_tz, period_from
 from billing.services import ERR_NOT_ISSUED, BillingError, billing_tz, invoice_create_draft
@@ -86,14 +85,7 @@ def _csv_url(request) -> str:
 
 
 def _report_csv(request, period, filename: str, *, client=None, mine: bool = False):
-    """The report's CSV, one row per session and client; COPY-streamed on PostgreSQL."""
-    if pg_reports.available():
-        owner = request.user if (mine or not request.user.is_staff) else None
-        lines = pg_reports.csv_lines(period=period, now=timezone.now(), client=client, user=owner)
-        chunks = itertools.chain([csv_export.header_line(csv_export.REPORT_HEADER)], lines)
-    else:
-        found = selectors.iter_billing_lines(period=period, user=request.user, mine=mine, client=client)
-        chunks = csv_export.stream_rows(csv_export.REPORT_HEADER, csv_export.report_rows(found, period))
+    chunks = selectors.report_csv_chunks(period=period, user=request.user, mine=mine, client=client)
     return csv_export.csv_text_response(request, filename, chunks)
 
 
@@ -146,12 +138,7 @@ def report(request):
         return _bad_period(request, exc, "billing/report.html")
     if _wants_csv(request):
         return _report_csv(request, period, f"report-{period.first_day}-{period.last_day}.csv")
-    if pg_reports.available():
-        # Same figures as selectors.report_for_period, summed by PostgreSQL (see pg_reports).
-        rows, total = pg_reports.client_rows(period=period, now=timezone.now())
-        data = selectors.ReportData(period=period, lines=[], rows=rows, total=total)
-    else:
-        data = selectors.report_for_period(period=period, user=request.user)
+    data = selectors.staff_report(period=period, user=request.user)
     daily = selectors.daily_cost(period=period, user=request.user)
     names = {r.key: r.label for r in data.rows}
     if any(k not in names for values in daily.values() for k in values):
