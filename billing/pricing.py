@@ -27,7 +27,8 @@ SEPARATORS = ("-", ":", "@", "/")
 
 
 def price_for(provider: str, model_id: str, at: datetime | None = None) -> ModelPrice | None:
-    """The price in force at `at`: the exact model, else the longest priced prefix of the id."""
+    """The price in force at `at`: the exact model, else the longest priced prefix of the id,
+    else (for a friendly name) the price of the id its alias points to."""
     at = at or timezone.now()
     rows = list(
         ModelPrice.objects.in_force(at)
@@ -44,6 +45,12 @@ def price_for(provider: str, model_id: str, at: datetime | None = None) -> Model
                 best = row
     if best is not None:
         return best
+    # A friendly name (`claude-sonnet-4`) is priced as the id its alias points to.
+    from billing.models import ModelAlias
+
+    target = ModelAlias.objects.filter(provider=provider, alias=model_id).values_list("target", flat=True).first()
+    if target and target != model_id:
+        return price_for(provider, target, at)
     if provider in FREE_PROVIDERS:
         return ModelPrice(
             provider=provider, model=model_id, input_per_mtok=Decimal(0), output_per_mtok=Decimal(0), effective_from=at

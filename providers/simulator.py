@@ -57,6 +57,14 @@ OPENAI_SNAPSHOTS = {
     "gpt-4o-mini": "gpt-4o-mini-2024-07-18",
     "gpt-4.1": "gpt-4.1-2025-04-14",
 }
+ANTHROPIC_SNAPSHOTS = {
+    "claude-sonnet-4": "claude-sonnet-4-20250514",
+    "claude-sonnet-4-0": "claude-sonnet-4-20250514",
+    "claude-opus-4": "claude-opus-4-20250514",
+    "claude-opus-4-0": "claude-opus-4-20250514",
+    "claude-3-5-sonnet-latest": "claude-3-5-sonnet-20241022",
+    "claude-3-5-haiku-latest": "claude-3-5-haiku-20241022",
+}
 
 FILLER = (
     "the quick brown fox jumps over a lazy dog while seven tidy ledgers balance every billable hour "
@@ -860,12 +868,13 @@ class ProviderSimulator:
         request_id = "req_" + _base62(int(digest[48:], 16))[:24]
         stop_reason = "max_tokens" if plan.stop_reason == "length" else "end_turn"
         completion = len(plan.tokens)
+        reported = ANTHROPIC_SNAPSHOTS.get(model, model)
         if not body.get("stream"):
             payload = {
                 "id": message_id,
                 "type": "message",
                 "role": "assistant",
-                "model": model,
+                "model": reported,
                 "content": [{"type": "text", "text": "".join(plan.tokens)}],
                 "stop_reason": stop_reason,
                 "stop_sequence": None,
@@ -893,7 +902,7 @@ class ProviderSimulator:
                 "type": "message",
                 "role": "assistant",
                 "content": [],
-                "model": model,
+                "model": reported,
                 "stop_reason": None,
                 "stop_sequence": None,
                 "usage": {"input_tokens": plan.prompt_tokens, "output_tokens": 1},

@@ -197,3 +197,12 @@ def test_known_context_windows_come_from_the_bundled_list():
     assert known_context_window("openai", "gpt-4o-2024-08-06") == 128000
     assert known_context_window("anthropic", "claude-sonnet-4-20250514") == 200000
     assert known_context_window("openai", "o9") is None
+
+
+def test_a_friendly_name_is_priced_as_its_alias_target(db):
+    load_price_list()
+    price = price_for("anthropic", "claude-sonnet-4")
+    assert (price.model, price.input_per_mtok) == ("claude-sonnet-4-20250514", Decimal("3.00"))
+    assert cost_of(
+        provider="anthropic", model_id="claude-opus-4", prompt_tokens=1000, completion_tokens=1000
+    ) == Decimal("0.090000")

@@ -92,3 +92,13 @@ def test_the_ollama_adapter_works_from_one_event_loop_after_another(use_simulato
     # A client bound to the first (now closed) loop must not be reused by the second.
     assert isinstance(asyncio.run(ask()), Usage)
     assert isinstance(asyncio.run(ask()), Usage)
+
+
+async def test_the_simulator_reports_the_dated_id_behind_an_anthropic_alias(simulator, settings):
+    from providers.anthropic_adapter import AnthropicAdapter
+
+    settings.ANTHROPIC_BASE_URL = simulator.anthropic_url
+    settings.ANTHROPIC_API_KEY = "sk-ant-test"
+    items = [item async for item in AnthropicAdapter().stream("claude-sonnet-4", [{"role": "user", "content": "hi"}])]
+    assert items[-1].provider_model == "claude-sonnet-4-20250514"
+    reset_clients()
