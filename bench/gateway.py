@@ -193,7 +193,85 @@ def added(gateway: dict, direct: dict) -> dict:
     }
 
 
+STAGES_CHILD = "--stages-child"
+
+
+def stages_child(token: str, calls: int) -> None:
+    """In-process: time each stage of a streamed turn (run as a child with the server's environment)."""
+    import django
+
+    sys.path.insert(0, str(ROOT))
+    django.setup()
+    from asgiref.sync import sync_to_async
+
+    from sessions_app import services
+    from sessions_app.gateway import ollama_wire, views
+
+    timings: dict[str, list[float]] = {}
+
+    def timed(module, name: str) -> None:
+        original = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                timings.setdefault(name, []).append(time.perf_counter() - started)
+
+        setattr(module, name, wrapper)
+
+    for module, name in (
+        (views, "authenticate_raw"),
+        (views, "gateway_session_join"),
+        (services, "_begin_turn"),
+        (services, "_finish_turn"),
+    ):
+        timed(module, name)
+
+    async def turns() -> None:
+        history: list[dict] = []
+        for index in range(calls + 3):
+            messages = [*history, {"role": "user", "content": f"Stage question {index}"}]
+            body = json.dumps({"model": MODEL, "messages": messages}).encode()
+            started = time.perf_counter()
+            token_, _data, chat, session = await sync_to_async(views._prepare)(token, body, ollama_wire.parse_chat)
+            prepared = time.perf_counter()
+            events = services.session_chat(session_id=session.pk, user=token_.user, message=chat.message)
+            parts = [(await anext(events)).text]
+            first = time.perf_counter()
+            async for event in events:
+                parts.append(getattr(event, "text", ""))
+            done = time.perf_counter()
+            if index >= 3:  # warm-up turns are not counted
+                timings.setdefault("prepare (in one thread hop)", []).append(prepared - started)
+                timings.setdefault("session_chat to first token", []).append(first - prepared)
+                timings.setdefault("first token to the stored answer", []).append(done - first)
+            history = [*messages, {"role": "assistant", "content": "".join(parts)}]
+            if len(history) >= 2 * TURNS_PER_CONVERSATION:
+                history = []
+
+    asyncio.run(turns())
+    print(json.dumps({name: round(percentile(values[3:] or values, 50) * 1000, 3) for name, values in timings.items()}))
+
+
+def stage_breakdown(env: dict[str, str], token: str, calls: int) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, STAGES_CHILD, token, str(calls)],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == STAGES_CHILD:
+        stages_child(sys.argv[2], int(sys.argv[3]))
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=200, help="measured calls per phase (default 200)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 50])
@@ -239,6 +317,9 @@ def main() -> None:
             f"p99 {results['version_c1']['added']['p99']:7.2f} ms   (daphne + Django, no gateway work)",
             flush=True,
         )
+        stages = stage_breakdown(env, tokens[-1], min(args.requests, 100))
+        results["stages_p50_ms"] = stages
+        print("   stages p50: " + ", ".join(f"{name} {ms:.2f} ms" for name, ms in stages.items()), flush=True)
         for concurrency in args.concurrency:
             for stream in (True, False):
                 label = f"{'stream' if stream else 'no_stream'}_c{concurrency}"
