@@ -331,12 +331,14 @@ class SessionConsumer(AsyncWebsocketConsumer):
         shared = False
 
         async def share(frame: dict) -> None:
-            # Other tabs hear of the turn only once it is really under way (not refused as busy).
+            # This socket first (no fan-out latency before its tokens); other tabs hear of the
+            # turn only once it is really under way (not refused as busy).
             nonlocal shared
+            await self._send_frame(frame)
             if not shared:
                 shared = True
                 await self._fanout({"type": "session.frame", "frame": started})
-            await self._broadcast(frame)
+            await self._fanout({"type": "session.frame", "frame": frame})
 
         async def emit(text: str) -> None:
             await share({"type": "token", "turn": turn, "text": text})

@@ -304,3 +304,31 @@ def test_script_in_a_message_or_a_brand_name_stays_text(page):
     assert page.locator(".brand__name").inner_text() == XSS_BRAND
     assert page.locator("img[src=x]").count() == 0
     assert page.unexpected_dialogs == []
+
+
+def test_a_connection_dropped_mid_answer_comes_back_with_the_stored_partial(page):
+    sockets = []
+
+    def route(ws):
+        sockets.append((ws, ws.connect_to_server()))
+
+    page.route_web_socket(re.compile(r"/ws/sessions/"), route)
+    start_session(page, "acme", "Flaky train wifi")
+    page.fill("#composer-input", "Explain the termination clause in eight short words")
+    page.press("#composer-input", "Enter")
+    page.wait_for_function("() => document.querySelector('.msg--streaming .msg__body')?.textContent.length > 0")
+    page_side, server_side = sockets[-1]
+    server_side.close()
+    page_side.close()
+
+    # The page reconnects by itself and shows the answer as the server stored it: partial.
+    page.wait_for_selector(".msg--assistant.msg--partial")
+    page.wait_for_selector("[data-conn][data-state=live]")
+    assert len(sockets) >= 2
+    assert page.locator(".msg--streaming").count() == 0
+    assert "partial answer kept" in page.locator(".msg--assistant.msg--partial .msg__meta").inner_text()
+    assert (
+        page.locator(".msg--user .msg__body").last.inner_text() == "Explain the termination clause in eight short words"
+    )
+    ask(page, "And now the whole answer?")
+    assert page.locator(".msg--assistant.msg--complete").count() == 1
