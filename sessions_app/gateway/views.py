@@ -18,6 +18,7 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.db import OperationalError
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
@@ -42,6 +43,7 @@ from sessions_app.gateway.joining import gateway_session_join
 # What /api/version reports: the Ollama API level the gateway speaks (clients gate features on it).
 OLLAMA_API_VERSION = "0.12.0"
 INTERNAL_ERROR = "the gateway failed unexpectedly; the error is logged"
+DATABASE_BUSY = "the database is busy; retry in a moment"
 BODY_TOO_LARGE = "the request body is {size} bytes; the gateway accepts at most {limit}"
 # Chat tools resend the whole conversation on every call, so bodies outgrow Django's form-upload
 # limit (DATA_UPLOAD_MAX_MEMORY_SIZE) long before they are unreasonable.
@@ -68,6 +70,12 @@ def gateway_view(render: Callable[[GatewayError], HttpResponse]):
         async def wrapped(request: HttpRequest, *args, **kwargs) -> HttpResponse:
             try:
                 response = await view(request, *args, **kwargs)
+            except OperationalError:
+                # SQLite gave up waiting for its single writer lock (or the database is down):
+                # a condition to retry, not a bug. Clients (the OpenAI SDK among them) retry a 503.
+                log.warning("gateway %s %s: database busy", request.method, masked_path(request.path), exc_info=True)
+                response = render(GatewayError(503, DATABASE_BUSY, code="database_busy"))
+                response["Retry-After"] = "1"
             except Exception:
                 log.exception("gateway %s %s failed", request.method, masked_path(request.path))
                 response = render(GatewayError(500, INTERNAL_ERROR, code="internal_error"))
@@ -271,9 +279,9 @@ async def _ollama_turn(request: HttpRequest, token: str | None, kind: str) -> Ht
             yield ollama_wire.done_line(kind, chat.model, turn.metrics())
         except SessionError as exc:
             yield ollama_wire.error_line(error_from_session(exc).message)
-        except Exception:
+        except Exception as exc:
             log.exception("gateway stream failed")
-            yield ollama_wire.error_line(INTERNAL_ERROR)
+            yield ollama_wire.error_line(DATABASE_BUSY if isinstance(exc, OperationalError) else INTERNAL_ERROR)
         finally:
             await events.aclose()
 
@@ -428,9 +436,12 @@ async def openai_chat_completions(request: HttpRequest, token: str | None = None
             yield openai_wire.DONE_EVENT
         except SessionError as exc:
             yield openai_wire.error_event(error_from_session(exc))
-        except Exception:
+        except Exception as exc:
             log.exception("gateway stream failed")
-            yield openai_wire.error_event(GatewayError(500, INTERNAL_ERROR, code="internal_error"))
+            if isinstance(exc, OperationalError):
+                yield openai_wire.error_event(GatewayError(503, DATABASE_BUSY, code="database_busy"))
+            else:
+                yield openai_wire.error_event(GatewayError(500, INTERNAL_ERROR, code="internal_error"))
         finally:
             await events.aclose()
 
