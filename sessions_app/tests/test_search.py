@@ -181,3 +181,11 @@ def test_postgres_search_uses_the_gin_index(library, owner):
         cursor.execute("SET LOCAL enable_seqscan = off")
         plan = query.explain()
     assert "ollama_session_messages_fts_idx" in plan
+
+
+def test_a_search_result_links_to_the_message_on_the_chat_page(library, owner_client):
+    message = library["thrice"]
+    html = owner_client.get("/search/", {"q": "invoice"}).content.decode()
+    assert f'href="/sessions/{message.session_id}/#message-2"' in html
+    page = owner_client.get(f"/sessions/{message.session_id}/").content.decode()
+    assert 'id="message-2"' in page
