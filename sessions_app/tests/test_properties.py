@@ -77,6 +77,10 @@ def test_random_sequences_keep_every_invariant(ops, owner, client_acme, client_g
                 assert not ended
             except SessionEnded:
                 assert ended
+            except ProviderFailed:
+                # A healthy model can still fail (a loaded machine, a refused connection): the
+                # property is that the books stay right either way.
+                assert not ended
         elif op == "switch":
             client, model = arg
             try:
