@@ -183,6 +183,10 @@ async def session_chat(request, user, data, session_id):
 
 @async_api_view("POST")
 async def session_switch(request, user, data, session_id):
+    token = getattr(request, "api_token", None)
+    client = data.get("client")
+    if token is not None and token.client_id and client not in (None, "", token.client.slug):
+        raise BadInput(services.TOKEN_CLIENT.format(slug=token.client.slug))
     stream = await services.asession_switch(
         session_id=session_id,
         user=user,

@@ -14,7 +14,8 @@ import uuid
 from datetime import datetime
 from pathlib import Path
 
-SPEC = json.loads((Path(__file__).resolve().parents[1] / "openapi.json").read_text())
+OPENAPI_FILE = Path(__file__).resolve().parents[1] / "openapi.json"
+SPEC = json.loads(OPENAPI_FILE.read_text())
 
 _TYPES = {
     "string": lambda v: isinstance(v, str),
