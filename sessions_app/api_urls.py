@@ -15,6 +15,8 @@ urlpatterns = [
     path("sessions", api.session_list, name="session-list"),
     path("signing-key", api.signing_key, name="signing-key"),
     path("openapi.json", api.openapi, name="openapi"),
+    path("session/import", toolkit_views.session_import_api, name="session-import"),
+    path("session/<str:session_id>/export", toolkit_views.session_export_api, name="session-export"),
     path("search", toolkit_views.search_api, name="search"),
     path("stats", toolkit_views.stats_api, name="stats"),
     re_path(r"^.*$", api.not_found),

@@ -1,16 +1,24 @@
-"""Search and stats over the caller's own sessions: `/api/ollama/search`, `/api/ollama/stats`, `/search/`."""
+"""Search, stats, export and import for the caller's own sessions.
+
+`/api/ollama/search`, `/api/ollama/stats`, `/api/ollama/session/<id>/export`,
+`/api/ollama/session/import`, and the `/search/` page.
+"""
 
 from __future__ import annotations
 
 from django.contrib.auth.decorators import login_required
+from django.core.exceptions import RequestDataTooBig
 from django.http import JsonResponse
 from django.shortcuts import render
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
-from sessions_app import conversation
+from sessions_app import conversation, selectors, transfer
+from sessions_app.api import api_view
 from sessions_app.auth import api_user
-from sessions_app.errors import BadInput, SessionError
+from sessions_app.errors import BadInput, MessageTooLarge, SessionError
+
+IMPORT_TOO_LARGE = "The file is larger than this server accepts in one request; use manage.py chat --import."
 
 
 def _error(exc: SessionError) -> JsonResponse:
@@ -51,6 +59,33 @@ def stats_api(request):
     except SessionError as exc:
         return _error(exc)
     return JsonResponse(data)
+
+
+@never_cache
+@api_view("GET")
+def session_export_api(request, user, session_id):
+    """The session as the versioned export document, as a download."""
+    session = selectors.session_get_for_user(session_id=session_id, user=user)
+    response = JsonResponse(transfer.session_export(session=session), json_dumps_params={"indent": 2})
+    response["Content-Disposition"] = f'attachment; filename="session-{session.session_id}.json"'
+    return response
+
+
+@api_view("POST")
+def session_import_api(request, user):
+    """Body: an export document. 201 with the new session and the integrity report."""
+    try:
+        raw = request.body
+    except RequestDataTooBig:
+        raise MessageTooLarge(IMPORT_TOO_LARGE) from None
+    result = transfer.session_import(user=user, data=raw, client=request.GET.get("client") or None)
+    return JsonResponse(
+        {
+            "session": selectors.session_as_dict(result.session),
+            "integrity": {"valid": result.valid, "trusted": result.trusted, "detail": result.detail},
+        },
+        status=201,
+    )
 
 
 @login_required

@@ -12,7 +12,8 @@ import pytest
 from billing.models import LLMUsage
 from sessions_app import integrity, services
 from sessions_app.invariants import check_session
-from sessions_app.models import ChatSession, SessionMessage
+from sessions_app.models import ApiToken, ChatSession, SessionMessage
+from sessions_app.tests.schema_check import assert_matches
 from sessions_app.toolkit import SessionManager
 from sessions_app.transfer import (
     FORMAT_NAME,
@@ -240,3 +241,66 @@ def test_an_import_belongs_to_the_importer_and_stays_out_of_billing(sealed, coll
     assert result.session.user == colleague
     assert SessionMessage.objects.billable().filter(session=result.session).count() == 0
     assert check_session(result.session) == []
+
+
+# --- over the REST API --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def api(owner):
+    from django.test import Client
+
+    _, raw = ApiToken.issue(user=owner)
+    return Client(HTTP_AUTHORIZATION=f"Bearer {raw}")
+
+
+def test_the_api_exports_a_session_as_a_download(document, api):
+    session_id = document["session"]["session_id"]
+    response = api.get(f"/api/ollama/session/{session_id}/export")
+    assert response.status_code == 200
+    assert response["Content-Disposition"] == f'attachment; filename="session-{session_id}.json"'
+    body = response.json()
+    assert body["messages"] == document["messages"] and body["seal"] == document["seal"]
+    assert_matches(body, "/session/{session_id}/export", "GET", 200)
+
+
+def test_the_api_hides_another_consultants_session(document, colleague, client):
+    _, raw = ApiToken.issue(user=colleague)
+    response = client.get(
+        f"/api/ollama/session/{document['session']['session_id']}/export", HTTP_AUTHORIZATION=f"Bearer {raw}"
+    )
+    assert response.status_code == 404
+
+
+def test_the_api_imports_a_document(document, api):
+    response = api.post("/api/ollama/session/import", data=json.dumps(document), content_type="application/json")
+    assert response.status_code == 201
+    body = response.json()
+    assert body["integrity"] == {"valid": True, "trusted": True, "detail": body["integrity"]["detail"]}
+    assert ChatSession.objects.get(pk=body["session"]["session_id"]).source == "import"
+    assert_matches(body, "/session/import", "POST", 201)
+
+
+def test_the_api_refuses_a_tampered_document_naming_the_fault(document, api):
+    document["messages"][0]["content"] = "edited"
+    response = api.post("/api/ollama/session/import", data=json.dumps(document), content_type="application/json")
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "invalid_import" and "messages[0] (seq 1)" in error["message"]
+    assert_matches(response.json(), "/session/import", "POST", 400)
+
+
+def test_the_api_import_needs_csrf_for_a_cookie_sign_in(document, client, owner):
+    from django.test import Client
+
+    browser = Client(enforce_csrf_checks=True)
+    browser.force_login(owner)
+    response = browser.post("/api/ollama/session/import", data=json.dumps(document), content_type="application/json")
+    assert response.status_code == 403
+
+
+def test_the_summary_page_offers_the_session_export(document, owner_client):
+    session_id = document["session"]["session_id"]
+    page = owner_client.get(f"/sessions/{session_id}/summary/").content.decode()
+    assert f'href="/api/ollama/session/{session_id}/export"' in page
+    assert owner_client.get(f"/api/ollama/session/{session_id}/export").status_code == 200
