@@ -49,7 +49,7 @@ def hmmss(seconds) -> str:
 
 @register.filter
 def local_minute(value, tz) -> str:
-    """"2026-03-02 09:00" in the report's zone (cheaper than |date in long tables)."""
+    """The time to the minute (2026-03-02 09:00) in the report's zone; cheaper than |date."""
     if not isinstance(value, dt.datetime):
         return "—"
     return value.astimezone(tz).strftime("%Y-%m-%d %H:%M")
