@@ -250,11 +250,11 @@ async def test_a_cut_connection_is_a_connection_error_after_the_text_so_far(use_
 @pytest.mark.parametrize("provider", PROVIDERS)
 @in_sync_thread
 async def test_silence_between_tokens_times_out_and_closes_the_upstream(use_simulator, settings, provider):
-    settings.PROVIDER_IDLE_TIMEOUT = 0.3
+    settings.PROVIDER_IDLE_TIMEOUT = 1.0
     text, error = await failure(faulty(provider, "fault-stall"))
     assert text == "Simulated answer to"
     assert error.kind is ErrorKind.TIMEOUT
-    assert "no token for 0.3s" in error.message
+    assert "no token for 1s" in error.message
     entry = use_simulator.requests[-1]
     assert await asyncio.to_thread(entry.wait_finished, 5)
     assert entry["disconnected"] is True
@@ -263,13 +263,16 @@ async def test_silence_between_tokens_times_out_and_closes_the_upstream(use_simu
 @pytest.mark.parametrize("provider", PROVIDERS)
 @in_sync_thread
 async def test_silence_before_the_first_token_times_out_without_retrying(use_simulator, settings, provider):
-    settings.PROVIDER_FIRST_TOKEN_TIMEOUT = 0.3
+    await collect(PROVIDERS[provider])  # a warm client, so the time limit is spent waiting, not connecting
+    use_simulator.clear_requests()
+    settings.PROVIDER_FIRST_TOKEN_TIMEOUT = 1.0
     text, error = await failure(faulty(provider, "fault-stall-first"))
     assert text == ""
-    assert error.kind is ErrorKind.TIMEOUT
-    assert "no first token within 0.3s" in error.message
-    assert len(use_simulator.requests) == 1
-    assert await asyncio.to_thread(use_simulator.requests[-1].wait_finished, 5)
+    assert error.kind is ErrorKind.TIMEOUT and not error.retryable
+    assert "no first token within 1s" in error.message
+    assert len(use_simulator.requests) <= 1  # a retry would have been a second request
+    for entry in use_simulator.requests:
+        assert await asyncio.to_thread(entry.wait_finished, 5)
 
 
 @in_sync_thread
