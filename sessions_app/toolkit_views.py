@@ -18,6 +18,7 @@ from sessions_app.api import api_view
 from sessions_app.auth import api_user
 from sessions_app.errors import BadInput, MessageTooLarge, SessionError
 
+TOKEN_CLIENT = "This token is bound to client {slug!r}; it imports into that client only."
 IMPORT_TOO_LARGE = "The file is larger than this server accepts in one request; use manage.py chat --import."
 
 
@@ -78,7 +79,14 @@ def session_import_api(request, user):
         raw = request.body
     except RequestDataTooBig:
         raise MessageTooLarge(IMPORT_TOO_LARGE) from None
-    result = transfer.session_import(user=user, data=raw, client=request.GET.get("client") or None)
+    client = request.GET.get("client") or None
+    token = getattr(request, "api_token", None)
+    if token is not None and token.client_id:
+        # A client-bound token works for its client only (as a switch does).
+        if client not in (None, token.client.slug):
+            raise BadInput(TOKEN_CLIENT.format(slug=token.client.slug))
+        client = token.client.slug
+    result = transfer.session_import(user=user, data=raw, client=client)
     return JsonResponse(
         {
             "session": selectors.session_as_dict(result.session),

@@ -304,3 +304,15 @@ def test_the_summary_page_offers_the_session_export(document, owner_client):
     page = owner_client.get(f"/sessions/{session_id}/summary/").content.decode()
     assert f'href="/api/ollama/session/{session_id}/export"' in page
     assert owner_client.get(f"/api/ollama/session/{session_id}/export").status_code == 200
+
+
+def test_a_client_bound_token_imports_into_its_client_only(document, owner, client_globex, client):
+    _, raw = ApiToken.issue(user=owner, client=client_globex)
+    body = json.dumps(document)
+    headers = {"HTTP_AUTHORIZATION": f"Bearer {raw}"}
+    refused = client.post(
+        "/api/ollama/session/import?client=acme", data=body, content_type="application/json", **headers
+    )
+    assert refused.status_code == 400 and "bound to client 'globex'" in refused.json()["error"]["message"]
+    done = client.post("/api/ollama/session/import", data=body, content_type="application/json", **headers)
+    assert done.status_code == 201 and done.json()["session"]["client"] == "globex"
