@@ -400,6 +400,16 @@ class SessionConsumer(AsyncWebsocketConsumer):
 
     # --- Frames from other sockets of this session (the group) ---------------------------
 
+    async def dispatch(self, message: dict) -> None:
+        # Channels sweeps stale database connections before every handler: a hop to the one
+        # database thread. Group events never touch the database, and with many streams they
+        # are most of the traffic, so they skip the sweep and never queue behind the
+        # database work of other answers.
+        if message.get("type") in ("session.frame", "session.stop"):
+            await getattr(self, message["type"].replace(".", "_"))(message)
+            return
+        await super().dispatch(message)
+
     async def session_frame(self, event: dict) -> None:
         if event.get("origin") == self.channel_name or self._closed:
             return
