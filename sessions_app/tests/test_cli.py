@@ -461,3 +461,14 @@ def test_every_message_stays_linked_in_the_chain(acme_session):
 
     assert verify_session(acme_session)[0]
     assert SessionMessage.objects.filter(session=acme_session).count() == 2
+
+
+def test_branching_an_archived_session_says_to_restore_it_first(acme_session):
+    from sessions_app.archive import session_archive
+    from sessions_app.services import session_end
+
+    session_end(session_id=acme_session.pk, user=acme_session.user)
+    session_archive(session_id=acme_session.pk)
+    error, _ = chat_fails("--branch", str(acme_session.pk))
+    assert error.returncode == 1
+    assert "archive_sessions --restore" in str(error)

@@ -306,7 +306,10 @@ class Command(BaseCommand):
                 out.write("")
             stored = " (the partial answer is stored)" if wrote else ""
             raise CommandError(f"{exc.message}{stored}", returncode=FAILED) from None
-        out.write("" if wrote else "(empty answer)")
+        if wrote:
+            out.write("")
+        else:
+            self.stderr.write("(the model answered with nothing)")
         if done is not None:
             answer, totals = done.message, done.session
             self.stderr.write(
@@ -461,6 +464,12 @@ class Command(BaseCommand):
 
     def _branch(self, ident: str) -> None:
         session, user = self._session(ident)
+        if session.archived_at is not None:
+            raise CommandError(
+                f"Session {session.session_id} is archived; restore it first "
+                f"(manage.py archive_sessions --restore {short(session.session_id)}).",
+                returncode=FAILED,
+            )
         branch = services.session_branch(
             session_id=session.pk, user=user, at_seq=self.options.get("at"), name=self.options.get("name") or ""
         )
