@@ -181,3 +181,22 @@ def test_the_archive_is_compressed_json(owner, client_acme):
     records = archive.unpack_archive(old.archive_blob)
     assert [r["seq"] for r in records] == list(range(1, 21))
     assert records[0]["content"] == "Old note 1"
+
+
+def test_verify_sessions_passes_for_archived_imported_and_branched_sessions(real, owner):
+    from sessions_app.transfer import session_import
+
+    services.session_branch(session_id=real.pk, user=owner, at_seq=2)
+    session_import(user=owner, data=session_export(session=real))
+    other = SessionManager(owner, client="acme", model="ollama:llama3.2")
+    other.chat("To be archived")
+    other.end()
+    sessions_archive(older_than=timedelta(days=90), now=timezone.now() + timedelta(days=91))
+    # The imported and the other session are archived; the branched original stays.
+    assert ChatSession.objects.filter(archived_at__isnull=False).count() == 2
+    assert ChatSession.objects.get(pk=real.pk).archived_at is None
+
+    out = StringIO()
+    call_command("verify_sessions", stdout=out, stderr=StringIO())
+    assert ChatSession.objects.count() == 4
+    assert all(check_session(s) == [] for s in ChatSession.objects.all())
