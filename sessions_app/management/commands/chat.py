@@ -513,7 +513,7 @@ class Command(BaseCommand):
         cutoff = timezone.now() - timedelta(hours=hours)
         qs = ChatSession.objects.filter(invoice__isnull=True, last_activity_at__lt=cutoff).select_related("domain")
         if user is not None:
-            qs = qs.for_user(user)
+            qs = qs.filter(user=user)  # that consultant's own sessions, staff or not
         ended = removed = 0
         verb_end, verb_remove = ("Would end", "Would remove") if dry else ("Ended", "Removed")
         for session in qs.order_by("last_activity_at"):
