@@ -18,6 +18,13 @@ routes = [
     path("v1/chat/completions", views.openai_chat_completions, name="chat-completions"),
     path("v1/models", views.openai_models, name="models"),
     path("v1/models/<path:model>", views.openai_model, name="model"),
+    # Endpoints tools may try that the gateway does not offer: a clear 404 in the protocol's shape.
+    *(
+        path(f"api/{name}", views.ollama_unsupported)
+        for name in ("embed", "embeddings", "pull", "push", "create", "copy", "delete")
+    ),
+    path("api/blobs/<str:digest>", views.ollama_unsupported),
+    *(path(f"v1/{name}", views.openai_unsupported) for name in ("embeddings", "completions", "responses")),
 ]
 
 app_name = "gateway"

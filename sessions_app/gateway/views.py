@@ -300,6 +300,27 @@ async def ollama_generate(request: HttpRequest, token: str | None = None) -> Htt
     return await _ollama_turn(request, token, "generate")
 
 
+UNSUPPORTED = "{path} is not supported by the gateway (see docs/INTEGRATION.md); run it against the provider itself"
+
+
+def _unsupported(request: HttpRequest, render: Callable) -> HttpResponse:
+    path = masked_path(request.path)
+    path = path.split("/api/", 1)[-1] if "/api/" in path else path.split("/v1/", 1)[-1]
+    return render(GatewayError(404, UNSUPPORTED.format(path=path), code="unsupported_endpoint"))
+
+
+@gateway_view(ollama_wire.error_response)
+async def ollama_unsupported(request: HttpRequest, token: str | None = None, **kwargs) -> HttpResponse:
+    """Ollama endpoints beyond chatting (embeddings, model management), in Ollama's error shape."""
+    return _unsupported(request, ollama_wire.error_response)
+
+
+@gateway_view(openai_wire.error_response)
+async def openai_unsupported(request: HttpRequest, token: str | None = None, **kwargs) -> HttpResponse:
+    """OpenAI endpoints beyond Chat Completions, in OpenAI's error shape."""
+    return _unsupported(request, openai_wire.error_response)
+
+
 @gateway_view(ollama_wire.error_response)
 async def ollama_version(request: HttpRequest, token: str | None = None) -> HttpResponse:
     if refused := _methods(request, ("GET", "HEAD"), ollama_wire.error_response):

@@ -549,3 +549,13 @@ def test_what_the_ollama_cli_asks_before_chatting_is_answered(gateway_url, acme_
     unload = httpx.post(f"{prefixed}/api/generate", json={"model": "llama3.2", "keep_alive": 0, "stream": False})
     assert unload.json()["done_reason"] == "unload"
     assert not gateway_sessions(acme_token[0]).exists()
+
+
+def test_endpoints_the_gateway_does_not_offer_say_so_in_the_protocols_shape(gateway_url, acme_token):
+    auth = {"Authorization": f"Bearer {acme_token[1]}"}
+    embed = httpx.post(f"{gateway_url}/api/embed", json={"model": "llama3.2", "input": "x"}, headers=auth)
+    assert embed.status_code == 404 and "embed is not supported" in embed.json()["error"]
+    pull = httpx.post(f"{gateway_url}/t/{acme_token[1]}/api/pull", json={"model": "llama3.2"})
+    assert pull.status_code == 404 and acme_token[1] not in pull.text
+    legacy = httpx.post(f"{gateway_url}/v1/completions", json={"model": "llama3.2", "prompt": "x"}, headers=auth)
+    assert legacy.status_code == 404 and legacy.json()["error"]["code"] == "unsupported_endpoint"
