@@ -176,6 +176,9 @@ class SessionConsumer(AsyncWebsocketConsumer):
         self.group: str = ""
         self.user = None
         self._turn: asyncio.Task | None = None
+        # The turn whose answer is still open: cleared just before its last frame goes out,
+        # so a chat sent right after `message.done` is not refused while fan-out finishes.
+        self._open_turn: str | None = None
         self._closed = False
         self._fanout_ok = True
         self._layer_receive: Callable[[], Awaitable[dict]] | None = None
@@ -200,7 +203,9 @@ class SessionConsumer(AsyncWebsocketConsumer):
             except asyncio.CancelledError:
                 raise
             except Exception:
-                logger.warning("Channel layer receive failed for %s; retrying in %.1fs", self.group, delay)
+                logger.warning(
+                    "Channel layer receive failed for %s; retrying in %.1fs", self.group, delay, exc_info=True
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
 
@@ -287,7 +292,9 @@ class SessionConsumer(AsyncWebsocketConsumer):
             raise FrameError("bad_request", BAD_TURN_MESSAGE)
         if self._streaming:
             raise FrameError("session_busy", SESSION_BUSY)
+        self._open_turn = turn
         self._turn = asyncio.create_task(self._run_turn(turn, raw))
+        self._turn.add_done_callback(self._log_turn_failure)
 
     async def _on_stop(self, content: dict) -> None:
         if self._streaming:
@@ -322,18 +329,22 @@ class SessionConsumer(AsyncWebsocketConsumer):
 
     @property
     def _streaming(self) -> bool:
-        return self._turn is not None and not self._turn.done()
+        return self._open_turn is not None and self._turn is not None and not self._turn.done()
 
     async def _run_turn(self, turn: str, message: str) -> None:
         """Stream one answer: deltas as coalesced `token` frames, then `message.done`."""
         self._fanout_ok = True
         started = {"type": "turn.started", "turn": turn, "message": message}
         shared = False
+        closed = False  # the turn's last frame has gone out
 
         async def share(frame: dict) -> None:
             # This socket first (no fan-out latency before its tokens); other tabs hear of the
             # turn only once it is really under way (not refused as busy).
-            nonlocal shared
+            nonlocal shared, closed
+            if frame["type"] != "token":
+                closed = True
+                self._close_turn(turn)
             await self._send_frame(frame)
             if not shared:
                 shared = True
@@ -357,7 +368,7 @@ class SessionConsumer(AsyncWebsocketConsumer):
                         await share({"type": "message.done", "turn": turn, **payload})
         except asyncio.CancelledError:
             # Stop, end or disconnect. Closing the stream made the service store the partial answer.
-            if self._closed:
+            if self._closed or closed:
                 coalescer.discard()
                 raise
             asyncio.current_task().uncancel()
@@ -375,6 +386,7 @@ class SessionConsumer(AsyncWebsocketConsumer):
         except SessionError as exc:
             # Refused before anything streamed (busy, ended, too large...): only this socket hears of it.
             coalescer.discard()
+            self._close_turn(turn)
             await self._send_frame({"type": "error", "code": exc.code, "message": exc.message, "turn": turn})
         except Exception:
             logger.exception("Chat turn failed in session %s", self.session_id)
@@ -386,6 +398,14 @@ class SessionConsumer(AsyncWebsocketConsumer):
             await share(
                 {"type": "error", "code": INTERNAL_ERROR, "message": INTERNAL_ERROR_MESSAGE, "turn": turn, **payload}
             )
+
+    def _close_turn(self, turn: str) -> None:
+        if self._open_turn == turn:
+            self._open_turn = None
+
+    def _log_turn_failure(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("Chat turn task in session %s died", self.session_id, exc_info=task.exception())
 
     async def _cancel_turn(self) -> None:
         task = self._turn
