@@ -260,6 +260,7 @@ PROVIDER_CONNECT_TIMEOUT = env_float("PROVIDER_CONNECT_TIMEOUT", 5.0, minimum=0.
 PROVIDER_FIRST_TOKEN_TIMEOUT = env_float("PROVIDER_FIRST_TOKEN_TIMEOUT", 120.0, minimum=0.01)
 PROVIDER_IDLE_TIMEOUT = env_float("PROVIDER_IDLE_TIMEOUT", 60.0, minimum=0.01)
 PROVIDER_MAX_RETRIES = env_int("PROVIDER_MAX_RETRIES", 2)
+PROVIDER_RETRY_BACKOFF = env_float("PROVIDER_RETRY_BACKOFF", 0.5)  # seconds, doubled per retry
 OLLAMA_KEEP_ALIVE = os.environ.get("OLLAMA_KEEP_ALIVE", "").strip() or "10m"
 if not re.fullmatch(r"-?\d+(\.\d+)?(ms|s|m|h)?", OLLAMA_KEEP_ALIVE):
     raise ImproperlyConfigured(

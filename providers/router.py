@@ -291,5 +291,5 @@ class _Watchdog:
 
 
 def _backoff(attempt: int) -> float:
-    base = getattr(settings, "PROVIDER_RETRY_BACKOFF", 0.5)
+    base = settings.PROVIDER_RETRY_BACKOFF
     return min(base * (2 ** (attempt - 1)), 8.0)
