@@ -197,6 +197,13 @@ class SessionMessage(models.Model):
         indexes = [
             models.Index(fields=["domain", "timestamp"], name="message_client_time_idx"),
             models.Index(fields=["timestamp"], name="message_time_idx"),
+            # The reports' path: billable messages by time, answered from the index alone on PostgreSQL.
+            models.Index(
+                fields=["timestamp"],
+                include=["session", "domain", "tokens", "cost_usd", "role"],
+                condition=Q(copied_from__isnull=True, is_imported=False),
+                name="message_billable_time_idx",
+            ),
         ]
 
     def __str__(self) -> str:
