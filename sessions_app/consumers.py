@@ -181,6 +181,8 @@ class SessionConsumer(AsyncWebsocketConsumer):
         self._open_turn: str | None = None
         self._closed = False
         self._fanout_ok = True
+        self._outbox: asyncio.Queue = asyncio.Queue()
+        self._sender: asyncio.Task | None = None
         self._layer_receive: Callable[[], Awaitable[dict]] | None = None
 
     # --- Channel layer resilience --------------------------------------------------------
@@ -234,6 +236,8 @@ class SessionConsumer(AsyncWebsocketConsumer):
     async def disconnect(self, code: int) -> None:
         self._closed = True
         await self._cancel_turn()
+        if self._sender is not None and not self._sender.done():
+            self._sender.cancel()
         if self.group:
             try:
                 await asyncio.wait_for(
@@ -454,19 +458,30 @@ class SessionConsumer(AsyncWebsocketConsumer):
         await self._fanout({"type": "session.frame", "frame": frame})
 
     async def _fanout(self, event: dict) -> None:
-        if not self.group or not self._fanout_ok:
+        """Queue an event for the session's other sockets; never waits on the channel layer.
+
+        One background task sends the queue in order, so a slow or hanging Redis delays
+        only the other tabs, never this socket's own frames.
+        """
+        if not self.group or not self._fanout_ok or self._closed:
             return
-        try:
-            await asyncio.wait_for(
-                self.channel_layer.group_send(self.group, {**event, "origin": self.channel_name}),
-                self.fanout_timeout,
-            )
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            # Degrade: other tabs miss this turn live (they refetch on reconnect); the asker is unaffected.
-            self._fanout_ok = False
-            logger.warning("Fan-out to %s failed; other tabs miss this answer live", self.group, exc_info=True)
+        self._outbox.put_nowait({**event, "origin": self.channel_name})
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.create_task(self._send_outbox())
+
+    async def _send_outbox(self) -> None:
+        while not self._outbox.empty():
+            event = self._outbox.get_nowait()
+            if not self._fanout_ok:
+                continue
+            try:
+                await asyncio.wait_for(self.channel_layer.group_send(self.group, event), self.fanout_timeout)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # Degrade: other tabs miss this turn live (they refetch on reconnect); the asker is unaffected.
+                self._fanout_ok = False
+                logger.warning("Fan-out to %s failed; other tabs miss this answer live", self.group, exc_info=True)
 
     # --- Database work (run in a thread) -------------------------------------------------
 

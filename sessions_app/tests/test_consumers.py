@@ -9,7 +9,7 @@ import logging
 
 import pytest
 from channels.db import database_sync_to_async
-from channels.layers import InMemoryChannelLayer
+from channels.layers import InMemoryChannelLayer, channel_layers
 from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
 from django.contrib.auth.models import AnonymousUser
@@ -62,6 +62,14 @@ async def frames_until(communicator, frame_type: str, timeout: float = 20) -> li
 
 def token_text(frames: list[dict]) -> str:
     return "".join(f["text"] for f in frames if f["type"] == "token")
+
+
+@pytest.fixture(autouse=True)
+def fresh_channel_layer():
+    """A channel layer made on this test's event loop: Redis pools must not outlive their loop."""
+    channel_layers.backends.clear()
+    yield
+    channel_layers.backends.clear()
 
 
 @pytest.fixture
