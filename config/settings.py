@@ -178,8 +178,16 @@ if _db["ENGINE"].endswith("sqlite3"):
     # (up to `timeout`) instead of failing with "database is locked" when a read turns into a write.
     _db.setdefault("OPTIONS", {}).update({"timeout": 20, "transaction_mode": "IMMEDIATE"})
 else:
-    _db["CONN_MAX_AGE"] = env_int("DB_CONN_MAX_AGE", 0)
-    # The chat service runs in async contexts; pooled connections would leak across threads.
+    # Under ASGI, Django closes its connection after each request and each thread hop; a
+    # fresh PostgreSQL connection costs milliseconds every time. psycopg's pool (Django 5.1+)
+    # hands back an open one instead. Persistent connections (CONN_MAX_AGE) must stay 0 with it.
+    _db["CONN_MAX_AGE"] = 0
+    if env_bool("DB_POOL", True):
+        _db.setdefault("OPTIONS", {})["pool"] = {
+            "min_size": env_int("DB_POOL_MIN_SIZE", 2),
+            "max_size": env_int("DB_POOL_MAX_SIZE", 20, minimum=1),
+            "timeout": env_float("DB_POOL_TIMEOUT", 10.0, minimum=0.1),
+        }
 DATABASES = {"default": _db}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
