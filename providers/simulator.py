@@ -354,19 +354,19 @@ class ProviderSimulator:
             self._connections.add(task)
         self._writers.add(writer)
         conn = _Conn(reader, writer)
+        # A client that went away, or the server shutting down (CancelledError), ends this
+        # connection quietly.
+        quiet_end = (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ClientGone)
         try:
-            while True:
-                request = await self._read_request(reader)
-                if request is None:
-                    break
-                method, path, headers, raw = request
-                keep = await self._dispatch(conn, method, path, headers, raw)
-                if not keep or conn.gone:
-                    break
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ClientGone):
-            pass
-        except asyncio.CancelledError:
-            pass  # shutting down: end this connection quietly
+            with contextlib.suppress(*quiet_end, asyncio.CancelledError):
+                while True:
+                    request = await self._read_request(reader)
+                    if request is None:
+                        break
+                    method, path, headers, raw = request
+                    keep = await self._dispatch(conn, method, path, headers, raw)
+                    if not keep or conn.gone:
+                        break
         finally:
             self._writers.discard(writer)
             if task is not None:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import uuid
-
 from django.core.management.base import BaseCommand, CommandError
 
+from sessions_app.conversation import session_resolve
+from sessions_app.errors import SessionError
 from sessions_app.integrity import verify_session
 from sessions_app.invariants import check_session
 from sessions_app.models import ChatSession, SessionStatus
@@ -27,16 +27,9 @@ class Command(BaseCommand):
         sessions = []
         for raw in ids:
             try:
-                sessions.append(ChatSession.objects.get(pk=uuid.UUID(raw)))
-                continue
-            except (ValueError, ChatSession.DoesNotExist):
-                pass
-            if len(raw) < 8:
-                raise CommandError(f"No session {raw!r} (give the UUID or a prefix of at least 8 characters).")
-            matches = [s for s in ChatSession.objects.only("pk") if str(s.pk).startswith(raw.lower())]
-            if len(matches) != 1:
-                raise CommandError(f"{'No' if not matches else 'More than one'} session matches {raw!r}.")
-            sessions.append(ChatSession.objects.get(pk=matches[0].pk))
+                sessions.append(session_resolve(ident=raw))
+            except SessionError as exc:
+                raise CommandError(exc.message) from None
         return sessions
 
     def handle(self, *args, **options):
