@@ -65,8 +65,16 @@ def token_text(frames: list[dict]) -> str:
 
 
 @pytest.fixture(autouse=True)
-def fresh_channel_layer():
-    """A channel layer made on this test's event loop: Redis pools must not outlive their loop."""
+def fresh_channel_layer(settings):
+    """An in-memory channel layer made on this test's event loop.
+
+    These tests drive the consumer in pytest's own event loop, which is torn down after each
+    test by cancelling every task left on it; a channels_redis receive cancelled that way has
+    been seen never to finish, hanging the run. The real Redis fan-out is exercised by the
+    browser tests, whose daphne process uses REDIS_URL, and the unreachable-Redis test below
+    sets its own layer.
+    """
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
     channel_layers.backends.clear()
     yield
     channel_layers.backends.clear()
