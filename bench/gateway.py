@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import platform
@@ -69,11 +70,9 @@ def server_env(args, db_url: str, sim_port: int) -> dict[str, str]:
 def wait_for(url: str, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
+        with contextlib.suppress(httpx.HTTPError):
             if httpx.get(url, timeout=1.0).status_code < 500:
                 return
-        except httpx.HTTPError:
-            pass
         time.sleep(0.1)
     raise SystemExit(f"{url} did not come up within {timeout:.0f}s")
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import platform
@@ -137,11 +138,9 @@ def free_port(preferred: int | None) -> int:
 
 def wait_http(url: str, deadline: float) -> None:
     while time.monotonic() < deadline:
-        try:
+        with contextlib.suppress(httpx.HTTPError):
             if httpx.get(url, timeout=1).status_code < 500:
                 return
-        except httpx.HTTPError:
-            pass
         time.sleep(0.1)
     raise RuntimeError(f"{url} did not answer in time")
 
