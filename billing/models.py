@@ -329,3 +329,35 @@ class InvoiceLine(models.Model):
 
     def __str__(self) -> str:
         return self.description
+
+
+class SessionMessageTotals(models.Model):
+    """Billable-message totals per (session, client), kept by PostgreSQL for the heavy reports.
+
+    A trigger on `ollama_session_messages` (migration billing 0003, PostgreSQL only) updates
+    the row in the same transaction as every insert, update or delete of a billable message
+    (not a branch copy, not an import), so the totals are always exactly those of the
+    messages. `first_at`/`last_at` bound the messages' timestamps; they only widen (a moved
+    or deleted message leaves them as they were), which is all the reports need: a pair whose
+    bounds lie inside a period is taken from here, any other pair is summed from its messages.
+    On SQLite the table stays empty and the reports use the Python path.
+    """
+
+    session = models.ForeignKey("sessions_app.ChatSession", on_delete=models.CASCADE, related_name="+")
+    domain = models.ForeignKey(ClientDomain, on_delete=models.CASCADE, related_name="+")
+    messages = models.IntegerField(default=0)
+    tokens = models.BigIntegerField(default=0)
+    cost = models.DecimalField(max_digits=18, decimal_places=6, default=Decimal("0"))
+    unpriced = models.IntegerField(default=0)
+    first_at = models.DateTimeField()
+    last_at = models.DateTimeField()
+
+    class Meta:
+        db_table = "session_message_totals"
+        constraints = [
+            models.UniqueConstraint(fields=["session", "domain"], name="one_message_total_per_session_client"),
+        ]
+        indexes = [models.Index(fields=["first_at"], name="message_totals_first_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.session_id} / {self.domain_id}: {self.messages} messages"

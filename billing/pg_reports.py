@@ -35,36 +35,46 @@ def available() -> bool:
     return connection.vendor == "postgresql"
 
 
-def _esc(expr: str) -> str:
-    """SQL twin of `csv_export.escape_cell`, with '' as NULL so COPY writes it unquoted."""
-    starts = ", ".join(
+def _formula_starts() -> str:
+    return ", ".join(
         "E'" + c.replace("\t", "\\t").replace("\r", "\\r").replace("'", "\\'") + "'" for c in FORMULA_STARTS
     )
-    return f"NULLIF(CASE WHEN left({expr}, 1) IN ({starts}) THEN '''' || {expr} ELSE {expr} END, '')"
+
+
+def _esc(expr: str) -> str:
+    """SQL twin of `csv_export.escape_cell`, with '' as NULL so COPY writes it unquoted."""
+    return f"NULLIF(CASE WHEN left({expr}, 1) IN ({_formula_starts()}) THEN '''' || {expr} ELSE {expr} END, '')"
 
 
 def _iso(expr: str) -> str:
     """SQL twin of `datetime.astimezone(tz).isoformat()`, with the session's TimeZone set to tz.
 
-    Local time to the second, then microseconds only when there are any (as Python does),
-    then the offset as ±hh:mm.
+    Local time to the second, microseconds only when there are any (as Python does), then
+    the offset as ±hh:mm: one to_char per value.
     """
     return (
-        f"to_char({expr}, 'YYYY-MM-DD\"T\"HH24:MI:SS')"
-        f" || CASE WHEN mod(EXTRACT(MICROSECONDS FROM {expr})::bigint, 1000000) <> 0"
-        f" THEN to_char({expr}, '.US') ELSE '' END || to_char({expr}, 'TZH:TZM')"
+        f"CASE WHEN date_trunc('second', {expr}) = {expr}"
+        f" THEN to_char({expr}, 'YYYY-MM-DD\"T\"HH24:MI:SSTZH:TZM')"
+        f" ELSE to_char({expr}, 'YYYY-MM-DD\"T\"HH24:MI:SS.USTZH:TZM') END"
     )
 
 
 def _lines_sql(*, client_id=None, user_id=None) -> str:
-    """The priced billing lines as a CTE chain ending in `priced` (one row per session and client)."""
-    seg_filter = msg_filter = ""
-    seg_join = msg_join = ""
+    """The priced billing lines as a CTE chain ending in `priced` (one row per session and client).
+
+    Message totals come from `session_message_totals` for every (session, client) whose
+    messages all lie inside the period (their bounds do), and are summed from the messages
+    themselves only for the few pairs that straddle the period's start or end.
+    """
+    seg_filter = tot_filter = msg_filter = ""
+    seg_join = tot_join = msg_join = ""
     if client_id is not None:
         seg_filter += " AND s.domain_id = %(client)s"
+        tot_filter += " AND t.domain_id = %(client)s"
         msg_filter += " AND m.domain_id = %(client)s"
     if user_id is not None:
         seg_join = "JOIN ollama_streaming_sessions su ON su.session_id = s.session_id AND su.user_id = %(user)s"
+        tot_join = "JOIN ollama_streaming_sessions tu ON tu.session_id = t.session_id AND tu.user_id = %(user)s"
         msg_join = "JOIN ollama_streaming_sessions mu ON mu.session_id = m.session_id AND mu.user_id = %(user)s"
     # Only constant fragments are interpolated; every value is a bound parameter.
     return f"""
@@ -76,11 +86,24 @@ def _lines_sql(*, client_id=None, user_id=None) -> str:
         FROM session_segments s {seg_join}
         WHERE s.started_at < %(end)s AND (s.ended_at IS NULL OR s.ended_at > %(start)s){seg_filter}
         GROUP BY s.session_id, s.domain_id
+    ), inside AS (
+        SELECT t.session_id, t.domain_id, t.messages::bigint AS messages, t.tokens, t.cost,
+               t.unpriced::bigint AS unpriced
+        FROM session_message_totals t {tot_join}
+        WHERE t.first_at >= %(start)s AND t.last_at < %(end)s AND t.messages > 0{tot_filter}
+    ), straddling AS (
+        SELECT t.session_id, t.domain_id
+        FROM session_message_totals t {tot_join}
+        WHERE t.first_at < %(end)s AND t.last_at >= %(start)s
+          AND (t.first_at < %(start)s OR t.last_at >= %(end)s){tot_filter}
     ), msg AS (
+        SELECT * FROM inside
+        UNION ALL
         SELECT m.session_id, m.domain_id, COUNT(*) AS messages, COALESCE(SUM(m.tokens), 0) AS tokens,
                COALESCE(SUM(m.cost_usd), 0) AS cost,
                COUNT(*) FILTER (WHERE m.cost_usd IS NULL AND m.role <> 'user') AS unpriced
-        FROM ollama_session_messages m {msg_join}
+        FROM straddling x
+        JOIN ollama_session_messages m ON m.session_id = x.session_id AND m.domain_id = x.domain_id {msg_join}
         WHERE m."timestamp" >= %(start)s AND m."timestamp" < %(end)s
           AND m.copied_from_id IS NULL AND NOT m.is_imported{msg_filter}
         GROUP BY m.session_id, m.domain_id
@@ -163,19 +186,31 @@ def csv_lines(*, period: Period, now: dt.datetime, client=None, user=None) -> It
     params = _params(period, cap, client, user)
     params["period_start"] = iso(period.start, period.tz)
     params["period_end"] = iso(period.end, period.tz)
-    name = "COALESCE(NULLIF(ss.name, ''), 'Session ' || left(ss.session_id::text, 8))"
+    # A session's name is escaped per row (its fallback never needs it); a client's cells and a
+    # consultant's once each.
+    name = (
+        "CASE WHEN ss.name = '' THEN 'Session ' || left(ss.session_id::text, 8)"
+        f" WHEN left(ss.name, 1) IN ({_formula_starts()}) THEN '''' || ss.name ELSE ss.name END"
+    )
     select = f"""
-    SELECT {_esc("c.slug")}, {_esc("c.name")}, p.session_id::text, {_esc(name)}, {_esc("u.username")},
+    , cl AS MATERIALIZED (
+        SELECT id, slug, {_esc("slug")} AS slug_cell, {_esc("name")} AS name_cell, ROUND(hourly_rate, 2) AS rate,
+               ROUND(llm_markup_percent, 2) AS markup_percent, {_esc("currency")} AS currency_cell
+        FROM domain_portfolio
+    ), us AS MATERIALIZED (
+        SELECT id, {_esc("username")} AS username_cell FROM auth_user
+    )
+    SELECT cl.slug_cell, cl.name_cell, p.session_id::text, {name}, us.username_cell,
            {_iso("ss.started_at")}, {_iso("ss.ended_at")}, %(period_start)s, %(period_end)s,
-           p.secs, p.minutes, ROUND(p.minutes / 60.0, 4), ROUND(c.hourly_rate, 2), p.time_amount,
-           p.messages, p.tokens, p.unpriced, p.llm_cost, ROUND(c.llm_markup_percent, 2), p.markup,
-           p.time_amount + p.llm_cost + p.markup, {_esc("c.currency")}, {_esc("COALESCE(i.number, '')")}
+           p.secs, p.minutes, ROUND(p.minutes / 60.0, 4), cl.rate, p.time_amount,
+           p.messages, p.tokens, p.unpriced, p.llm_cost, cl.markup_percent, p.markup,
+           p.time_amount + p.llm_cost + p.markup, cl.currency_cell, {_esc("i.number")}
     FROM priced p
-    JOIN domain_portfolio c ON c.id = p.domain_id
+    JOIN cl ON cl.id = p.domain_id
     JOIN ollama_streaming_sessions ss ON ss.session_id = p.session_id
-    JOIN auth_user u ON u.id = ss.user_id
+    JOIN us ON us.id = ss.user_id
     LEFT JOIN invoices i ON i.id = ss.invoice_id
-    ORDER BY ss.started_at, ss.session_id, c.slug COLLATE "C"
+    ORDER BY ss.started_at, ss.session_id, cl.slug COLLATE "C"
     """  # noqa: S608
     query = _lines_sql(client_id=params["client"], user_id=params["user"]) + select
     # The zone is set for this transaction only and put back afterwards, so nothing else on
@@ -203,3 +238,26 @@ def csv_lines(*, period: Period, now: dt.datetime, client=None, user=None) -> It
             # After a cut download the transaction is aborted and rolls back, which undoes it too.
             with contextlib.suppress(DatabaseError):
                 cur.execute("SELECT set_config('TimeZone', %s, true)", [previous])
+
+
+def rebuild_message_totals() -> int:
+    """Recompute `session_message_totals` from the messages; returns the number of pairs.
+
+    The trigger keeps the table exact on every write; this is for loads that bypass triggers
+    (a bulk COPY with `session_replication_role = replica`) and for checking the trigger.
+    Writers to the messages wait while it runs.
+    """
+    with transaction.atomic(), connection.cursor() as cur:
+        cur.execute("LOCK TABLE ollama_session_messages IN SHARE ROW EXCLUSIVE MODE")
+        cur.execute("DELETE FROM session_message_totals")
+        cur.execute(TOTALS_FROM_MESSAGES)
+        return cur.rowcount
+
+
+TOTALS_FROM_MESSAGES = """
+INSERT INTO session_message_totals (session_id, domain_id, messages, tokens, cost, unpriced, first_at, last_at)
+SELECT session_id, domain_id, COUNT(*), COALESCE(SUM(tokens), 0), COALESCE(SUM(cost_usd), 0),
+       COUNT(*) FILTER (WHERE cost_usd IS NULL AND role <> 'user'), MIN("timestamp"), MAX("timestamp")
+FROM ollama_session_messages WHERE copied_from_id IS NULL AND NOT is_imported
+GROUP BY session_id, domain_id
+"""

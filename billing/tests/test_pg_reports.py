@@ -10,10 +10,12 @@ from django.db import connection
 from django.utils import timezone
 
 from billing import csv_export, pg_reports
+from billing.models import SessionMessageTotals
 from billing.reports import PERIOD_CUSTOM, Period
 from billing.selectors import iter_billing_lines, report_for_period
 from billing.services import invoice_create_draft, invoice_issue
 from billing.tests.helpers import NY, at, march, work
+from sessions_app.models import SessionMessage
 from tests.factories import ClientFactory, MessageFactory, SegmentFactory, UserFactory
 
 pytestmark = pytest.mark.skipif(connection.vendor != "postgresql", reason="the SQL fast path is PostgreSQL only")
@@ -171,3 +173,112 @@ def test_concurrent_issues_get_distinct_consecutive_numbers():
     assert errors == []
     numbers = sorted(Invoice.objects.values_list("number", flat=True))
     assert numbers == ["INV-2026-0001", "INV-2026-0002", "INV-2026-0003", "INV-2026-0004"]
+
+
+def _totals_from_messages() -> dict:
+    with connection.cursor() as cur:
+        cur.execute(
+            "SELECT session_id, domain_id, COUNT(*), COALESCE(SUM(tokens), 0), COALESCE(SUM(cost_usd), 0),"
+            " COUNT(*) FILTER (WHERE cost_usd IS NULL AND role <> 'user'), MIN(timestamp), MAX(timestamp)"
+            " FROM ollama_session_messages WHERE copied_from_id IS NULL AND NOT is_imported GROUP BY 1, 2"
+        )
+        return {(r[0], r[1]): r[2:] for r in cur.fetchall()}
+
+
+def assert_totals_exact():
+    """The trigger-kept totals are the messages' own, and their bounds hold every message."""
+    expected = _totals_from_messages()
+    kept = {
+        (t.session_id, t.domain_id): t
+        for t in SessionMessageTotals.objects.all()
+        if t.messages or (t.session_id, t.domain_id) in expected
+    }
+    assert kept.keys() == expected.keys()
+    for key, (messages, tokens, cost, unpriced, first, last) in expected.items():
+        t = kept[key]
+        assert (t.messages, t.tokens, t.cost, t.unpriced) == (messages, tokens, cost, unpriced)
+        assert t.first_at <= first and t.last_at >= last
+    for t in SessionMessageTotals.objects.exclude(pk__in=[t.pk for t in kept.values()]):
+        assert (t.messages, t.tokens, t.cost, t.unpriced) == (0, 0, 0, 0)
+
+
+@pytest.mark.django_db
+def test_message_totals_follow_every_write(owner, client_acme, client_globex):
+    session = work(user=owner, client=client_acme, start=at(2, 9), seconds=600, costs=["0.125", None, "0.5"])
+    assert_totals_exact()
+    first = SessionMessage.objects.get(session=session, seq=1)
+    first.cost_usd = Decimal("0.200001")
+    first.tokens = 777
+    first.save()
+    assert_totals_exact()
+    second = SessionMessage.objects.get(session=session, seq=2)
+    second.domain = client_globex  # moved to another client
+    second.timestamp = at(20, 9)  # and in time
+    second.save()
+    assert_totals_exact()
+    SessionMessage.objects.filter(session=session, seq=3).update(is_imported=True)
+    assert_totals_exact()
+    copy = MessageFactory(session=session, seq=4, role="assistant", domain=client_acme, cost_usd=Decimal("9"))
+    assert_totals_exact()
+    SessionMessage.objects.filter(pk=copy.pk).update(copied_from=first)  # a branch copy is not billed
+    assert_totals_exact()
+    SessionMessage.objects.filter(session=session, seq=3).update(is_imported=False, cost_usd=None, role="user")
+    assert_totals_exact()
+    first.delete()
+    assert_totals_exact()
+    SessionMessage.objects.filter(session=session).update(content="edited")  # no billed field: no change
+    assert_totals_exact()
+    session.delete()
+    assert_totals_exact()
+    assert not SessionMessageTotals.objects.exists()
+
+
+@pytest.mark.django_db
+def test_rebuilt_message_totals_equal_the_kept_ones(awkward_month):
+    before = {
+        (t.session_id, t.domain_id): (t.messages, t.tokens, t.cost, t.unpriced, t.first_at, t.last_at)
+        for t in SessionMessageTotals.objects.all()
+    }
+    assert before
+    assert pg_reports.rebuild_message_totals() == len(before)
+    after = {
+        (t.session_id, t.domain_id): (t.messages, t.tokens, t.cost, t.unpriced, t.first_at, t.last_at)
+        for t in SessionMessageTotals.objects.all()
+    }
+    assert after == before
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("moved", [False, True])
+def test_sessions_across_the_period_edges_count_only_their_messages_inside(staff, owner, client_acme, moved):
+    """A (session, client) whose messages straddle the period's start or end is summed from its messages."""
+    early = work(user=owner, client=client_acme, start=dt.datetime(2026, 2, 28, 23, 0, tzinfo=NY), seconds=7200)
+    MessageFactory(session=early, seq=1, role="assistant", domain=client_acme, cost_usd=Decimal("1.11"),
+                   timestamp=dt.datetime(2026, 2, 28, 23, 30, tzinfo=NY))  # fmt: skip
+    MessageFactory(session=early, seq=2, role="assistant", domain=client_acme, cost_usd=Decimal("2.22"),
+                   timestamp=dt.datetime(2026, 3, 1, 0, 30, tzinfo=NY))  # fmt: skip
+    late = work(user=owner, client=client_acme, start=dt.datetime(2026, 3, 31, 23, 0, tzinfo=NY), seconds=7200)
+    MessageFactory(session=late, seq=1, role="assistant", domain=client_acme, cost_usd=None,
+                   timestamp=dt.datetime(2026, 3, 31, 23, 30, tzinfo=NY))  # fmt: skip
+    MessageFactory(session=late, seq=2, role="assistant", domain=client_acme, cost_usd=Decimal("4.44"),
+                   timestamp=dt.datetime(2026, 4, 1, 0, 30, tzinfo=NY))  # fmt: skip
+    work(user=owner, client=client_acme, start=at(10), seconds=60, costs=["0.01"])
+    if moved:
+        # A message moved out of the period leaves the bounds wide: still summed exactly.
+        SessionMessage.objects.filter(session=early, seq=2).update(
+            timestamp=dt.datetime(2026, 2, 28, 23, 45, tzinfo=NY)
+        )
+    now = timezone.now()
+    reference = report_for_period(period=march(), user=staff, now=now)
+    _, total = pg_reports.client_rows(period=march(), now=now)
+    fields = ("sessions", "seconds", "messages", "tokens", "llm_cost_raw", "unpriced", "llm_cost", "total")
+    assert {f: getattr(total, f) for f in fields} == {f: getattr(reference.total, f) for f in fields}
+    assert total.messages == (2 if moved else 3) and total.unpriced == 1
+    python = "".join(
+        csv_export.stream_rows(
+            csv_export.REPORT_HEADER,
+            csv_export.report_rows(iter_billing_lines(period=march(), user=staff, now=now), march()),
+        )
+    )
+    sql = csv_export.header_line(csv_export.REPORT_HEADER) + "".join(pg_reports.csv_lines(period=march(), now=now))
+    assert sql == python
