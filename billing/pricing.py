@@ -30,21 +30,20 @@ def price_for(provider: str, model_id: str, at: datetime | None = None) -> Model
     """The price in force at `at`: the exact model, else the longest priced prefix of the id,
     else (for a friendly name) the price of the id its alias points to."""
     at = at or timezone.now()
-    rows = list(
-        ModelPrice.objects.in_force(at)
-        .filter(provider=provider)
-        .only("provider", "model", "input_per_mtok", "output_per_mtok", "effective_from", "context_window")
-        .order_by("-effective_from")
-    )
-    best: ModelPrice | None = None
+    # Plain tuples: a call's cost is looked up on every chat turn, and model instances for every
+    # price row of the provider would cost more than the query.
+    names = ("id", "model", "input_per_mtok", "output_per_mtok", "effective_from", "context_window")
+    rows = ModelPrice.objects.in_force(at).filter(provider=provider).order_by("-effective_from").values_list(*names)
+    best: tuple | None = None
     for row in rows:  # newest first, so the first row per model is the one in force
-        if row.model == model_id:
-            return row
-        if model_id.startswith(row.model) and model_id[len(row.model) : len(row.model) + 1] in SEPARATORS:
-            if best is None or len(row.model) > len(best.model):
+        model = row[1]
+        if model == model_id:
+            return ModelPrice(provider=provider, **dict(zip(names, row, strict=True)))
+        if model_id.startswith(model) and model_id[len(model) : len(model) + 1] in SEPARATORS:
+            if best is None or len(model) > len(best[1]):
                 best = row
     if best is not None:
-        return best
+        return ModelPrice(provider=provider, **dict(zip(names, best, strict=True)))
     # A friendly name (`claude-sonnet-4`) is priced as the id its alias points to.
     from billing.models import ModelAlias
 

@@ -74,7 +74,9 @@ class OllamaAdapter(ProviderAdapter):
                     raw = await response.aread()
                     raise errors.from_response(NAME, response.status_code, raw, model=model)
                 async for line in iter_lines(response.aiter_bytes()):
-                    if not line or line.isspace():
+                    # After the final chunk, read to the end of the body so the connection
+                    # goes back to the pool instead of being closed.
+                    if final is not None or not line or line.isspace():
                         continue
                     try:
                         chunk = json.loads(line)
@@ -92,7 +94,6 @@ class OllamaAdapter(ProviderAdapter):
                         yield text
                     if chunk.get("done"):
                         final = chunk
-                        break
         except httpx.ConnectTimeout:
             raise errors.timeout_error(NAME, f"no connection to {host} within {settings.PROVIDER_CONNECT_TIMEOUT:g}s")
         except httpx.ConnectError:

@@ -94,15 +94,22 @@ def reply_reserve(window: int) -> int:
     return max(MIN_REPLY_RESERVE, min(MAX_REPLY_RESERVE, window // 8))
 
 
-def build_context(*, session, target: ModelRef) -> ContextPlan:
-    """Plan the messages for a call to `target`: system prompt always, newest history that fits."""
+def build_context(*, session, target: ModelRef, rows: list[tuple] | None = None) -> ContextPlan:
+    """Plan the messages for a call to `target`: system prompt always, newest history that fits.
+
+    `rows` are the session's messages as (seq, role, content, model, domain_id, status) in seq
+    order, for a caller that has just read them; by default they are read here.
+    """
     window = router.context_window(target)
     system_cost = (
         tokens.estimate_messages([{"role": "system", "content": session.system_prompt}]) if session.system_prompt else 0
     )
     budget = max(0, window - reply_reserve(window) - system_cost)
 
-    rows = list(session.messages.order_by("seq").values_list("seq", "role", "content", "model", "domain_id", "status"))
+    if rows is None:
+        rows = list(
+            session.messages.order_by("seq").values_list("seq", "role", "content", "model", "domain_id", "status")
+        )
     # A stored system message (a summary of older history) stands in for everything before it.
     summarized: list[int] = []
     last_system = max((i for i, row in enumerate(rows) if row[1] == "system"), default=None)

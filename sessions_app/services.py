@@ -39,7 +39,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.cache import cache
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import F, Q
 from django.utils import timezone
 
 from billing import pricing
@@ -57,10 +57,12 @@ from sessions_app.errors import (
     SESSION_BUSY,
     SESSION_ENDED,
     SESSION_LOCKED,
+    SESSION_NOT_FOUND,
     UNKNOWN_CLIENT,
     UNKNOWN_MODEL,
     BadInput,
     MessageTooLarge,
+    NotFound,
     ProviderFailed,
     ProviderTimeout,
     SessionBusy,
@@ -80,7 +82,7 @@ from sessions_app.models import (
     SessionStatus,
     StreamReason,
 )
-from sessions_app.selectors import session_get_for_user, session_summary
+from sessions_app.selectors import parse_session_id, session_get_for_user, session_summary
 
 logger = logging.getLogger(__name__)
 
@@ -395,8 +397,31 @@ def _stream_options(options) -> StreamOptions:
     return opts
 
 
+def _claim_turn(pk, user, now: datetime) -> None:
+    """Inside a transaction: claim the session for one answer and count the user message.
+
+    One UPDATE does it in the usual case (the caller's active, uninvoiced session with no
+    answer streaming); otherwise the session is read to say why not, or claimed after all
+    when only a draft invoice kept the quick claim from matching.
+    """
+    claim = {"turn_started_at": now, "last_activity_at": now, "total_messages": F("total_messages") + 1}
+    quick = ChatSession.objects.for_user(user).filter(
+        _no_live_turn(now), pk=pk, status=SessionStatus.ACTIVE, invoice__isnull=True
+    )
+    if quick.update(**claim):
+        return
+    session = session_get_for_user(session_id=pk, user=user)
+    _check_writable(session)
+    _claim_or_explain(session.pk, now, **claim)
+
+
 def _begin_turn(*, session_id, user, message) -> _TurnStart:
-    """Transaction 1: claim the session and store the user message before any provider call."""
+    """Transaction 1: claim the session and store the user message before any provider call.
+
+    The hot path of every turn, so it reads as little as it can: the claim, the session, its
+    messages (the context and the chain's tail in one read), the insert, the pending context
+    stream and the model's alias.
+    """
     if not isinstance(message, str):
         raise BadInput(NOT_TEXT.format(field="message"))
     message = message.replace("\x00", "")
@@ -405,14 +430,20 @@ def _begin_turn(*, session_id, user, message) -> _TurnStart:
     limit = settings.CHAT_MAX_MESSAGE_CHARS
     if len(message) > limit:
         raise MessageTooLarge(MESSAGE_TOO_LARGE.format(size=len(message), limit=limit))
-    session = session_get_for_user(session_id=session_id, user=user)
-    _check_writable(session)
-    ref = parse_model(session.current_model)
+    pk = parse_session_id(session_id)
+    if user is None or not getattr(user, "is_authenticated", False):
+        raise NotFound(SESSION_NOT_FOUND)
     now = timezone.now()
     with transaction.atomic():
-        _claim_or_explain(session.pk, now, turn_started_at=now, last_activity_at=now)
-        session = _load(session.pk)
-        seq, previous = _chain_tail(session.pk)
+        _claim_turn(pk, user, now)
+        session = _load(pk)
+        ref = parse_model(session.current_model)
+        rows = list(
+            SessionMessage.objects.filter(session_id=pk)
+            .order_by("seq")
+            .values_list("seq", "role", "content", "model", "domain_id", "status", "hash")
+        )
+        seq, previous = (rows[-1][0] + 1, rows[-1][6] or integrity.GENESIS) if rows else (1, integrity.GENESIS)
         user_message = SessionMessage(
             session=session,
             seq=seq,
@@ -426,13 +457,16 @@ def _begin_turn(*, session_id, user, message) -> _TurnStart:
             status=MessageStatus.COMPLETE,
         )
         _store_linked(user_message, previous)
-        session.total_messages += 1
-        ChatSession.objects.filter(pk=session.pk).update(total_messages=session.total_messages)
     try:
-        plan = build_context(session=session, target=ref)
+        history = [row[:6] for row in rows]
+        history.append(
+            (seq, MessageRole.USER, message, session.current_model, session.domain_id, MessageStatus.COMPLETE)
+        )
+        plan = build_context(session=session, target=ref, rows=history)
         model_id = router.resolve_alias(ref).model
         stream = (
             ContextStream.objects.filter(session=session, settled_at__isnull=True, target_model=session.current_model)
+            .only("stream_id", "context_snapshot")
             .order_by("-streamed_at")
             .first()
         )
@@ -519,17 +553,27 @@ def _store_answer(turn: _Turn, *, now: datetime | None = None) -> SessionMessage
         usage_status = UsageStatus.CANCELLED
         error_text = STOPPED_BY_END if turn.outcome == "stopped" else CANCELLED
 
-    locked = ChatSession.objects.select_for_update().get(pk=session_id)
+    session = start.session
+    fields = ("status", "turn_started_at", "total_messages", "total_tokens", "estimated_cost_usd", "last_activity_at")
+    state = dict(
+        zip(
+            (*fields, "invoice_id"),
+            ChatSession.objects.select_for_update().filter(pk=session_id).values_list(*fields, "invoice_id").get(),
+            strict=True,
+        )
+    )
+    # The message's lock check (billing.locks) reads the invoice from the session it is given.
+    session.invoice_id = state.pop("invoice_id")
     seq, previous = _chain_tail(session_id)
     message = SessionMessage(
-        session_id=session_id,
+        session=session,
         seq=seq,
         role=MessageRole.ASSISTANT,
         content=turn.text,
         timestamp=now,
         model=start.model_name,
         provider=start.ref.provider,
-        domain=start.session.domain,
+        domain=session.domain,
         prompt_tokens=prompt,
         completion_tokens=completion,
         tokens=prompt + completion,
@@ -556,10 +600,10 @@ def _store_answer(turn: _Turn, *, now: datetime | None = None) -> SessionMessage
 
     elapsed_ms = int((time.monotonic() - turn.began) * 1000)
     LLMUsage.objects.create(
-        user_id=start.session.user_id,
+        user_id=session.user_id,
         session_id=session_id,
         message=message,
-        client_id=start.session.domain_id,
+        client_id=session.domain_id,
         provider=start.ref.provider,
         model=start.ref.model,
         provider_model=provider_model,
@@ -575,22 +619,29 @@ def _store_answer(turn: _Turn, *, now: datetime | None = None) -> SessionMessage
         created_at=now,
     )
 
-    locked.total_messages += 1
-    locked.total_tokens += prompt + completion
-    locked.estimated_cost_usd = quantize_money(Decimal(locked.estimated_cost_usd) + (cost or Decimal("0")))
-    locked.last_activity_at = max(now, locked.last_activity_at)
-    fields = ["total_messages", "total_tokens", "estimated_cost_usd", "last_activity_at"]
-    if locked.turn_started_at == start.claim:
-        locked.turn_started_at = None
-        fields.append("turn_started_at")
-    if locked.status == SessionStatus.ENDED:
+    update = {
+        "total_messages": state["total_messages"] + 1,
+        "total_tokens": state["total_tokens"] + prompt + completion,
+        "estimated_cost_usd": quantize_money(Decimal(state["estimated_cost_usd"]) + (cost or Decimal("0"))),
+        "last_activity_at": max(now, state["last_activity_at"]),
+    }
+    if state["turn_started_at"] == start.claim:
+        update["turn_started_at"] = None
+    if state["status"] == SessionStatus.ENDED:
         # Ended by another worker that gave up waiting for this answer: keep the answer and
-        # re-seal, so the seal covers what is stored.
-        locked.save(update_fields=fields)
+        # re-seal, so the seal covers what is stored (through save(), so the invoice lock applies).
+        locked = ChatSession.objects.get(pk=session_id)
+        for name, value in update.items():
+            setattr(locked, name, value)
+        locked.save(update_fields=list(update))
         locked.soulfra_hash = integrity.build_seal(locked)
-        fields = ["soulfra_hash"]
-    locked.save(update_fields=fields)
-    message.domain = start.session.domain
+        locked.save(update_fields=["soulfra_hash"])
+    else:
+        # A message could be added, so no issued invoice covers the session: a plain UPDATE
+        # under the row lock (no lock-check read) is safe.
+        ChatSession.objects.filter(pk=session_id).update(**update)
+    for name, value in (*state.items(), *update.items()):
+        setattr(session, name, value)
     return message
 
 
@@ -601,7 +652,9 @@ def _finish_turn(turn: _Turn) -> tuple[SessionMessage, ChatSession] | None:
     try:
         with transaction.atomic():
             message = _store_answer(turn)
-        return message, _load(turn.start.session.pk)
+        session = turn.start.session
+        # The session's totals are current (set under the row lock); an ended one is re-read whole.
+        return message, (_load(session.pk) if session.status == SessionStatus.ENDED else session)
     finally:
         with turn.lock:
             turn.state = "done"
