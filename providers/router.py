@@ -175,16 +175,22 @@ def _paid_models() -> list[ModelInfo]:
 
 
 async def stream_chat(
-    model: str | ModelRef, messages: list[ChatMessage], options: StreamOptions | None = None
+    model: str | ModelRef,
+    messages: list[ChatMessage],
+    options: StreamOptions | None = None,
+    *,
+    resolved: bool = False,
 ) -> AsyncIterator[str | Usage]:
     """Stream one answer: text deltas, then exactly one `Usage`. Raises `ProviderError`.
 
     Retries (at most PROVIDER_MAX_RETRIES) only before the first token and only when the error
     says a retry can help; never after a first-token timeout (the consultant already waited).
+    `resolved` says the caller has already looked up the model's alias (`resolve_alias`).
     """
     ref = _ref(model)
     adapter = get_adapter(ref.provider)
-    ref = await db_sync_to_async(resolve_alias)(ref)
+    if not resolved:
+        ref = await db_sync_to_async(resolve_alias)(ref)
     options = options or StreamOptions()
     first_limit = settings.PROVIDER_FIRST_TOKEN_TIMEOUT
     idle_limit = settings.PROVIDER_IDLE_TIMEOUT

@@ -702,7 +702,8 @@ async def session_chat(*, session_id, user, message, options=None) -> AsyncItera
     try:
         if start.ref.provider == "ollama" and opts.num_ctx is None:
             opts.num_ctx = start.plan.window
-        provider_stream = router.stream_chat(start.ref, start.plan.messages, opts)
+        resolved = ModelRef(start.ref.provider, start.model_id)
+        provider_stream = router.stream_chat(resolved, start.plan.messages, opts, resolved=True)
     except BaseException:
         await db_sync_to_async(_release_claim)(start.session.pk, start.claim)
         raise

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from asgiref.sync import sync_to_async
 from django.http import HttpRequest
 from django.utils import timezone
 
+from providers.router import db_sync_to_async
 from sessions_app.gateway.common import TOKEN_INVALID, TOKEN_MISSING, GatewayError
 from sessions_app.models import ApiToken
 
@@ -39,4 +39,4 @@ def authenticate_raw(raw: str) -> ApiToken:
 
 async def authenticate(request: HttpRequest, path_token: str | None) -> ApiToken:
     """Return the live token, or raise a 401 GatewayError."""
-    return await sync_to_async(authenticate_raw)(raw_token(request, path_token))
+    return await db_sync_to_async(authenticate_raw)(raw_token(request, path_token))

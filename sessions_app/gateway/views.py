@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import OperationalError
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
@@ -24,6 +23,7 @@ from django.views.decorators.csrf import csrf_exempt
 
 from providers import router
 from providers.base import ProviderError
+from providers.router import db_sync_to_async
 from sessions_app import services
 from sessions_app.errors import MESSAGE_EMPTY, MESSAGE_TOO_LARGE, BadInput, MessageTooLarge, SessionEnded, SessionError
 from sessions_app.events import Done, Token
@@ -208,7 +208,7 @@ async def _start_turn(request: HttpRequest, path_token: str | None, parse, start
     body = _body(request)
     retried = False
     while True:
-        token, data, chat, session = await sync_to_async(_prepare)(raw, body, parse)
+        token, data, chat, session = await db_sync_to_async(_prepare)(raw, body, parse)
         if chat is None:
             return Started(data)
         events = services.session_chat(
