@@ -10,6 +10,12 @@ new one. For streaming the latency is the time to the first content chunk, and t
 the last; without streaming, the time to the whole answer. "Added" is the gateway's
 percentile minus the direct percentile at the same concurrency.
 
+The unthrottled simulator answers in about a millisecond, so 50 concurrent workers keep the
+gateway's one process busy all the time: that phase measures queueing at saturation (its
+throughput is printed too). The paced phases (`--paced-rate`, default 50 tokens a second,
+answers of `--paced-words` words) model 50 consultants waiting on a real model's pace, where
+each answer takes seconds, which is the load the gateway actually serves.
+
 The database is DATABASE_URL (as for the app; default: a fresh SQLite file in a temporary
 directory). Figures are printed and written to bench/results/gateway.json.
 """
@@ -103,9 +109,9 @@ print(json.dumps([ApiToken.issue(user=user, client=client, name=f"bench {{i}}")[
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-async def one_call(client: httpx.AsyncClient, url: str, headers: dict, messages: list, stream: bool):
+async def one_call(client: httpx.AsyncClient, url: str, headers: dict, messages: list, stream: bool, model: str):
     """Return (first-content seconds, total seconds, answer text)."""
-    body = {"model": MODEL, "messages": messages, "stream": stream}
+    body = {"model": model, "messages": messages, "stream": stream}
     started = time.perf_counter()
     first = None
     parts: list[str] = []
@@ -132,7 +138,9 @@ async def one_call(client: httpx.AsyncClient, url: str, headers: dict, messages:
     return (first if first is not None else total), total, "".join(parts)
 
 
-async def run_phase(base: str, tokens: list[str] | None, concurrency: int, requests: int, stream: bool) -> dict:
+async def run_phase(
+    base: str, tokens: list[str] | None, concurrency: int, requests: int, stream: bool, model: str = MODEL
+) -> dict:
     """`requests` calls spread over `concurrency` workers; each worker continues its own conversation."""
     url = f"{base}/api/chat"
     per_worker = max(1, requests // concurrency)
@@ -150,7 +158,7 @@ async def run_phase(base: str, tokens: list[str] | None, concurrency: int, reque
                     history = []
                 messages = [*history, {"role": "user", "content": f"Worker {index} question {turn}"}]
                 try:
-                    first, total, text = await one_call(client, url, headers, messages, stream)
+                    first, total, text = await one_call(client, url, headers, messages, stream, model)
                 except (RuntimeError, httpx.HTTPError) as exc:
                     errors.append(str(exc)[:200])
                     history = []
@@ -165,7 +173,12 @@ async def run_phase(base: str, tokens: list[str] | None, concurrency: int, reque
         started = time.perf_counter()
         await asyncio.gather(*(worker(i, per_worker, True) for i in range(concurrency)))
         elapsed = time.perf_counter() - started
-    summary = {"requests": len(totals), "errors": len(errors), "seconds": round(elapsed, 3)}
+    summary = {
+        "requests": len(totals),
+        "errors": len(errors),
+        "seconds": round(elapsed, 3),
+        "requests_per_second": round(len(totals) / elapsed, 1) if elapsed else None,
+    }
     if errors:
         summary["first_error"] = errors[0]
     for name, values in (("first_ms", firsts), ("total_ms", totals)):
@@ -276,6 +289,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 50])
     parser.add_argument("--port", type=int, default=18700, help="simulator port; daphne uses the next one")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--paced-rate", type=int, default=50, help="tokens/s of the paced phases (0: skip them)")
+    parser.add_argument("--paced-words", type=int, default=150, help="answer length in the paced phases")
+    parser.add_argument("--paced-concurrency", type=int, default=50)
     args = parser.parse_args()
 
     load_before = [round(x, 2) for x in os.getloadavg()]
@@ -283,7 +299,7 @@ def main() -> None:
     workdir = tempfile.mkdtemp(prefix="gateway-bench-")
     db_url = os.environ.get("DATABASE_URL") or f"sqlite:///{workdir}/bench.sqlite3"
     env = server_env(args, db_url, sim_port)
-    tokens = prepare_database(env, max(args.concurrency))
+    tokens = prepare_database(env, max(*args.concurrency, args.paced_concurrency if args.paced_rate > 0 else 1))
 
     processes = [
         subprocess.Popen(
@@ -329,7 +345,25 @@ def main() -> None:
                 print(
                     f"{label:>14}: added p50 {delta['p50']:7.2f} ms  p99 {delta['p99']:7.2f} ms   "
                     f"(gateway p50 {gateway['total_ms']['p50']:.2f} / p99 {gateway['total_ms']['p99']:.2f} ms total, "
-                    f"direct p50 {direct['total_ms']['p50']:.2f} / p99 {direct['total_ms']['p99']:.2f} ms)"
+                    f"direct p50 {direct['total_ms']['p50']:.2f} / p99 {direct['total_ms']['p99']:.2f} ms; "
+                    f"{gateway['requests_per_second']} req/s)"
+                    + (f"  ERRORS: {gateway['errors']}" if gateway["errors"] else ""),
+                    flush=True,
+                )
+        if args.paced_rate > 0:
+            model = f"{MODEL}-rate-{args.paced_rate}-words-{args.paced_words}"
+            concurrency = args.paced_concurrency
+            requests = max(concurrency, min(args.requests, 4 * concurrency))
+            for stream in (True, False):
+                label = f"{'stream' if stream else 'no_stream'}_c{concurrency}_paced"
+                direct = asyncio.run(run_phase(direct_base, None, concurrency, requests, stream, model))
+                gateway = asyncio.run(run_phase(gateway_base, tokens, concurrency, requests, stream, model))
+                results[label] = {"model": model, "direct": direct, "gateway": gateway, "added": added(gateway, direct)}
+                delta = results[label]["added"]["first_ms" if stream else "total_ms"]
+                print(
+                    f"{label:>14}: added p50 {delta['p50']:7.2f} ms  p99 {delta['p99']:7.2f} ms   "
+                    f"({args.paced_words} words at {args.paced_rate} tokens/s; "
+                    f"gateway p50 {gateway['total_ms']['p50']:.0f} ms total, {gateway['requests_per_second']} req/s)"
                     + (f"  ERRORS: {gateway['errors']}" if gateway["errors"] else ""),
                     flush=True,
                 )

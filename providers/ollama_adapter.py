@@ -26,7 +26,9 @@ def _client() -> httpx.AsyncClient:
         key,
         lambda: httpx.AsyncClient(
             timeout=httpx.Timeout(**limits),
-            limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
+            # Every connection may be kept: a busy gateway streams many answers at once, and
+            # reconnecting to Ollama for each of them costs more than an idle socket.
+            limits=httpx.Limits(max_connections=100, max_keepalive_connections=100),
             headers={"User-Agent": "billable-sessions"},
         ),
     )

@@ -8,7 +8,8 @@ and injects faults chosen by substrings of the model name:
 - `fault-midstream`: a few tokens, then the protocol's mid-stream error;
 - `fault-cut`: a few tokens, then the TCP connection is dropped;
 - `fault-stall`: a few tokens, then silence; `fault-stall-first`: silence before the first token;
-- `fault-slow`: 20 tokens a second; `words-<n>`: an answer n words long;
+- `fault-slow`: 20 tokens a second; `rate-<n>`: n tokens a second (a real model's pace, for
+  benchmarks under realistic load); `words-<n>`: an answer n words long;
 - `unicode`: an answer of multi-byte words; `missing`: an unknown model (404).
 
 It never bills anyone: it is a development tool, and says so in every answer.
@@ -74,6 +75,7 @@ UNICODE_WORDS = ["café", "naïve", "日本語", "Ελληνικά", "emoji🙂"
 
 _STATUS_RE = re.compile(r"fault-status-(\d{3})")
 _WORDS_RE = re.compile(r"words-(\d+)")
+_RATE_RE = re.compile(r"rate-(\d+)")
 
 
 class SimRequest(dict):
@@ -529,10 +531,18 @@ class ProviderSimulator:
         plan.stall = "fault-stall" in model and not plan.stall_first
         if "fault-slow" in model:
             plan.rate = SLOW_RATE
+        elif (rate := _RATE_RE.search(model)) and int(rate.group(1)) > 0:
+            plan.rate = float(rate.group(1))
         if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and 0 < max_tokens < len(tokens):
             plan.tokens = tokens[:max_tokens]
             plan.stop_reason = "length"
         return plan
+
+    @staticmethod
+    async def _generate_whole(plan: Plan) -> None:
+        """A paced model takes as long to answer without streaming as with it."""
+        if plan.rate and plan.rate > 0:
+            await asyncio.sleep(len(plan.tokens) / plan.rate)
 
     async def _pace(self, conn: _Conn, plan: Plan, entry: SimRequest, emit) -> str | None:
         """Send the tokens at the plan's rate; return a fault outcome, or None when all were sent."""
@@ -592,6 +602,7 @@ class ProviderSimulator:
         start_ns = time.perf_counter_ns()
         jmodel = _go_json(name)
         if body.get("stream", True) is False:
+            await self._generate_whole(plan)
             text = "".join(plan.tokens)
             final = self._ollama_final(plan, name, start_ns, text, generate)
             self._send_json(conn, 200, final)
@@ -724,6 +735,7 @@ class ProviderSimulator:
         }
         common = [("openai-version", "2020-10-01"), ("openai-processing-ms", "21"), ("x-request-id", request_id)]
         if not body.get("stream"):
+            await self._generate_whole(plan)
             payload = {
                 "id": completion_id,
                 "object": "chat.completion",
@@ -870,6 +882,7 @@ class ProviderSimulator:
         completion = len(plan.tokens)
         reported = ANTHROPIC_SNAPSHOTS.get(model, model)
         if not body.get("stream"):
+            await self._generate_whole(plan)
             payload = {
                 "id": message_id,
                 "type": "message",

@@ -14,7 +14,8 @@ def estimate_tokens(text: str) -> int:
     """Roughly one token per four ASCII characters, and one per non-ASCII character."""
     if not text:
         return 0
-    ascii_chars = sum(1 for ch in text if ch < "\x80")
+    # Counted in C: encoding to ASCII with errors ignored keeps exactly the ASCII characters.
+    ascii_chars = len(text) if text.isascii() else len(text.encode("ascii", "ignore"))
     other = len(text) - ascii_chars
     return max(1, -(-ascii_chars // 4) + other)
 

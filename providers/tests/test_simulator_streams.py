@@ -476,3 +476,14 @@ async def test_available_models_runs_database_work_off_the_event_loop(use_simula
     # validate_model is sync; from async code it goes through sync_to_async.
     ref = await db_sync_to_async(validate_model)("openai:gpt-4o-mini")
     assert ref == ModelRef("openai", "gpt-4o-mini")
+
+
+@pytest.mark.parametrize(
+    ("model", "rate"),
+    [("llama3.2", 0.0), ("llama3.2-rate-50", 50.0), ("llama3.2-rate-50-words-9", 50.0), ("fault-slow-rate-50", 20.0)],
+)
+def test_rate_n_paces_the_answer_at_n_tokens_a_second(model, rate):
+    from providers.simulator import SLOW_RATE, ProviderSimulator
+
+    plan = ProviderSimulator(tokens_per_second=0)._plan(model, [{"role": "user", "content": "hi"}], None)
+    assert plan.rate == (SLOW_RATE if "fault-slow" in model else rate)
