@@ -266,6 +266,7 @@ class ProviderSimulator:
         self._counter = 0
         self._connections: set[asyncio.Task] = set()
         self._writers: set[asyncio.StreamWriter] = set()
+        self.connections_accepted = 0  # TCP connections, to check that clients reuse theirs
 
     # --- addresses ---------------------------------------------------------------------
     @property
@@ -355,6 +356,7 @@ class ProviderSimulator:
         if task is not None:
             self._connections.add(task)
         self._writers.add(writer)
+        self.connections_accepted += 1
         conn = _Conn(reader, writer)
         # A client that went away, or the server shutting down (CancelledError), ends this
         # connection quietly.

@@ -487,3 +487,14 @@ def test_rate_n_paces_the_answer_at_n_tokens_a_second(model, rate):
 
     plan = ProviderSimulator(tokens_per_second=0)._plan(model, [{"role": "user", "content": "hi"}], None)
     assert plan.rate == (SLOW_RATE if "fault-slow" in model else rate)
+
+
+@pytest.mark.parametrize("model", MODELS)
+@in_sync_thread
+async def test_answers_reuse_the_upstream_connection(use_simulator, simulator, model):
+    """Each adapter reads an answer to the end of its body, so the pooled connection is reused."""
+    await collect(model)
+    before = simulator.connections_accepted
+    for _ in range(3):
+        await collect(model)
+    assert simulator.connections_accepted == before
