@@ -198,6 +198,33 @@ async def run_floor(base: str, requests: int) -> dict:
     return {q: round(percentile(timings, float(q[1:])) * 1000, 3) for q in ("p50", "p90", "p99")}
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def run_relay_cost(base: str, token: str, daphne_pid: int, model: str) -> dict:
+    """Daphne's CPU time per streamed chunk over one long answer (the gateway's relay cost)."""
+    async with httpx.AsyncClient(timeout=120.0) as client:
+        headers = {"Authorization": f"Bearer {token}"}
+        body = {"model": model, "messages": [{"role": "user", "content": "A long answer, please."}]}
+        before = cpu_seconds(daphne_pid)
+        started = time.perf_counter()
+        chunks = 0
+        async with client.stream("POST", f"{base}/api/chat", json=body, headers=headers) as response:
+            async for line in response.aiter_lines():
+                chunks += bool(line)
+        seconds = time.perf_counter() - started
+        cpu = cpu_seconds(daphne_pid) - before
+    return {
+        "model": model,
+        "chunks": chunks,
+        "seconds": round(seconds, 3),
+        "daphne_cpu_us_per_chunk": round(cpu / chunks * 1e6, 1),
+    }
+
+
 def added(gateway: dict, direct: dict) -> dict:
     return {
         metric: {q: round(gateway[metric][q] - direct[metric][q], 3) for q in gateway[metric]}
@@ -332,6 +359,17 @@ def main() -> None:
             f"p99 {results['version_c1']['added']['p99']:7.2f} ms   (daphne + Django, no gateway work)",
             flush=True,
         )
+        relay = [
+            asyncio.run(run_relay_cost(gateway_base, tokens[0], processes[1].pid, f"{MODEL}-words-4000")),
+            asyncio.run(run_relay_cost(gateway_base, tokens[0], processes[1].pid, f"{MODEL}-rate-500-words-1000")),
+        ]
+        results["relay_cost"] = relay
+        for item in relay:
+            print(
+                f"    relay cost: {item['daphne_cpu_us_per_chunk']:.0f} µs of daphne CPU a chunk "
+                f"({item['chunks']} chunks of {item['model']} in {item['seconds']} s)",
+                flush=True,
+            )
         stages = stage_breakdown(env, tokens[-1], min(args.requests, 100))
         results["stages_p50_ms"] = stages
         print("   stages p50: " + ", ".join(f"{name} {ms:.2f} ms" for name, ms in stages.items()), flush=True)
