@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import base64
 import os
-import socket
 import sqlite3
 import subprocess
 import sys
-import time
 from decimal import Decimal
-from pathlib import Path
 
 import httpx
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from sessions_app.tests.processes import ROOT, free_port, stop, wait_for
+
 SEED = """
 from django.core.management import call_command
 call_command("migrate", verbosity=0)
@@ -35,32 +33,9 @@ print(ApiToken.issue(user=user)[1])
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_for(url: str, process: subprocess.Popen, seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"{process.args} exited with {process.returncode}: {_log(process)}")
-        try:
-            httpx.get(url, timeout=1)
-            return
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    raise AssertionError(f"{url} did not answer: {_log(process)}")
-
-
-def _log(process: subprocess.Popen) -> str:
-    return Path(process.stdout.name).read_text()[-2000:] if process.stdout else ""
-
-
 @pytest.mark.slow
 def test_done_when_against_daphne_and_the_simulator(tmp_path, simulator):
-    web_port = _free_port()
+    web_port = free_port()
     database = tmp_path / "db.sqlite3"
     env = {
         key: value
@@ -98,7 +73,7 @@ def test_done_when_against_daphne_and_the_simulator(tmp_path, simulator):
         stderr=subprocess.STDOUT,
     )
     try:
-        _wait_for(f"http://127.0.0.1:{web_port}/api/ollama/signing-key", daphne)
+        wait_for(f"http://127.0.0.1:{web_port}/api/ollama/signing-key", daphne)
         api = httpx.Client(
             base_url=f"http://127.0.0.1:{web_port}/api/ollama", headers={"Authorization": f"Bearer {token}"}, timeout=30
         )
@@ -136,8 +111,4 @@ def test_done_when_against_daphne_and_the_simulator(tmp_path, simulator):
         integrity = api.get(f"/session/{sid}/summary").json()["integrity"]
         assert integrity["valid"] is False and "message #4" in integrity["detail"]
     finally:
-        daphne.terminate()
-        try:
-            daphne.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            daphne.kill()
+        stop(daphne)
