@@ -555,13 +555,7 @@ def _store_answer(turn: _Turn, *, now: datetime | None = None) -> SessionMessage
 
     session = start.session
     fields = ("status", "turn_started_at", "total_messages", "total_tokens", "estimated_cost_usd", "last_activity_at")
-    state = dict(
-        zip(
-            (*fields, "invoice_id"),
-            ChatSession.objects.select_for_update().filter(pk=session_id).values_list(*fields, "invoice_id").get(),
-            strict=True,
-        )
-    )
+    state = ChatSession.objects.select_for_update().filter(pk=session_id).values(*fields, "invoice_id").get()
     # The message's lock check (billing.locks) reads the invoice from the session it is given.
     session.invoice_id = state.pop("invoice_id")
     seq, previous = _chain_tail(session_id)
