@@ -28,7 +28,12 @@ def home(request: HttpRequest) -> HttpResponse:
     sessions = ChatSession.objects.filter(user=request.user).select_related("domain").order_by("-started_at")
     page = Paginator(sessions, HOME_PAGE_SIZE).get_page(request.GET.get("page"))
     rows = list(page.object_list)
-    context = {"page": page, "sessions": rows, "active_count": sum(1 for s in rows if s.is_active)}
+    context = {
+        "page": page,
+        "sessions": rows,
+        "active_count": sum(1 for s in rows if s.is_active),
+        "server_now": timezone.now(),  # the live timers' clock
+    }
     return render(request, "sessions_app/home.html", context)
 
 
