@@ -208,11 +208,94 @@ def session_export_json(*, session: ChatSession) -> str:
 # --- validation -----------------------------------------------------------------------------
 
 
+def _optional(kind: str) -> tuple[str, dict]:
+    return kind, {"nullable": True}
+
+
+def _one_of(choices) -> tuple[str, dict]:
+    return "str", {"choices": list(choices)}
+
+
+# What each record of an export holds: field name -> kind (see `_Checker.field`), or
+# (kind, options) for a nullable field or a string with fixed choices.
+SESSION_FIELDS = {
+    "session_id": "uuid",
+    "name": "str",
+    "system_prompt": "str",
+    "user_id": "str",
+    "client": "str",
+    "client_id": "uuid",
+    "status": _one_of(SessionStatus.values),
+    "end_reason": "str",
+    "started_at": "time",
+    "ended_at": _optional("time"),
+    "duration_seconds": _optional("count"),
+    "primary_model": "str",
+    "current_model": "str",
+    "total_messages": "count",
+    "total_tokens": "count",
+    "estimated_cost_usd": "money",
+}
+MESSAGE_FIELDS = {
+    "message_id": "uuid",
+    "role": _one_of(MessageRole.values),
+    "content": "str",
+    "timestamp": "time",
+    "model": "str",
+    "provider": "str",
+    "client": "str",
+    "client_id": "uuid",
+    "prompt_tokens": "count",
+    "completion_tokens": "count",
+    "tokens": "count",
+    "token_source": _one_of(["", "provider", "estimated"]),
+    "cost_usd": _optional("money"),
+    "status": _one_of(MessageStatus.values),
+    "error_text": "str",
+    "shared_to_domains": "list",
+    "shared_to_models": "list",
+    "copied_from": _optional("uuid"),
+    "is_imported": "bool",
+}
+SEGMENT_FIELDS = {
+    "client": "str",
+    "client_id": "uuid",
+    "model": "str",
+    "started_at": "time",
+    "ended_at": _optional("time"),
+}
+STREAM_FIELDS = {
+    "stream_id": "uuid",
+    "source_model": "str",
+    "target_model": "str",
+    "source_client_id": "uuid",
+    "target_client_id": "uuid",
+    "message_count": "count",
+    "total_tokens": "count",
+    "cost_usd": _optional("money"),
+    "streamed_at": "time",
+}
+
+
 class _Checker:
     """Reads typed values out of the document, naming the path of the first bad one."""
 
     def fail(self, path: str, problem: str):
         raise ImportInvalid(f"{path}: {problem}.")
+
+    def record(self, value, path: str, fields: dict) -> dict:
+        """An object's fields, each read as its spec in `fields` says."""
+        self.obj(value, path)
+        out = {}
+        for key, spec in fields.items():
+            kind, options = (spec, {}) if isinstance(spec, str) else spec
+            out[key] = self.field(value, key, path, kind, **options)
+        return out
+
+    def records(self, data: dict, key: str, fields: dict) -> list[dict]:
+        return [
+            self.record(item, f"{key}[{index}]", fields) for index, item in enumerate(self.field(data, key, "", "list"))
+        ]
 
     def obj(self, value, path: str) -> dict:
         if not isinstance(value, dict):
@@ -285,25 +368,7 @@ def _validate(data: Any) -> dict:
     if data.get("version") != FORMAT_VERSION:
         raise ImportInvalid(UNSUPPORTED_VERSION.format(found=data.get("version"), expected=FORMAT_VERSION))
 
-    s = c.obj(data.get("session"), "session")
-    session = {
-        "session_id": c.field(s, "session_id", "session", "uuid"),
-        "name": c.field(s, "name", "session", "str"),
-        "system_prompt": c.field(s, "system_prompt", "session", "str"),
-        "user_id": c.field(s, "user_id", "session", "str"),
-        "client": c.field(s, "client", "session", "str"),
-        "client_id": c.field(s, "client_id", "session", "uuid"),
-        "status": c.field(s, "status", "session", "str", choices=SessionStatus.values),
-        "end_reason": c.field(s, "end_reason", "session", "str"),
-        "started_at": c.field(s, "started_at", "session", "time"),
-        "ended_at": c.field(s, "ended_at", "session", "time", nullable=True),
-        "duration_seconds": c.field(s, "duration_seconds", "session", "count", nullable=True),
-        "primary_model": c.field(s, "primary_model", "session", "str"),
-        "current_model": c.field(s, "current_model", "session", "str"),
-        "total_messages": c.field(s, "total_messages", "session", "count"),
-        "total_tokens": c.field(s, "total_tokens", "session", "count"),
-        "estimated_cost_usd": c.field(s, "estimated_cost_usd", "session", "money"),
-    }
+    session = c.record(data.get("session"), "session", SESSION_FIELDS)
 
     messages = []
     seen: set[int] = set()
@@ -322,62 +387,16 @@ def _validate(data: Any) -> dict:
         messages.append(
             {
                 "path": path,
-                "message_id": c.field(m, "message_id", path, "uuid"),
                 "seq": seq,
-                "role": c.field(m, "role", path, "str", choices=MessageRole.values),
-                "content": c.field(m, "content", path, "str"),
-                "timestamp": c.field(m, "timestamp", path, "time"),
-                "model": c.field(m, "model", path, "str"),
-                "provider": c.field(m, "provider", path, "str"),
-                "client": c.field(m, "client", path, "str"),
-                "client_id": c.field(m, "client_id", path, "uuid"),
-                "prompt_tokens": c.field(m, "prompt_tokens", path, "count"),
-                "completion_tokens": c.field(m, "completion_tokens", path, "count"),
-                "tokens": c.field(m, "tokens", path, "count"),
-                "token_source": c.field(m, "token_source", path, "str", choices=["", "provider", "estimated"]),
-                "cost_usd": c.field(m, "cost_usd", path, "money", nullable=True),
-                "status": c.field(m, "status", path, "str", choices=MessageStatus.values),
-                "error_text": c.field(m, "error_text", path, "str"),
-                "shared_to_domains": c.field(m, "shared_to_domains", path, "list"),
-                "shared_to_models": c.field(m, "shared_to_models", path, "list"),
                 "hash": digest,
-                "copied_from": c.field(m, "copied_from", path, "uuid", nullable=True),
-                "is_imported": c.field(m, "is_imported", path, "bool"),
+                **c.record(m, path, MESSAGE_FIELDS),
+                # Exports from before it was recorded have no `context_omitted`: none were omitted.
                 "context_omitted": c.field({"context_omitted": 0, **m}, "context_omitted", path, "count"),
             }
         )
 
-    segments = []
-    for index, g in enumerate(c.field(data, "segments", "", "list")):
-        path = f"segments[{index}]"
-        c.obj(g, path)
-        segments.append(
-            {
-                "client": c.field(g, "client", path, "str"),
-                "client_id": c.field(g, "client_id", path, "uuid"),
-                "model": c.field(g, "model", path, "str"),
-                "started_at": c.field(g, "started_at", path, "time"),
-                "ended_at": c.field(g, "ended_at", path, "time", nullable=True),
-            }
-        )
-
-    streams = []
-    for index, t in enumerate(c.field(data, "context_streams", "", "list")):
-        path = f"context_streams[{index}]"
-        c.obj(t, path)
-        streams.append(
-            {
-                "stream_id": c.field(t, "stream_id", path, "uuid"),
-                "source_model": c.field(t, "source_model", path, "str"),
-                "target_model": c.field(t, "target_model", path, "str"),
-                "source_client_id": c.field(t, "source_client_id", path, "uuid"),
-                "target_client_id": c.field(t, "target_client_id", path, "uuid"),
-                "message_count": c.field(t, "message_count", path, "count"),
-                "total_tokens": c.field(t, "total_tokens", path, "count"),
-                "cost_usd": c.field(t, "cost_usd", path, "money", nullable=True),
-                "streamed_at": c.field(t, "streamed_at", path, "time"),
-            }
-        )
+    segments = c.records(data, "segments", SEGMENT_FIELDS)
+    streams = c.records(data, "context_streams", STREAM_FIELDS)
 
     seal = data.get("seal")
     if seal is not None:
