@@ -7,12 +7,13 @@ one prefetch), so the number of queries does not grow with the number of rows.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from django import forms
 from django.contrib import admin
 from django.core.exceptions import NON_FIELD_ERRORS
 from django.db import transaction
-from django.db.models import Count, Exists, OuterRef, Prefetch
+from django.db.models import Count, Exists, OuterRef, Prefetch, Q
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
@@ -300,22 +301,32 @@ class BrandAdmin(admin.ModelAdmin):
 # --- Prices and aliases -------------------------------------------------------------------
 
 
-class InForceFilter(admin.SimpleListFilter):
-    title = "in force"
-    parameter_name = "in_force"
+class ChoiceFilter(admin.SimpleListFilter):
+    """A list filter declared as data: `options` maps each parameter value to its label and the
+    condition (a Q, or a callable returning one, for conditions on the current time) of the
+    rows it keeps."""
+
+    options: dict[str, tuple[str, Any]] = {}
 
     def lookups(self, request, model_admin):
-        return [("yes", "In force now"), ("future", "Scheduled"), ("superseded", "Superseded")]
+        return [(value, label) for value, (label, _condition) in self.options.items()]
 
     def queryset(self, request, queryset):
-        now = timezone.now()
-        if self.value() == "yes":
-            return queryset.filter(effective_from__lte=now, superseded=False)
-        if self.value() == "future":
-            return queryset.filter(effective_from__gt=now)
-        if self.value() == "superseded":
-            return queryset.filter(superseded=True)
-        return queryset
+        choice = self.options.get(self.value())
+        if choice is None:
+            return queryset
+        condition = choice[1]
+        return queryset.filter(condition() if callable(condition) else condition)
+
+
+class InForceFilter(ChoiceFilter):
+    title = "in force"
+    parameter_name = "in_force"
+    options = {
+        "yes": ("In force now", lambda: Q(effective_from__lte=timezone.now(), superseded=False)),
+        "future": ("Scheduled", lambda: Q(effective_from__gt=timezone.now())),
+        "superseded": ("Superseded", Q(superseded=True)),
+    }
 
 
 @admin.register(ModelPrice)
@@ -376,19 +387,13 @@ class ModelAliasAdmin(admin.ModelAdmin):
 # --- Usage ledger -------------------------------------------------------------------------
 
 
-class PriceKnownFilter(admin.SimpleListFilter):
+class PriceKnownFilter(ChoiceFilter):
     title = "price"
     parameter_name = "price"
-
-    def lookups(self, request, model_admin):
-        return [("unknown", "Price unknown (to fix)"), ("known", "Priced")]
-
-    def queryset(self, request, queryset):
-        if self.value() == "unknown":
-            return queryset.filter(cost__isnull=True)
-        if self.value() == "known":
-            return queryset.filter(cost__isnull=False)
-        return queryset
+    options = {
+        "unknown": ("Price unknown (to fix)", Q(cost__isnull=True)),
+        "known": ("Priced", Q(cost__isnull=False)),
+    }
 
 
 class ReadOnlyAdminMixin:

@@ -17,7 +17,7 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
 
-from billing.admin import ReadOnlyAdminMixin, money
+from billing.admin import ChoiceFilter, ReadOnlyAdminMixin, money
 from billing.admin_actions import end_sessions, export_sessions_csv, verify_integrity
 from billing.models import ClientDomain, Provider
 from sessions_app.models import (
@@ -157,24 +157,16 @@ class ContextStreamInline(ReadOnlyInline):
 # --- Sessions -----------------------------------------------------------------------------
 
 
-class LineageFilter(admin.SimpleListFilter):
+class LineageFilter(ChoiceFilter):
     """Branches (with their parent) and the sessions that were branched."""
 
     title = "lineage"
     parameter_name = "lineage"
-
-    def lookups(self, request, model_admin):
-        return [("branch", "Branches"), ("branched", "Has branches"), ("original", "Not a branch")]
-
-    def queryset(self, request, queryset):
-        value = self.value()
-        if value == "branch":
-            return queryset.filter(parent__isnull=False)
-        if value == "branched":
-            return queryset.filter(Exists(ChatSession.objects.filter(parent=OuterRef("pk"))))
-        if value == "original":
-            return queryset.filter(parent__isnull=True)
-        return queryset
+    options = {
+        "branch": ("Branches", Q(parent__isnull=False)),
+        "branched": ("Has branches", Q(Exists(ChatSession.objects.filter(parent=OuterRef("pk"))))),
+        "original": ("Not a branch", Q(parent__isnull=True)),
+    }
 
 
 @admin.register(ChatSession)
@@ -453,19 +445,13 @@ class ContextStreamAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
 # --- API tokens ---------------------------------------------------------------------------
 
 
-class TokenStateFilter(admin.SimpleListFilter):
+class TokenStateFilter(ChoiceFilter):
     title = "state"
     parameter_name = "state"
-
-    def lookups(self, request, model_admin):
-        return [("live", "Live"), ("revoked", "Revoked")]
-
-    def queryset(self, request, queryset):
-        if self.value() == "live":
-            return queryset.filter(revoked_at__isnull=True)
-        if self.value() == "revoked":
-            return queryset.filter(revoked_at__isnull=False)
-        return queryset
+    options = {
+        "live": ("Live", Q(revoked_at__isnull=True)),
+        "revoked": ("Revoked", Q(revoked_at__isnull=False)),
+    }
 
 
 @admin.register(ApiToken)

@@ -203,3 +203,13 @@ def test_user_changelist_is_bounded_too(staff_client, django_assert_max_num_quer
     assert_bounded_queries(
         staff_client, reverse("admin:auth_user_changelist"), add_users, django_assert_max_num_queries, bound=12
     )
+
+
+def test_tokens_filter_by_live_or_revoked(staff_client):
+    ApiToken.issue(user=UserFactory(), client=ClientFactory(), name="still in use")
+    revoked, _ = ApiToken.issue(user=UserFactory(), client=ClientFactory(), name="left the team")
+    ApiToken.objects.filter(pk=revoked.pk).update(revoked_at=timezone.now())
+    url = reverse("admin:sessions_app_apitoken_changelist")
+    shown = {state: staff_client.get(f"{url}?state={state}").content.decode() for state in ("live", "revoked")}
+    assert "still in use" in shown["live"] and "left the team" not in shown["live"]
+    assert "left the team" in shown["revoked"] and "still in use" not in shown["revoked"]
