@@ -343,6 +343,8 @@ class SessionMessageTotals(models.Model):
     On SQLite the table stays empty and the reports use the Python path.
     """
 
+    # The trigger gives each new row its id with PostgreSQL's gen_random_uuid().
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     session = models.ForeignKey("sessions_app.ChatSession", on_delete=models.CASCADE, related_name="+")
     domain = models.ForeignKey(ClientDomain, on_delete=models.CASCADE, related_name="+")
     messages = models.IntegerField(default=0)

@@ -255,8 +255,8 @@ def rebuild_message_totals() -> int:
 
 
 TOTALS_FROM_MESSAGES = """
-INSERT INTO session_message_totals (session_id, domain_id, messages, tokens, cost, unpriced, first_at, last_at)
-SELECT session_id, domain_id, COUNT(*), COALESCE(SUM(tokens), 0), COALESCE(SUM(cost_usd), 0),
+INSERT INTO session_message_totals (id, session_id, domain_id, messages, tokens, cost, unpriced, first_at, last_at)
+SELECT gen_random_uuid(), session_id, domain_id, COUNT(*), COALESCE(SUM(tokens), 0), COALESCE(SUM(cost_usd), 0),
        COUNT(*) FILTER (WHERE cost_usd IS NULL AND role <> 'user'), MIN("timestamp"), MAX("timestamp")
 FROM ollama_session_messages WHERE copied_from_id IS NULL AND NOT is_imported
 GROUP BY session_id, domain_id
