@@ -1,4 +1,4 @@
-"""Assert that a page's query count does not grow with the number of rows it lists."""
+"""Query and transaction counts: a page's queries do not grow with its rows; a turn's writes stay in budget."""
 
 from __future__ import annotations
 
@@ -34,3 +34,34 @@ def assert_bounded_queries(
     assert response.status_code == 200
     many = queries_for(client, url)
     assert many <= few, f"{url}: {few} queries for 2 rows, {many} for 22"
+
+
+class WriteTransactions:
+    """Count write transactions as the database sees them (inside the test's own transaction).
+
+    Each `transaction.atomic` block is a SAVEPOINT here; one that wrote and was released is one
+    write transaction. A write outside any block (autocommit in production) is one on its own.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.stack: list[bool] = []
+
+    def __call__(self, execute, sql, params, many, ctx):
+        statement = sql.lstrip().upper()
+        if statement.startswith("SAVEPOINT"):
+            self.stack.append(False)
+        elif statement.startswith("RELEASE SAVEPOINT"):
+            wrote = self.stack.pop()
+            if wrote and not self.stack:
+                self.count += 1
+            elif wrote:
+                self.stack[-1] = True
+        elif statement.startswith("ROLLBACK TO SAVEPOINT"):
+            self.stack.pop()
+        elif statement.startswith(("INSERT", "UPDATE", "DELETE")):
+            if self.stack:
+                self.stack[-1] = True
+            else:
+                self.count += 1
+        return execute(sql, params, many, ctx)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from django.db import connection
 
 from billing.models import LLMUsage, ModelPrice
 from providers.tokens import estimate_messages
@@ -10,6 +11,7 @@ from sessions_app.context import build_context, reply_reserve
 from sessions_app.invariants import check_session
 from sessions_app.models import ChatSession
 from sessions_app.toolkit import SessionManager
+from tests.querycount import WriteTransactions
 
 MODEL = "openai:gpt-4o-words-12"  # priced as gpt-4o, answers twelve words long
 LONG = "Please keep in mind the following ledger detail: " + "entry " * 60
@@ -128,3 +130,18 @@ def test_a_switch_to_a_smaller_window_carries_a_summary(window, owner, client_gl
     assert stream.omitted_count == 0
     manager.chat("Carry on.")
     assert check_session(session) == []
+
+
+def test_a_summarizing_turn_stays_within_three_write_transactions(window):
+    """DESIGN.md: at most three per turn. The summary and its usage rows are one of them."""
+    manager, set_window = window
+    set_window(100_000)
+    manager.chat(f"First. {LONG}")
+    manager.chat(f"Second. {LONG}")
+    set_window(300)  # the next turn no longer fits: it is summarized
+    counter = WriteTransactions()
+    with connection.execute_wrapper(counter):
+        manager.chat("Third: what did I ask first?")
+    session = ChatSession.objects.get(pk=manager.session.pk)
+    assert session.messages.filter(role="system").count() == 1
+    assert counter.count <= 3

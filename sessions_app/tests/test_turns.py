@@ -16,6 +16,7 @@ from sessions_app import context, services
 from sessions_app.errors import BadInput, ProviderFailed, ProviderTimeout, SessionBusy, SessionEnded, SessionLocked
 from sessions_app.events import Done, Token
 from sessions_app.models import ApiToken, ChatSession, SessionMessage
+from tests.querycount import WriteTransactions
 
 pytestmark = pytest.mark.usefixtures("sound_sessions")
 
@@ -27,37 +28,6 @@ def start(owner, model="ollama:llama3.2", **kwargs):
 @pytest.fixture
 def acme(client_acme, use_simulator):
     return client_acme
-
-
-class WriteTransactions:
-    """Count write transactions as the database sees them (inside the test's own transaction).
-
-    Each `transaction.atomic` block is a SAVEPOINT here; one that wrote and was released is one
-    write transaction. A write outside any block (autocommit in production) is one on its own.
-    """
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.stack: list[bool] = []
-
-    def __call__(self, execute, sql, params, many, ctx):
-        statement = sql.lstrip().upper()
-        if statement.startswith("SAVEPOINT"):
-            self.stack.append(False)
-        elif statement.startswith("RELEASE SAVEPOINT"):
-            wrote = self.stack.pop()
-            if wrote and not self.stack:
-                self.count += 1
-            elif wrote:
-                self.stack[-1] = True
-        elif statement.startswith("ROLLBACK TO SAVEPOINT"):
-            self.stack.pop()
-        elif statement.startswith(("INSERT", "UPDATE", "DELETE")):
-            if self.stack:
-                self.stack[-1] = True
-            else:
-                self.count += 1
-        return execute(sql, params, many, ctx)
 
 
 def test_a_chat_turn_is_at_most_three_write_transactions_and_none_per_token(owner, acme, chat):
