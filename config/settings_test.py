@@ -13,3 +13,18 @@ STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.InMemoryStorage"},
     "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
 }
+
+# Each pytest-xdist worker keeps its cache in a Redis database of its own: a test's
+# `cache.clear()` is FLUSHDB, which must not wipe another worker's keys in the middle of a test
+# (a cached brand lookup, a stop request). Daphne processes started by tests keep REDIS_URL's.
+_worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+if REDIS_URL and _worker.startswith("gw") and _worker[2:].isdigit():  # noqa: F405
+    from urllib.parse import urlsplit, urlunsplit
+
+    _redis = urlsplit(REDIS_URL)  # noqa: F405
+    CACHES = {
+        "default": {
+            **CACHES["default"],  # noqa: F405
+            "LOCATION": urlunsplit(_redis._replace(path=f"/{1 + int(_worker[2:]) % 15}")),
+        }
+    }
