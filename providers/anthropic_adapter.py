@@ -11,7 +11,7 @@ from django.conf import settings
 
 from providers import errors
 from providers.base import ChatMessage, ErrorKind, ModelInfo, ProviderAdapter, ProviderError, StreamOptions, Usage
-from providers.clients import pooled, timeouts
+from providers.clients import pooled, sdk_http_client, timeouts
 from providers.sse import iter_events, iter_lines
 from providers.tokens import estimate_messages, estimate_tokens
 
@@ -36,6 +36,7 @@ def _client() -> anthropic.AsyncAnthropic:
             base_url=base_url,
             timeout=httpx2.Timeout(**limits),
             max_retries=0,
+            http_client=sdk_http_client(limits),
             default_headers={"X-Api-Key": key, "anthropic-version": API_VERSION, "Authorization": anthropic.Omit()},
         ),
     )

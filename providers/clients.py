@@ -11,6 +11,7 @@ import weakref
 from collections.abc import Callable, Hashable
 from typing import Any, TypeVar
 
+import httpx2
 from django.conf import settings
 
 T = TypeVar("T")
@@ -55,3 +56,18 @@ def timeouts() -> dict[str, float]:
     connect = settings.PROVIDER_CONNECT_TIMEOUT
     read = max(settings.PROVIDER_FIRST_TOKEN_TIMEOUT, settings.PROVIDER_IDLE_TIMEOUT)
     return {"connect": connect, "read": read, "write": max(connect, 10.0), "pool": connect}
+
+
+def sdk_http_client(limits: dict[str, float]) -> httpx2.AsyncClient:
+    """The HTTP client handed to the OpenAI and Anthropic SDKs: their own defaults (1,000
+    connections, 100 kept alive, redirects followed), as a plain httpx2 client.
+
+    The SDKs' default client closes itself from `__del__` by starting a task on whatever event
+    loop is running at that moment; one pooled for a loop that has since closed (a test's, a
+    management command's) then fails on the other loop and prints a traceback there.
+    """
+    return httpx2.AsyncClient(
+        timeout=httpx2.Timeout(**limits),
+        limits=httpx2.Limits(max_connections=1000, max_keepalive_connections=100),
+        follow_redirects=True,
+    )

@@ -11,7 +11,7 @@ from django.conf import settings
 
 from providers import errors
 from providers.base import ChatMessage, ErrorKind, ModelInfo, ProviderAdapter, ProviderError, StreamOptions, Usage
-from providers.clients import pooled, timeouts
+from providers.clients import pooled, sdk_http_client, timeouts
 from providers.sse import iter_events, iter_lines
 from providers.tokens import estimate_messages, estimate_tokens
 
@@ -29,7 +29,13 @@ def _client() -> openai.AsyncOpenAI:
     return pooled(
         (NAME, base_url, key, tuple(sorted(limits.items()))),
         # The router owns retries (only before the first token), so the SDK makes none.
-        lambda: openai.AsyncOpenAI(api_key=key, base_url=base_url, timeout=httpx2.Timeout(**limits), max_retries=0),
+        lambda: openai.AsyncOpenAI(
+            api_key=key,
+            base_url=base_url,
+            timeout=httpx2.Timeout(**limits),
+            max_retries=0,
+            http_client=sdk_http_client(limits),
+        ),
     )
 
 

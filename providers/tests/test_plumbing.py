@@ -102,3 +102,32 @@ async def test_the_simulator_reports_the_dated_id_behind_an_anthropic_alias(simu
     items = [item async for item in AnthropicAdapter().stream("claude-sonnet-4", [{"role": "user", "content": "hi"}])]
     assert items[-1].provider_model == "claude-sonnet-4-20250514"
     reset_clients()
+
+
+@pytest.mark.parametrize("name", ["openai", "anthropic"])
+def test_an_sdk_client_left_behind_by_a_closed_event_loop_goes_quietly(use_simulator, caplog, capsys, name):
+    """A client pooled for a loop that has closed is collected later, maybe while another loop
+    runs: it must not start a task there that fails (the SDKs' own client would)."""
+    import asyncio
+    import gc
+    import logging
+
+    from providers import anthropic_adapter, openai_adapter
+
+    adapter = {"openai": openai_adapter, "anthropic": anthropic_adapter}[name]
+
+    async def pool_one():
+        client = adapter._client()
+        await client.models.list() if name == "openai" else None  # open a connection on this loop
+
+    asyncio.run(pool_one())  # the loop closes; its pool and client are dropped
+
+    async def later():
+        gc.collect()
+        await asyncio.sleep(0.05)
+        gc.collect()
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        asyncio.run(later())
+    assert not [r for r in caplog.records if r.name == "asyncio"], caplog.text
+    assert "Traceback" not in capsys.readouterr().err
