@@ -98,7 +98,8 @@ def build_context(*, session, target: ModelRef, rows: list[tuple] | None = None)
     """Plan the messages for a call to `target`: system prompt always, newest history that fits.
 
     `rows` are the session's messages as (seq, role, content, model, domain_id, status) in seq
-    order, for a caller that has just read them; by default they are read here.
+    order, for a caller that has just read them (a chat turn passes None for domain_id: only a
+    switch's snapshot names the clients); by default they are read here.
     """
     window = router.context_window(target)
     system_cost = (
@@ -123,7 +124,7 @@ def build_context(*, session, target: ModelRef, rows: list[tuple] | None = None)
             role=role,
             content=content,
             model=model,
-            client_id=str(domain_id),
+            client_id=str(domain_id) if domain_id is not None else "",
             tokens=tokens.estimate_messages([{"role": role, "content": content}]),
         )
         for seq, role, content, model, domain_id, _status in rows

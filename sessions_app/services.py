@@ -441,9 +441,11 @@ def _begin_turn(*, session_id, user, message) -> _TurnStart:
         rows = list(
             SessionMessage.objects.filter(session_id=pk)
             .order_by("seq")
-            .values_list("seq", "role", "content", "model", "domain_id", "status", "hash")
+            # No client ids: a turn's plan never needs them (a switch's snapshot does, and reads
+            # its own), and converting one per stored message costs a long session dearly.
+            .values_list("seq", "role", "content", "model", "status", "hash")
         )
-        seq, previous = (rows[-1][0] + 1, rows[-1][6] or integrity.GENESIS) if rows else (1, integrity.GENESIS)
+        seq, previous = (rows[-1][0] + 1, rows[-1][5] or integrity.GENESIS) if rows else (1, integrity.GENESIS)
         user_message = SessionMessage(
             session=session,
             seq=seq,
@@ -458,10 +460,8 @@ def _begin_turn(*, session_id, user, message) -> _TurnStart:
         )
         _store_linked(user_message, previous)
     try:
-        history = [row[:6] for row in rows]
-        history.append(
-            (seq, MessageRole.USER, message, session.current_model, session.domain_id, MessageStatus.COMPLETE)
-        )
+        history = [(seq_, role, content, model, None, status) for seq_, role, content, model, status, _hash in rows]
+        history.append((seq, MessageRole.USER, message, session.current_model, None, MessageStatus.COMPLETE))
         plan = build_context(session=session, target=ref, rows=history)
         model_id = router.resolve_alias(ref).model
         stream = (
