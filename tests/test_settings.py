@@ -166,3 +166,29 @@ def test_env_example_lists_every_variable_the_settings_read():
     assert read, "no variables found: the pattern is out of date"
     assert read <= listed, f"missing from .env.example: {sorted(read - listed)}"
     assert all(f"`{name}`" in readme for name in read), [n for n in read if f"`{n}`" not in readme]
+
+
+def manage(tmp_path: Path, *args: str, **env: str | None) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if k not in CONFIG_VARS and not k.startswith("PROVIDER_")}
+    clean.update({"DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}"}, **env)
+    clean = {k: v for k, v in clean.items() if v is not None}
+    return subprocess.run(
+        [sys.executable, "manage.py", *args], cwd=BASE_DIR, env=clean, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_manage_py_reports_a_configuration_error_in_one_line(tmp_path):
+    result = manage(tmp_path, "check", DEBUG="0", SECRET_KEY="")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip() == (
+        "manage.py: configuration error: SECRET_KEY must be set when DEBUG is off. "
+        "See .env.example and the README's Configuration."
+    )
+
+
+@pytest.mark.skipif((BASE_DIR / ".env").is_file(), reason="this checkout has a .env: it is configured")
+def test_manage_py_in_an_unconfigured_checkout_runs_in_development(tmp_path):
+    result = manage(tmp_path, "check")
+    assert result.returncode == 0, result.stderr
+    assert "running with DEBUG=1 (development)" in result.stderr
