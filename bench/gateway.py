@@ -83,6 +83,14 @@ def wait_for(url: str, timeout: float = 120.0) -> None:
     raise SystemExit(f"{url} did not come up within {timeout:.0f}s")
 
 
+def json_from(args: list[str], env: dict[str, str], *, timeout: float):
+    """Run a Python child with the servers' environment; its last line of output is JSON."""
+    out = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, check=True, capture_output=True, text=True, timeout=timeout
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def prepare_database(env: dict[str, str], workers: int) -> list[str]:
     """Migrate and create one consultant, one client and a client-bound token per worker."""
     subprocess.run(
@@ -97,16 +105,7 @@ user, _ = get_user_model().objects.get_or_create(username="bench")
 client, _ = ClientDomain.objects.get_or_create(slug="bench", defaults={{"name": "Bench client"}})
 print(json.dumps([ApiToken.issue(user=user, client=client, name=f"bench {{i}}")[1] for i in range({workers})]))
 """
-    out = subprocess.run(
-        [sys.executable, "manage.py", "shell", "-c", script],
-        cwd=ROOT,
-        env=env,
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return json_from(["manage.py", "shell", "-c", script], env, timeout=120)
 
 
 async def one_call(client: httpx.AsyncClient, url: str, headers: dict, messages: list, stream: bool, model: str):
@@ -295,16 +294,7 @@ def stages_child(token: str, calls: int) -> None:
 
 
 def stage_breakdown(env: dict[str, str], token: str, calls: int) -> dict:
-    out = subprocess.run(
-        [sys.executable, __file__, STAGES_CHILD, token, str(calls)],
-        cwd=ROOT,
-        env=env,
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return json_from([__file__, STAGES_CHILD, token, str(calls)], env, timeout=300)
 
 
 def main() -> None:
