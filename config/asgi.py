@@ -14,11 +14,20 @@ from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E40
 from django.conf import settings  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
+from sessions_app.gateway.asgi import GatewayHandler, is_gateway_path  # noqa: E402
 from sessions_app.routing import websocket_urlpatterns  # noqa: E402
 
 # daphne does not serve /static/ by itself; in development (or with SERVE_STATIC on) the
 # app does, so `make run` shows styled pages without a proxy or collectstatic.
-http_app = ASGIStaticFilesHandler(django_asgi_app) if settings.SERVE_STATIC else django_asgi_app
+site_app = ASGIStaticFilesHandler(django_asgi_app) if settings.SERVE_STATIC else django_asgi_app
+gateway_app = GatewayHandler()
+
+
+async def http_app(scope, receive, send):
+    """Gateway routes through the gateway's lean handler; every other page through the full stack."""
+    app = gateway_app if is_gateway_path(scope["path"]) else site_app
+    await app(scope, receive, send)
+
 
 application = ProtocolTypeRouter(
     {
