@@ -19,6 +19,7 @@ import datetime as dt
 from collections.abc import Iterator
 from decimal import Decimal
 
+import psycopg
 from django.db import DatabaseError, connection, transaction
 
 from billing.csv_export import FORMULA_STARTS, iso
@@ -223,7 +224,8 @@ def csv_lines(*, period: Period, now: dt.datetime, client=None, user=None) -> It
         try:
             # Django's cursor wrapper has no copy(); its psycopg cursor does.
             raw = cur.cursor
-            sql = raw.mogrify(query, params)
+            # COPY takes no parameters: bind them client-side, whichever binding the connection uses.
+            sql = psycopg.ClientCursor(raw.connection).mogrify(query, params)
             with raw.copy(f"COPY ({sql}) TO STDOUT WITH (FORMAT csv)") as copy:
                 # COPY hands over one row per message; pass them on in batches.
                 batch: list[bytes] = []

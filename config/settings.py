@@ -173,6 +173,7 @@ if _db.get("ENGINE") not in _SUPPORTED_ENGINES:
     )
 if not _db.get("NAME"):
     raise ImproperlyConfigured(f"DATABASE_URL names no database, got {_redacted(_db_url)!r}")
+_prepared_statements = env_bool("DB_PREPARED_STATEMENTS", True)  # read on SQLite too, so a typo is caught
 if _db["ENGINE"].endswith("sqlite3"):
     # IMMEDIATE: a transaction takes the write lock when it begins, so concurrent writers wait
     # (up to `timeout`) instead of failing with "database is locked" when a read turns into a write.
@@ -188,6 +189,12 @@ else:
             "max_size": env_int("DB_POOL_MAX_SIZE", 20, minimum=1),
             "timeout": env_float("DB_POOL_TIMEOUT", 10.0, minimum=0.1),
         }
+    if _prepared_statements:
+        # Bind parameters on the server, and let psycopg prepare a statement once a connection
+        # has run it five times: PostgreSQL then skips parsing and planning the same few queries
+        # that every chat turn and gateway call makes. Off (0) behind a pooler that cannot keep
+        # prepared statements (PgBouncer in transaction mode before 1.21).
+        _db.setdefault("OPTIONS", {}).update(server_side_binding=True, prepare_threshold=5)
 DATABASES = {"default": _db}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 

@@ -30,6 +30,7 @@ CONFIG_VARS = {
     "SERVE_STATIC",
     "CSRF_TRUSTED_ORIGINS",
     "DJANGO_SETTINGS_MODULE",
+    "DB_PREPARED_STATEMENTS",
 }
 
 
@@ -102,6 +103,7 @@ def test_bad_signing_key_is_refused(tmp_path, key):
         ("LOG_LEVEL", "chatty"),
         ("OLLAMA_KEEP_ALIVE", "forever"),
         ("SERVE_STATIC", "sometimes"),
+        ("DB_PREPARED_STATEMENTS", "sometimes"),
         ("ALLOWED_HOSTS", ","),
         ("CSRF_TRUSTED_ORIGINS", "billing.example.com"),
     ],
@@ -192,3 +194,17 @@ def test_manage_py_in_an_unconfigured_checkout_runs_in_development(tmp_path):
     result = manage(tmp_path, "check")
     assert result.returncode == 0, result.stderr
     assert "running with DEBUG=1 (development)" in result.stderr
+
+
+@pytest.mark.parametrize(("value", "expected"), [(None, "True 5"), ("1", "True 5"), ("0", "None None")])
+def test_postgresql_prepares_repeated_statements_unless_told_not_to(tmp_path, value, expected):
+    script = (
+        "import config.settings as s; o = s.DATABASES['default']['OPTIONS'];"
+        " print(o.get('server_side_binding'), o.get('prepare_threshold'))"
+    )
+    url = "postgres://postgres@127.0.0.1:5432/unused"
+    result = import_settings(
+        tmp_path, script, DEBUG="0", SESSION_SIGNING_KEY=GOOD_KEY, DATABASE_URL=url, DB_PREPARED_STATEMENTS=value
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected
