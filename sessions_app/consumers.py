@@ -184,6 +184,9 @@ class SessionConsumer(AsyncWebsocketConsumer):
         self._outbox: asyncio.Queue = asyncio.Queue()
         self._sender: asyncio.Task | None = None
         self._layer_receive: Callable[[], Awaitable[dict]] | None = None
+        # The session and its messages as the last turn left them: the next turn's claim checks
+        # they are still current and then need not read them again (see services.KnownSession).
+        self._known: services.KnownSession | None = None
 
     # --- Channel layer resilience --------------------------------------------------------
     # Channels' dispatch loop awaits `channel_receive` alongside the socket; a failing channel
@@ -360,13 +363,15 @@ class SessionConsumer(AsyncWebsocketConsumer):
 
         coalescer = TokenCoalescer(emit, self.token_interval)
         await self._send_frame(started)
+        known, self._known = self._known, None
         try:
-            stream = services.session_chat(session_id=self.session_id, user=self.user, message=message)
+            stream = services.session_chat(session_id=self.session_id, user=self.user, message=message, known=known)
             async with aclosing(stream) as events:
                 async for event in events:
                     if isinstance(event, Token):
                         await coalescer.add(event.text)
                     elif isinstance(event, Done):
+                        self._known = event.known
                         await coalescer.close()
                         payload = await database_sync_to_async(self._done_payload)(event)
                         await share({"type": "message.done", "turn": turn, **payload})

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from sessions_app.models import ChatSession, SessionMessage
+    from sessions_app.services import KnownSession
 
 
 @dataclass(frozen=True)
@@ -18,7 +19,12 @@ class Token:
 
 @dataclass(frozen=True)
 class Done:
-    """The turn finished: the stored assistant message and the session with new totals."""
+    """The turn finished: the stored assistant message and the session with new totals.
+
+    `known` is the session with all its messages, for a caller that will chat again soon
+    (the chat socket) to hand to its next turn, which then need not read them again.
+    """
 
     message: SessionMessage
     session: ChatSession
+    known: KnownSession | None = None

@@ -39,7 +39,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.cache import cache
 from django.db import transaction
-from django.db.models import F, Q
+from django.db.models import Exists, F, OuterRef, Q
 from django.utils import timezone
 
 from billing import pricing
@@ -260,6 +260,34 @@ def _load(session_id) -> ChatSession:
     return ChatSession.objects.select_related("domain", "brand").get(pk=session_id)
 
 
+def with_pending_stream(sessions):
+    """Annotate `has_pending_stream`: a switch's context stream waits for this model's first call.
+
+    A turn reads the stream only when there is one, which saves every other turn a query.
+    """
+    pending = ContextStream.objects.filter(
+        session=OuterRef("pk"), settled_at__isnull=True, target_model=OuterRef("current_model")
+    )
+    return sessions.annotate(has_pending_stream=Exists(pending))
+
+
+# The columns a turn reads of each stored message: its plan's history and the chain's tail.
+TURN_ROW_FIELDS = ("seq", "role", "content", "model", "status", "hash")
+
+
+@dataclass(frozen=True)
+class KnownSession:
+    """A session and its messages (`TURN_ROW_FIELDS`, in seq order) as a caller just read them.
+
+    The gateway reads both to recognize a client's history; a turn that begins right after
+    reuses them instead of reading them again, when its claim proves nothing has changed in
+    between (see `_claim_known`).
+    """
+
+    session: ChatSession
+    rows: list[tuple]
+
+
 # --- start ---------------------------------------------------------------------------------
 
 
@@ -323,6 +351,7 @@ class _TurnStart:
     plan: ContextPlan
     stream: ContextStream | None
     carried_seqs: set[int]
+    rows: list[tuple]  # the stored messages before this turn (`TURN_ROW_FIELDS`)
 
 
 @dataclass
@@ -397,30 +426,66 @@ def _stream_options(options) -> StreamOptions:
     return opts
 
 
+def _claim_fields(now: datetime) -> dict[str, Any]:
+    """What claiming a session for one answer writes: the claim, the activity, the user message's count."""
+    return {"turn_started_at": now, "last_activity_at": now, "total_messages": F("total_messages") + 1}
+
+
+def _quick_claim(pk, user, now: datetime, **still) -> bool:
+    """One UPDATE that claims the caller's active, uninvoiced session with no answer streaming.
+
+    `still` adds conditions on what the caller read (see `_claim_known`).
+    """
+    sessions = ChatSession.objects.for_user(user).filter(
+        _no_live_turn(now), pk=pk, status=SessionStatus.ACTIVE, invoice__isnull=True, **still
+    )
+    return bool(sessions.update(**_claim_fields(now)))
+
+
 def _claim_turn(pk, user, now: datetime) -> None:
     """Inside a transaction: claim the session for one answer and count the user message.
 
-    One UPDATE does it in the usual case (the caller's active, uninvoiced session with no
-    answer streaming); otherwise the session is read to say why not, or claimed after all
-    when only a draft invoice kept the quick claim from matching.
+    One UPDATE does it in the usual case; otherwise the session is read to say why not, or
+    claimed after all when only a draft invoice kept the quick claim from matching.
     """
-    claim = {"turn_started_at": now, "last_activity_at": now, "total_messages": F("total_messages") + 1}
-    quick = ChatSession.objects.for_user(user).filter(
-        _no_live_turn(now), pk=pk, status=SessionStatus.ACTIVE, invoice__isnull=True
-    )
-    if quick.update(**claim):
+    if _quick_claim(pk, user, now):
         return
     session = session_get_for_user(session_id=pk, user=user)
     _check_writable(session)
-    _claim_or_explain(session.pk, now, **claim)
+    _claim_or_explain(session.pk, now, **_claim_fields(now))
 
 
-def _begin_turn(*, session_id, user, message) -> _TurnStart:
+def _claim_known(pk, user, now: datetime, known: KnownSession) -> bool:
+    """Inside a transaction: the quick claim, only if `known` is still current.
+
+    Every stored message counts in `total_messages` (invariant 1), and a switch moves the
+    client or the model: a claim that matches the count, client and model read with `known`
+    proves its rows are the session's messages now. False leaves the session untouched.
+    """
+    session = known.session
+    if session.pk != pk or len(known.rows) != session.total_messages or not hasattr(session, "has_pending_stream"):
+        return False
+    current = {
+        "total_messages": session.total_messages,
+        "domain_id": session.domain_id,
+        "current_model": session.current_model,
+    }
+    if not _quick_claim(pk, user, now, **current):
+        return False
+    session.turn_started_at = session.last_activity_at = now
+    session.total_messages += 1
+    return True
+
+
+def begin_turn(*, session_id, user, message, known: KnownSession | None = None) -> _TurnStart:
     """Transaction 1: claim the session and store the user message before any provider call.
 
     The hot path of every turn, so it reads as little as it can: the claim, the session, its
-    messages (the context and the chain's tail in one read), the insert, the pending context
-    stream and the model's alias.
+    messages (the context and the chain's tail in one read), the insert, the model's alias and,
+    only after a switch, the pending context stream. With `known` (the session and messages
+    the caller has just read) the claim alone proves them current and neither is read again.
+
+    Pass the result to `session_chat(start=...)` at once: until it ends, the session is claimed.
     """
     if not isinstance(message, str):
         raise BadInput(NOT_TEXT.format(field="message"))
@@ -435,16 +500,15 @@ def _begin_turn(*, session_id, user, message) -> _TurnStart:
         raise NotFound(SESSION_NOT_FOUND)
     now = timezone.now()
     with transaction.atomic():
-        _claim_turn(pk, user, now)
-        session = _load(pk)
-        ref = parse_model(session.current_model)
-        rows = list(
-            SessionMessage.objects.filter(session_id=pk)
-            .order_by("seq")
+        if known is not None and _claim_known(pk, user, now, known):
+            session, rows = known.session, known.rows
+        else:
+            _claim_turn(pk, user, now)
+            session = with_pending_stream(ChatSession.objects.select_related("domain", "brand")).get(pk=pk)
             # No client ids: a turn's plan never needs them (a switch's snapshot does, and reads
             # its own), and converting one per stored message costs a long session dearly.
-            .values_list("seq", "role", "content", "model", "status", "hash")
-        )
+            rows = list(SessionMessage.objects.filter(session_id=pk).order_by("seq").values_list(*TURN_ROW_FIELDS))
+        ref = parse_model(session.current_model)
         seq, previous = (rows[-1][0] + 1, rows[-1][5] or integrity.GENESIS) if rows else (1, integrity.GENESIS)
         user_message = SessionMessage(
             session=session,
@@ -464,12 +528,16 @@ def _begin_turn(*, session_id, user, message) -> _TurnStart:
         history.append((seq, MessageRole.USER, message, session.current_model, None, MessageStatus.COMPLETE))
         plan = build_context(session=session, target=ref, rows=history)
         model_id = router.resolve_alias(ref).model
-        stream = (
-            ContextStream.objects.filter(session=session, settled_at__isnull=True, target_model=session.current_model)
-            .only("stream_id", "context_snapshot")
-            .order_by("-streamed_at")
-            .first()
-        )
+        stream = None
+        if session.has_pending_stream:
+            stream = (
+                ContextStream.objects.filter(
+                    session=session, settled_at__isnull=True, target_model=session.current_model
+                )
+                .only("stream_id", "context_snapshot")
+                .order_by("-streamed_at")
+                .first()
+            )
         carried = {entry["seq"] for entry in (stream.context_snapshot if stream else []) if entry.get("seq")}
     except BaseException:
         _release_claim(session.pk, now)
@@ -484,6 +552,7 @@ def _begin_turn(*, session_id, user, message) -> _TurnStart:
         plan=plan,
         stream=stream,
         carried_seqs=carried,
+        rows=rows,
     )
 
 
@@ -685,14 +754,32 @@ async def _watch_stop(key: str, turn: _Turn) -> None:
             return
 
 
-async def session_chat(*, session_id, user, message, options=None) -> AsyncIterator[Token | Done]:
+async def session_chat(
+    *,
+    session_id,
+    user,
+    message,
+    options=None,
+    start: _TurnStart | None = None,
+    known: KnownSession | None = None,
+) -> AsyncIterator[Token | Done]:
     """One chat turn: yield `Token`s as the provider streams, then `Done` with the stored answer.
+
+    `start` is a turn the caller has begun itself (`begin_turn`, in the same trip to the
+    database thread as its own reads); by default the turn begins here, with `known` (the
+    previous turn's `Done.known`, say) if the caller has it.
 
     Raises `ProviderFailed`/`ProviderTimeout` after storing a failed answer, and
     `SessionEnded` when the session was ended mid-answer (the partial answer is stored).
     """
-    opts = _stream_options(options)  # bad options are refused before anything is stored
-    start = await db_sync_to_async(_begin_turn)(session_id=session_id, user=user, message=message)
+    try:
+        opts = _stream_options(options)  # bad options are refused before anything is stored
+    except BaseException:
+        if start is not None:
+            await db_sync_to_async(_release_claim)(start.session.pk, start.claim)
+        raise
+    if start is None:
+        start = await db_sync_to_async(begin_turn)(session_id=session_id, user=user, message=message, known=known)
     try:
         if start.ref.provider == "ollama" and opts.num_ctx is None:
             opts.num_ctx = start.plan.window
@@ -779,7 +866,26 @@ async def session_chat(*, session_id, user, message, options=None) -> AsyncItera
             kind=str(error.kind) if error is not None else "server",
             message_id=stored.message_id,
         )
-    yield Done(message=stored, session=session)
+    yield Done(message=stored, session=session, known=_known_after(start, stored, session))
+
+
+# A session's messages a caller may keep between turns (`Done.known`): beyond this much text,
+# reading them again costs less than holding them.
+KNOWN_HISTORY_MAX_CHARS = 200_000
+
+
+def _turn_row(message: SessionMessage) -> tuple:
+    return tuple(getattr(message, name) for name in TURN_ROW_FIELDS)
+
+
+def _known_after(start: _TurnStart, answer: SessionMessage, session: ChatSession) -> KnownSession | None:
+    """The session and its messages after this turn, for the caller's next one (None: read them again)."""
+    rows = [*start.rows, _turn_row(start.user_message), _turn_row(answer)]
+    if session.status != SessionStatus.ACTIVE or len(rows) != session.total_messages:
+        return None  # ended, or a message arrived from elsewhere during the turn
+    if sum(len(row[2]) for row in rows) > KNOWN_HISTORY_MAX_CHARS:
+        return None
+    return KnownSession(session, rows)
 
 
 # --- switch --------------------------------------------------------------------------------

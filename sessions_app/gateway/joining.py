@@ -102,6 +102,11 @@ def _stored_messages(sessions: list[ChatSession]) -> dict:
     return by_session
 
 
+def _turn_rows(session: ChatSession) -> list[tuple]:
+    """The session's messages as a turn reads them (`services.TURN_ROW_FIELDS`)."""
+    return list(SessionMessage.objects.filter(session=session).order_by("seq").values_list(*services.TURN_ROW_FIELDS))
+
+
 def _end_quietly(session: ChatSession, user, reason: str) -> None:
     """End a session the token moved away from.
 
@@ -118,12 +123,17 @@ def _end_quietly(session: ChatSession, user, reason: str) -> None:
 
 @dataclass
 class Plan:
-    """Where a call goes: `target` to continue (None: branch `source` or start anew), what to append."""
+    """Where a call goes: `target` to continue (None: branch `source` or start anew), what to append.
+
+    `known` is the target and its messages as read for the plan, when nothing is to be
+    appended: the turn that follows reuses them (`services.KnownSession`).
+    """
 
     live: list[ChatSession]
     target: ChatSession | None
     source: tuple[ChatSession, Match] | None
     tail: list[ChatMessage]
+    known: services.KnownSession | None = None
 
     @property
     def read_only(self) -> bool:
@@ -141,10 +151,9 @@ def _plan(token: ApiToken, chat: ChatRequest) -> Plan:
     3. Otherwise it is a new conversation: a new session.
     """
     cutoff = timezone.now() - timedelta(seconds=settings.SESSION_IDLE_TIMEOUT)
+    recent = ChatSession.objects.filter(api_token=token, user=token.user, domain_id=token.client_id)
     candidates = list(
-        ChatSession.objects.filter(api_token=token, user=token.user, domain_id=token.client_id).order_by(
-            "-last_activity_at"
-        )[:CANDIDATE_SESSIONS]
+        services.with_pending_stream(recent.select_related("domain")).order_by("-last_activity_at")[:CANDIDATE_SESSIONS]
     )
     live = [s for s in candidates if s.is_active and s.last_activity_at >= cutoff]
     usable = [s for s in candidates if _same(s.system_prompt, chat.system)]  # a new prompt needs a new session
@@ -162,9 +171,11 @@ def _plan(token: ApiToken, chat: ChatRequest) -> Plan:
     # The usual call extends the most recent live conversation: read only its messages first.
     current = next((s for s in live if s in usable), None)
     if current is not None:
-        match = match_history(_stored_messages([current])[current.pk], chat.history)
+        rows = _turn_rows(current)
+        match = match_history([Stored(seq, role, content) for seq, role, content, *_ in rows], chat.history)
         if match.complete and match.next_index == len(chat.history):
-            return Plan(live, current, None, [])  # nothing new before the message: none can do better
+            # Nothing new before the message: none can do better.
+            return Plan(live, current, None, [], services.KnownSession(current, rows))
         consider(current, match)
     others = [s for s in usable if s is not current]
     for session_id, turns in _stored_messages(others).items():
@@ -192,12 +203,17 @@ def gateway_session_join(*, token: ApiToken, chat: ChatRequest) -> ChatSession:
     provider. Raises GatewayError (400) for a token bound to no client, and the session
     services' errors (BadInput, NotFound...) for a client the consultant may no longer bill.
     """
+    return gateway_join(token=token, chat=chat)[0]
+
+
+def gateway_join(*, token: ApiToken, chat: ChatRequest) -> tuple[ChatSession, services.KnownSession | None]:
+    """`gateway_session_join`, plus the session and messages as read when nothing was stored."""
     if token.client_id is None:
         raise GatewayError(400, TOKEN_WITHOUT_CLIENT, code="token_without_client")
     user = token.user
     plan = _plan(token, chat)
     if plan.read_only and same_model(plan.target.current_model, chat.model_name):
-        return plan.target  # the usual call: nothing to store before the turn itself
+        return plan.target, plan.known  # the usual call: nothing to store before the turn itself
     with transaction.atomic():
         _lock_token(token)
         plan = _plan(token, chat)  # again, under the lock: another call may have moved on
@@ -226,7 +242,7 @@ def gateway_session_join(*, token: ApiToken, chat: ChatRequest) -> ChatSession:
             services.session_append_history(session_id=target.pk, user=user, messages=plan.tail)
         if not same_model(target.current_model, chat.model_name):
             target = _switch(target, user, chat.model_name)
-        return target
+        return target, None
 
 
 def _switch(session: ChatSession, user, model: str) -> ChatSession:

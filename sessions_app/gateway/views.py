@@ -38,7 +38,7 @@ from sessions_app.gateway.common import (
     model_ref,
     read_json,
 )
-from sessions_app.gateway.joining import gateway_session_join
+from sessions_app.gateway.joining import gateway_join
 
 # What /api/version reports: the Ollama API level the gateway speaks (clients gate features on it).
 OLLAMA_API_VERSION = "0.12.0"
@@ -119,14 +119,15 @@ def _check_model(name: str) -> None:
 
 
 def _prepare(raw: str, body: bytes, parse: Callable[[dict], ChatRequest | None]):
-    """Authenticate, parse, validate and join the session, in one trip to the database thread."""
+    """Authenticate, parse, validate, join the session and begin the turn (its user message
+    stored), in one trip to the database thread: the provider is called straight after."""
     token = authenticate_raw(raw)
     data = read_json(body)
     chat = parse(data)
     if chat is None:
         name, _ref = model_ref(data)
         _check_model(name)
-        return token, data, None, None
+        return token, data, None, None, None
     _check_model(chat.model)
     # Refuse an unsendable message before the join stores history or moves the session.
     if not chat.message.strip():
@@ -134,8 +135,19 @@ def _prepare(raw: str, body: bytes, parse: Callable[[dict], ChatRequest | None])
     if len(chat.message) > settings.CHAT_MAX_MESSAGE_CHARS:
         limit = settings.CHAT_MAX_MESSAGE_CHARS
         raise MessageTooLarge(MESSAGE_TOO_LARGE.format(size=len(chat.message), limit=limit))
-    session = gateway_session_join(token=token, chat=chat)
-    return token, data, chat, session
+    retried = False
+    while True:
+        session, known = gateway_join(token=token, chat=chat)
+        try:
+            start = services.begin_turn(session_id=session.pk, user=token.user, message=chat.message, known=known)
+        except SessionEnded:
+            # The session ended between the join and the turn (the guardian, or the consultant
+            # in the web app): nothing was stored; join again, which starts its successor.
+            if retried:
+                raise
+            retried = True
+            continue
+        return token, data, chat, session, start
 
 
 class Turn:
@@ -206,31 +218,20 @@ async def _start_turn(request: HttpRequest, path_token: str | None, parse, start
     """Run the turn up to its first event, so failures before any output get a real status."""
     raw = raw_token(request, path_token)
     body = _body(request)
-    retried = False
-    while True:
-        token, data, chat, session = await db_sync_to_async(_prepare)(raw, body, parse)
-        if chat is None:
-            return Started(data)
-        events = services.session_chat(
-            session_id=session.pk, user=token.user, message=chat.message, options=chat.options
-        )
-        turn = Turn(started_ns, chat.options.max_tokens)
-        try:
-            turn.take(await anext(events))
-        except StopAsyncIteration:
-            pass
-        except SessionEnded:
-            # The session ended between the join and the turn (the guardian, or the consultant
-            # in the web app): nothing was stored; join again, which starts its successor.
-            await events.aclose()
-            if retried:
-                raise
-            retried = True
-            continue
-        except BaseException:
-            await events.aclose()
-            raise
-        return Started(data, chat, session, events, turn)
+    token, data, chat, session, start = await db_sync_to_async(_prepare)(raw, body, parse)
+    if chat is None:
+        return Started(data)
+    events = services.session_chat(
+        session_id=session.pk, user=token.user, message=chat.message, options=chat.options, start=start
+    )
+    turn = Turn(started_ns, chat.options.max_tokens)
+    try:
+        if (first := await anext(events, None)) is not None:
+            turn.take(first)
+    except BaseException:
+        await events.aclose()
+        raise
+    return Started(data, chat, session, events, turn)
 
 
 async def _drain(events: AsyncIterator, turn: Turn) -> None:

@@ -22,6 +22,7 @@ from sessions_app.consumers import (
     SessionConsumer,
 )
 from sessions_app.errors import MESSAGE_EMPTY, SESSION_BUSY
+from sessions_app.invariants import check_session
 from sessions_app.models import ChatSession, SessionMessage
 from sessions_app.routing import websocket_urlpatterns
 
@@ -446,3 +447,26 @@ async def test_the_coalescer_never_sends_two_frames_within_one_interval():
     gaps = [b[0] - a[0] for a, b in itertools.pairwise(sent[:-1])]
     assert all(gap >= 0.049 for gap in gaps)
     assert len(sent) < 40
+
+
+async def test_turns_after_a_message_from_elsewhere_continue_the_same_history(start, owner):
+    """The socket keeps the session between turns; a message stored elsewhere is not missed."""
+    session = await database_sync_to_async(start)()
+    communicator = await connected(session, owner)
+    await communicator.send_json_to({"type": "chat", "message": "first", "turn": "a"})
+    await frames_until(communicator, "message.done")
+    # Another device chats in the same session meanwhile (through the chat service directly).
+    await database_sync_to_async(services.session_append_history)(
+        session_id=session.pk, user=owner, messages=[{"role": "user", "content": "from the phone"}]
+    )
+    await communicator.send_json_to({"type": "chat", "message": "second", "turn": "b"})
+    done = (await frames_until(communicator, "message.done"))[-1]
+    await communicator.send_json_to({"type": "chat", "message": "third", "turn": "c"})
+    third = (await frames_until(communicator, "message.done"))[-1]
+    await communicator.disconnect()
+
+    assert done["message"]["seq"] == 5 and third["message"]["seq"] == 7
+    assert third["session"]["total_messages"] == 7
+    contents = [m.content for m in await stored_messages(session)]
+    assert contents[:3] == [contents[0], contents[1], "from the phone"] and contents[3] == "second"
+    assert await database_sync_to_async(check_session)(await reload(session)) == []

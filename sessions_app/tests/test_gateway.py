@@ -15,6 +15,7 @@ import httpx
 import ollama
 import openai
 import pytest
+from django.db import connection
 from django.utils import timezone
 
 from sessions_app.models import ApiToken, ChatSession, ContextStream, SessionMessage
@@ -41,6 +42,19 @@ def gateway_url():
         assert time.monotonic() < deadline, "daphne did not start"
         time.sleep(0.01)
     return f"http://127.0.0.1:{server.listening_addresses[0][1]}"
+
+
+@pytest.fixture(autouse=True)
+def reads_never_lock_the_server_out(transactional_db):
+    """On SQLite, the test database is one in-memory database shared between this thread and the
+    server's (shared cache), where a table lock cannot be waited for: a read while the server
+    writes fails at once with "database table is locked", and a write while this thread reads
+    fails the same way in the server. Reading uncommitted takes no table locks at all. Files (what
+    the product runs on) have no table locks: the busy timeout makes either side wait instead."""
+    if connection.vendor == "sqlite":
+        connection.ensure_connection()
+        with connection.cursor() as cursor:
+            cursor.execute("PRAGMA read_uncommitted = 1")
 
 
 @pytest.fixture
@@ -498,6 +512,33 @@ def test_a_session_ended_in_the_web_app_is_continued_in_a_branch(ollama_client, 
     successor = gateway_sessions(acme_token[0]).exclude(pk=ended.pk).get()
     assert successor.is_active and successor.parent_id == ended.pk
     assert [content for _, content in stored(successor)][:3] == ["Before the end", answer, "After the end"]
+
+
+def test_a_session_ended_between_the_join_and_the_turn_is_joined_again(ollama_client, acme_token, owner, monkeypatch):
+    """The guardian or the web app may end the session in the moment between the two."""
+    from sessions_app import services
+    from sessions_app.gateway import ollama_wire, views
+
+    history = [{"role": "user", "content": "Before the race"}]
+    answer = ollama_client.chat(model="llama3.2", messages=history, stream=False).message.content
+    first = gateway_sessions(acme_token[0]).get()
+    join = views.gateway_join
+
+    def join_then_end(**kwargs):
+        session, known = join(**kwargs)
+        if session.pk == first.pk:
+            services.session_end(session_id=session.pk, user=owner)
+        return session, known
+
+    monkeypatch.setattr(views, "gateway_join", join_then_end)
+    history += [{"role": "assistant", "content": answer}, {"role": "user", "content": "After the race"}]
+    body = json.dumps({"model": "llama3.2", "messages": history}).encode()
+    _token, _data, _chat, session, start = views._prepare(acme_token[1], body, ollama_wire.parse_chat)
+    services._release_claim(session.pk, start.claim)  # the turn is not run here
+
+    assert session.pk != first.pk and session.parent_id == first.pk
+    assert start.user_message.content == "After the race" and start.session.pk == session.pk
+    assert [content for _, content in stored(session)] == ["Before the race", answer, "After the race"]
 
 
 def test_a_long_conversation_larger_than_djangos_upload_limit_is_accepted(ollama_client, acme_token, settings):

@@ -9,6 +9,7 @@ import pytest
 from asgiref.sync import async_to_sync, sync_to_async
 from django.core.cache import cache
 from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from billing.models import Invoice, LLMUsage
@@ -331,3 +332,84 @@ def test_a_token_bound_to_a_client_cannot_start_sessions_for_another(owner, acme
     assert (
         services.session_start(user=owner, client="acme", model="ollama:llama3.2", api_token=token).api_token == token
     )
+
+
+def _known(session_id) -> services.KnownSession:
+    """The session and its messages as the gateway's join reads them."""
+    session = services.with_pending_stream(ChatSession.objects.select_related("domain")).get(pk=session_id)
+    rows = list(
+        SessionMessage.objects.filter(session_id=session_id).order_by("seq").values_list(*services.TURN_ROW_FIELDS)
+    )
+    return services.KnownSession(session, rows)
+
+
+def _finish(start, owner, message):
+    """Run a begun turn to its stored answer."""
+
+    async def go():
+        return [e async for e in services.session_chat(session_id=None, user=owner, message=message, start=start)]
+
+    return async_to_sync(go)()
+
+
+def test_a_turn_begun_on_what_the_caller_just_read_reads_neither_again(owner, acme, chat):
+    session = start(owner)
+    chat(session, owner, "First")
+    known = _known(session.pk)
+    with CaptureQueriesContext(connection) as queries:
+        begun = services.begin_turn(session_id=session.pk, user=owner, message="Second", known=known)
+    sql = [q["sql"] for q in queries.captured_queries]
+    assert not any(s.startswith("SELECT") and "ollama_session_messages" in s for s in sql)
+    assert not any(s.startswith("SELECT") and 'FROM "ollama_streaming_sessions"' in s for s in sql)
+    assert begun.user_message.seq == 3 and begun.session is known.session
+    events = _finish(begun, owner, "Second")
+    assert events[-1].message.seq == 4 and events[-1].message.status == "complete"
+    assert ChatSession.objects.get(pk=session.pk).total_messages == 4
+
+
+def test_what_the_caller_read_is_read_again_when_a_message_arrived_since(owner, acme, chat):
+    session = start(owner)
+    known = _known(session.pk)
+    chat(session, owner, "Sent from another tab meanwhile")  # two messages the reader has not seen
+    begun = services.begin_turn(session_id=session.pk, user=owner, message="Mine", known=known)
+    assert begun.user_message.seq == 3
+    assert [entry.seq for entry in begun.plan.entries] == [1, 2, 3]
+    _finish(begun, owner, "Mine")  # the chain links to the other tab's answer (sound_sessions checks it)
+
+
+def test_what_the_caller_read_is_read_again_after_a_switch(owner, acme, chat, client_globex):
+    session = start(owner)
+    chat(session, owner, "Before the switch")
+    known = _known(session.pk)
+    services.session_switch(session_id=session.pk, user=owner, client="globex", model="ollama:qwen2.5")
+    begun = services.begin_turn(session_id=session.pk, user=owner, message="After", known=known)
+    assert begun.model_name == "ollama:qwen2.5" and begun.user_message.domain.slug == "globex"
+    assert begun.stream is not None  # the switch's pending context stream is settled by this call
+    events = _finish(begun, owner, "After")
+    assert events[-1].message.domain.slug == "globex"
+
+
+def test_a_finished_turn_hands_its_caller_the_session_for_the_next_turn(owner, acme, chat):
+    session = start(owner)
+    _texts, done = chat(session, owner, "First")
+    known = done.known
+    assert known is not None and known.session.total_messages == 2
+    stored = list(SessionMessage.objects.filter(session=session).order_by("seq").values_list(*services.TURN_ROW_FIELDS))
+    assert known.rows == stored  # exactly what reading them again would give
+
+    async def second():
+        return [
+            e async for e in services.session_chat(session_id=session.pk, user=owner, message="Second", known=known)
+        ]
+
+    with CaptureQueriesContext(connection) as queries:
+        events = async_to_sync(second)()
+    # The history is not read again (the answer's transaction still reads the chain's tail).
+    assert not any('"ollama_session_messages"."content"' in q["sql"] for q in queries)
+    assert events[-1].message.seq == 4 and events[-1].known.session.total_messages == 4
+
+
+def test_no_session_is_handed_on_when_it_is_too_long_to_keep(owner, acme, chat, monkeypatch):
+    monkeypatch.setattr(services, "KNOWN_HISTORY_MAX_CHARS", 10)
+    _texts, done = chat(start(owner), owner, "A question longer than ten characters")
+    assert done.known is None
