@@ -30,6 +30,7 @@ import contextlib
 import json
 import os
 import platform
+import secrets
 import shutil
 import socket
 import subprocess
@@ -323,7 +324,9 @@ def main() -> int:
     env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "config.settings",
-        "DEBUG": "1",
+        # As in production: DEBUG on would wrap every cursor to record each query.
+        "DEBUG": "0",
+        "SECRET_KEY": "bench-" + secrets.token_urlsafe(32),
         "LOG_LEVEL": "WARNING",
         "ALLOWED_HOSTS": f"{host},localhost",
         "DATABASE_URL": f"sqlite:///{workdir / 'db.sqlite3'}",
@@ -331,7 +334,9 @@ def main() -> int:
         "SESSION_SIGNING_KEY": base64.b64encode(b"bench-signing-key-32-bytes-long!").decode(),
         "PYTHONUNBUFFERED": "1",
     }
-    os.environ.update({k: env[k] for k in ("DJANGO_SETTINGS_MODULE", "DATABASE_URL", "OLLAMA_HOST", "DEBUG")})
+    os.environ.update(
+        {k: env[k] for k in ("DJANGO_SETTINGS_MODULE", "DATABASE_URL", "OLLAMA_HOST", "DEBUG", "SECRET_KEY")}
+    )
     os.environ["SESSION_SIGNING_KEY"] = env["SESSION_SIGNING_KEY"]
     os.environ["LOG_LEVEL"] = "WARNING"
     sys.path.insert(0, str(ROOT))
