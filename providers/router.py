@@ -13,11 +13,10 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import close_old_connections, connection
 from django.utils import timezone
 
+from config.dbthread import db_sync_to_async
 from providers import errors
 from providers.anthropic_adapter import AnthropicAdapter
 from providers.base import ChatMessage, ModelInfo, ProviderAdapter, ProviderError, StreamOptions, Usage
@@ -27,28 +26,6 @@ from providers.ollama_adapter import OllamaAdapter
 from providers.openai_adapter import OpenAIAdapter
 
 log = logging.getLogger(__name__)
-
-
-def db_sync_to_async(func):
-    """`channels.db.database_sync_to_async`, minus closing a connection inside a transaction.
-
-    Like channels, drop stale connections around the call (a long-lived worker thread must
-    not keep a dead one). Unlike channels, leave a connection alone while it is inside an
-    atomic block: closing it there would abort the caller's transaction (a test's, under
-    PostgreSQL, or a service's).
-    """
-
-    def run(*args, **kwargs):
-        outside = not connection.in_atomic_block
-        if outside:
-            close_old_connections()
-        try:
-            return func(*args, **kwargs)
-        finally:
-            if outside:
-                close_old_connections()
-
-    return sync_to_async(run)
 
 
 ADAPTERS: dict[str, type[ProviderAdapter]] = {

@@ -1,4 +1,7 @@
-"""What `session_chat` yields to its callers (WebSocket, REST, CLI, gateway)."""
+"""What `session_chat` yields to its callers (WebSocket, REST, CLI, gateway), and what they hand back.
+
+`KnownSession` travels with `Done`: a caller that chats again soon hands it to its next turn.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,6 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from sessions_app.models import ChatSession, SessionMessage
-    from sessions_app.services import KnownSession
 
 
 @dataclass(frozen=True)
@@ -28,3 +30,20 @@ class Done:
     message: SessionMessage
     session: ChatSession
     known: KnownSession | None = None
+
+
+# The columns a turn reads of each stored message: its plan's history and the chain's tail.
+TURN_ROW_FIELDS = ("seq", "role", "content", "model", "status", "hash")
+
+
+@dataclass(frozen=True)
+class KnownSession:
+    """A session and its messages (`TURN_ROW_FIELDS`, in seq order) as a caller just read them.
+
+    The gateway reads both to recognize a client's history; a turn that begins right after
+    reuses them instead of reading them again, when its claim proves nothing has changed in
+    between (see `_claim_known`).
+    """
+
+    session: ChatSession
+    rows: list[tuple]

@@ -14,9 +14,10 @@ import httpx
 import pytest
 from asgiref.sync import async_to_sync
 
+from config.dbthread import db_sync_to_async
 from providers.base import ErrorKind, ProviderError, StreamOptions, Usage
 from providers.naming import ModelRef
-from providers.router import available_models, context_window, db_sync_to_async, stream_chat, validate_model
+from providers.router import available_models, context_window, stream_chat, validate_model
 from providers.simulator import count_prompt_tokens
 
 

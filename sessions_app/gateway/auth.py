@@ -7,7 +7,7 @@ from datetime import timedelta
 from django.http import HttpRequest
 from django.utils import timezone
 
-from providers.router import db_sync_to_async
+from config.dbthread import db_sync_to_async
 from sessions_app.gateway.common import TOKEN_INVALID, TOKEN_MISSING, GatewayError
 from sessions_app.models import ApiToken
 

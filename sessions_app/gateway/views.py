@@ -21,9 +21,9 @@ from django.db import OperationalError
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
+from config.dbthread import db_sync_to_async
 from providers import router
 from providers.base import ProviderError
-from providers.router import db_sync_to_async
 from sessions_app import services
 from sessions_app.errors import MESSAGE_EMPTY, MESSAGE_TOO_LARGE, BadInput, MessageTooLarge, SessionEnded, SessionError
 from sessions_app.events import Done, Token

@@ -410,6 +410,6 @@ def test_a_finished_turn_hands_its_caller_the_session_for_the_next_turn(owner, a
 
 
 def test_no_session_is_handed_on_when_it_is_too_long_to_keep(owner, acme, chat, monkeypatch):
-    monkeypatch.setattr(services, "KNOWN_HISTORY_MAX_CHARS", 10)
+    monkeypatch.setattr(services.turns, "KNOWN_HISTORY_MAX_CHARS", 10)
     _texts, done = chat(start(owner), owner, "A question longer than ten characters")
     assert done.known is None

@@ -1,0 +1,569 @@
+"""A chat turn: claim, store the user message, stream from the provider, store the answer.
+
+A chat turn is at most three write transactions: (1) claim the session and store the user
+message, (2) only when the turn fails before streaming, release the claim, (3) store the
+assistant message, its `LLMUsage`, the session totals and the hash chain together. Nothing is
+written per token.
+
+An end during an answer stops it: the partial answer is stored (status `partial`, usage
+`cancelled`) before the session is sealed, and the chat caller gets `SessionEnded` with
+`ENDED_DURING_ANSWER`. Answers streaming in this process are registered in `_TURNS` so an end
+here can take them over; an end in another process asks through the shared cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.core.cache import cache
+from django.db import transaction
+from django.utils import timezone
+
+from billing import pricing
+from billing.models import LLMUsage, TokenSource, UsageStatus
+from config.dbthread import db_sync_to_async
+from providers import router, tokens
+from providers.base import ErrorKind, ProviderError, Usage
+from providers.naming import ModelRef, parse_model
+from sessions_app import integrity
+from sessions_app.context import ContextPlan, build_context
+from sessions_app.errors import (
+    MESSAGE_EMPTY,
+    MESSAGE_TOO_LARGE,
+    SESSION_NOT_FOUND,
+    BadInput,
+    MessageTooLarge,
+    NotFound,
+    ProviderFailed,
+    ProviderTimeout,
+    SessionEnded,
+)
+from sessions_app.events import TURN_ROW_FIELDS, Done, KnownSession, Token
+from sessions_app.models import (
+    ChatSession,
+    ContextStream,
+    MessageRole,
+    MessageStatus,
+    SessionMessage,
+    SessionStatus,
+)
+from sessions_app.selectors import parse_session_id
+from sessions_app.services.claims import (
+    _claim_known,
+    _claim_turn,
+    _release_claim,
+    with_pending_stream,
+)
+from sessions_app.services.inputs import (
+    NOT_TEXT,
+    _stream_options,
+    quantize_money,
+)
+from sessions_app.services.store import _chain_tail, _load, _store_linked
+
+logger = logging.getLogger(__name__)
+
+ENDED_DURING_ANSWER = "The session was ended while the answer streamed; the partial answer was stored."
+
+
+STOPPED_BY_END = "Stopped: the session was ended while the answer streamed."
+
+
+CANCELLED = "Cancelled: the caller stopped reading the answer."
+
+
+PROVIDER_FAILED = "{model} failed: {detail} Your message and the text that arrived are stored."
+
+
+PROVIDER_TIMED_OUT = "{model} timed out: {detail} Your message and the text that arrived are stored."
+
+
+@dataclass
+class _TurnStart:
+    session: ChatSession
+    user_message: SessionMessage
+    claim: datetime
+    ref: ModelRef
+    model_name: str
+    model_id: str  # after aliases: what pricing looks up when the provider reports no id
+    plan: ContextPlan
+    stream: ContextStream | None
+    carried_seqs: set[int]
+    rows: list[tuple]  # the stored messages before this turn (`TURN_ROW_FIELDS`)
+
+
+@dataclass
+class _Turn:
+    """What one streaming answer has gathered; shared with `session_end` for a take-over."""
+
+    start: _TurnStart
+    loop: asyncio.AbstractEventLoop
+    began: float = field(default_factory=time.monotonic)
+    parts: list[str] = field(default_factory=list)
+    usage: Usage | None = None
+    error: ProviderError | None = None
+    outcome: str = "streaming"  # ok | error | cancelled | stopped
+    first_token_ms: int | None = None
+    state: str = "streaming"  # streaming | finishing | taken | done
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    finished: threading.Event = field(default_factory=threading.Event)
+    on_stop: Callable[[], None] | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def request_stop(self) -> None:
+        if self.on_stop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has already closed
+                self.loop.call_soon_threadsafe(self.on_stop)
+
+    def take_over(self) -> bool:
+        """Claim the right to store this answer (for `session_end`); False if it is being stored."""
+        with self.lock:
+            if self.state == "streaming":
+                self.state = "taken"
+                if self.outcome == "streaming":
+                    self.outcome = "stopped"
+                return True
+        return False
+
+    def begin_finishing(self) -> bool:
+        with self.lock:
+            if self.state != "streaming":
+                return False
+            self.state = "finishing"
+            return True
+
+
+# In-process registry of streaming answers, so an end in this process can stop and store them.
+_TURNS: dict[str, _Turn] = {}
+
+
+_TURNS_LOCK = threading.Lock()
+
+
+_END = object()
+
+
+_STOPPED = object()
+
+
+def _stop_key(session_id, claim: datetime) -> str:
+    return f"sessions:stop:{session_id}:{claim.timestamp():.6f}"
+
+
+def begin_turn(*, session_id, user, message, known: KnownSession | None = None) -> _TurnStart:
+    """Transaction 1: claim the session and store the user message before any provider call.
+
+    The hot path of every turn, so it reads as little as it can: the claim, the session, its
+    messages (the context and the chain's tail in one read), the insert, the model's alias and,
+    only after a switch, the pending context stream. With `known` (the session and messages
+    the caller has just read) the claim alone proves them current and neither is read again.
+
+    Pass the result to `session_chat(start=...)` at once: until it ends, the session is claimed.
+    """
+    if not isinstance(message, str):
+        raise BadInput(NOT_TEXT.format(field="message"))
+    message = message.replace("\x00", "")
+    if not message.strip():
+        raise BadInput(MESSAGE_EMPTY)
+    limit = settings.CHAT_MAX_MESSAGE_CHARS
+    if len(message) > limit:
+        raise MessageTooLarge(MESSAGE_TOO_LARGE.format(size=len(message), limit=limit))
+    pk = parse_session_id(session_id)
+    if user is None or not getattr(user, "is_authenticated", False):
+        raise NotFound(SESSION_NOT_FOUND)
+    now = timezone.now()
+    with transaction.atomic():
+        if known is not None and _claim_known(pk, user, now, known):
+            session, rows = known.session, known.rows
+        else:
+            _claim_turn(pk, user, now)
+            session = with_pending_stream(ChatSession.objects.select_related("domain", "brand")).get(pk=pk)
+            # No client ids: a turn's plan never needs them (a switch's snapshot does, and reads
+            # its own), and converting one per stored message costs a long session dearly.
+            rows = list(SessionMessage.objects.filter(session_id=pk).order_by("seq").values_list(*TURN_ROW_FIELDS))
+        ref = parse_model(session.current_model)
+        seq, previous = (rows[-1][0] + 1, rows[-1][5] or integrity.GENESIS) if rows else (1, integrity.GENESIS)
+        user_message = SessionMessage(
+            session=session,
+            seq=seq,
+            role=MessageRole.USER,
+            content=message,
+            timestamp=now,
+            model=session.current_model,
+            provider=ref.provider,
+            domain=session.domain,
+            cost_usd=Decimal("0"),
+            status=MessageStatus.COMPLETE,
+        )
+        _store_linked(user_message, previous)
+    try:
+        history = [(seq_, role, content, model, None, status) for seq_, role, content, model, status, _hash in rows]
+        history.append((seq, MessageRole.USER, message, session.current_model, None, MessageStatus.COMPLETE))
+        plan = build_context(session=session, target=ref, rows=history)
+        model_id = router.resolve_alias(ref).model
+        stream = None
+        if session.has_pending_stream:
+            stream = (
+                ContextStream.objects.filter(
+                    session=session, settled_at__isnull=True, target_model=session.current_model
+                )
+                .only("stream_id", "context_snapshot")
+                .order_by("-streamed_at")
+                .first()
+            )
+        carried = {entry["seq"] for entry in (stream.context_snapshot if stream else []) if entry.get("seq")}
+    except BaseException:
+        _release_claim(session.pk, now)
+        raise
+    return _TurnStart(
+        session=session,
+        user_message=user_message,
+        claim=now,
+        ref=ref,
+        model_name=session.current_model,
+        model_id=model_id,
+        plan=plan,
+        stream=stream,
+        carried_seqs=carried,
+        rows=rows,
+    )
+
+
+def _turn_usage(turn: _Turn) -> tuple[int, int, str, str]:
+    """Token counts to bill: the provider's, else an estimate (marked so), else none at all."""
+    usage = turn.usage or (turn.error.usage if turn.error is not None else None)
+    if usage is not None and (usage.prompt_tokens or usage.completion_tokens or turn.outcome == "ok"):
+        return usage.prompt_tokens, usage.completion_tokens, usage.source, usage.provider_model
+    text = turn.text
+    if turn.outcome == "ok" or text:
+        # No usage reported but text arrived: the provider did the work; estimate it.
+        prompt = tokens.estimate_messages(turn.start.plan.messages)
+        return prompt, tokens.estimate_tokens(text), TokenSource.ESTIMATED, ""
+    # Failed before any output: nothing was generated, nothing is billed.
+    return 0, 0, TokenSource.ESTIMATED, ""
+
+
+def _carried_tokens(turn: _Turn, prompt_tokens: int) -> int:
+    """The part of the reported prompt that is the history carried by the pending switch."""
+    start = turn.start
+    if start.stream is None or not prompt_tokens:
+        return 0
+    carried_estimate = sum(entry.tokens for entry in start.plan.entries if entry.seq in start.carried_seqs)
+    total_estimate = start.plan.estimated_tokens
+    if not total_estimate or not carried_estimate:
+        return 0
+    return min(prompt_tokens, round(prompt_tokens * carried_estimate / total_estimate))
+
+
+def _store_answer(turn: _Turn, *, now: datetime | None = None) -> SessionMessage:
+    """Store the assistant message, usage, stream settlement, totals and chain link.
+
+    The caller holds a transaction and the session row.
+    """
+    start = turn.start
+    now = now or timezone.now()
+    session_id = start.session.pk
+    prompt, completion, source, provider_model = _turn_usage(turn)
+    model_id = provider_model or start.model_id
+    if prompt or completion:
+        cost = quantize_money(
+            pricing.cost_of(
+                provider=start.ref.provider,
+                model_id=model_id,
+                prompt_tokens=prompt,
+                completion_tokens=completion,
+                at=now,
+            )
+        )
+    else:
+        cost = Decimal("0")
+
+    if turn.outcome == "ok":
+        status, usage_status, error_text = MessageStatus.COMPLETE, UsageStatus.OK, ""
+    elif turn.outcome == "error":
+        status = MessageStatus.PARTIAL if turn.text else MessageStatus.ERROR
+        usage_status = UsageStatus.ERROR
+        error = turn.error
+        error_text = f"{error.kind}: {error.message}" if error is not None else "error"
+    else:
+        status = MessageStatus.PARTIAL if turn.text else MessageStatus.ERROR
+        usage_status = UsageStatus.CANCELLED
+        error_text = STOPPED_BY_END if turn.outcome == "stopped" else CANCELLED
+
+    session = start.session
+    fields = ("status", "turn_started_at", "total_messages", "total_tokens", "estimated_cost_usd", "last_activity_at")
+    state = ChatSession.objects.select_for_update().filter(pk=session_id).values(*fields, "invoice_id").get()
+    # The message's lock check (billing.locks) reads the invoice from the session it is given.
+    session.invoice_id = state.pop("invoice_id")
+    seq, previous = _chain_tail(session_id)
+    message = SessionMessage(
+        session=session,
+        seq=seq,
+        role=MessageRole.ASSISTANT,
+        content=turn.text,
+        timestamp=now,
+        model=start.model_name,
+        provider=start.ref.provider,
+        domain=session.domain,
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        tokens=prompt + completion,
+        token_source=source,
+        cost_usd=cost,
+        status=status,
+        error_text=error_text[:2000],
+        context_omitted=start.plan.omitted_count,
+    )
+    _store_linked(message, previous)
+
+    carried = 0
+    stream = start.stream
+    if stream is not None and prompt:
+        carried = _carried_tokens(turn, prompt)
+        stream_cost = quantize_money(
+            pricing.input_cost(provider=start.ref.provider, model_id=model_id, tokens=carried, at=now)
+        )
+        if stream_cost is not None and cost is not None:
+            stream_cost = min(stream_cost, cost)  # a breakdown of the call's cost, never more
+        ContextStream.objects.filter(pk=stream.pk, settled_at__isnull=True).update(
+            total_tokens=carried, cost_usd=stream_cost, settled_at=now
+        )
+
+    elapsed_ms = int((time.monotonic() - turn.began) * 1000)
+    LLMUsage.objects.create(
+        user_id=session.user_id,
+        session_id=session_id,
+        message=message,
+        client_id=session.domain_id,
+        provider=start.ref.provider,
+        model=start.ref.model,
+        provider_model=provider_model,
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        token_source=source,
+        cost=cost,
+        carried_tokens=carried,
+        time_to_first_token_ms=turn.first_token_ms,
+        duration_ms=max(0, elapsed_ms),
+        status=usage_status,
+        error_text=error_text[:2000],
+        created_at=now,
+    )
+
+    update = {
+        "total_messages": state["total_messages"] + 1,
+        "total_tokens": state["total_tokens"] + prompt + completion,
+        "estimated_cost_usd": quantize_money(Decimal(state["estimated_cost_usd"]) + (cost or Decimal("0"))),
+        "last_activity_at": max(now, state["last_activity_at"]),
+    }
+    if state["turn_started_at"] == start.claim:
+        update["turn_started_at"] = None
+    if state["status"] == SessionStatus.ENDED:
+        # Ended by another worker that gave up waiting for this answer: keep the answer and
+        # re-seal, so the seal covers what is stored (through save(), so the invoice lock applies).
+        locked = ChatSession.objects.get(pk=session_id)
+        for name, value in update.items():
+            setattr(locked, name, value)
+        locked.save(update_fields=list(update))
+        locked.soulfra_hash = integrity.build_seal(locked)
+        locked.save(update_fields=["soulfra_hash"])
+    else:
+        # A message could be added, so no issued invoice covers the session: a plain UPDATE
+        # under the row lock (no lock-check read) is safe.
+        ChatSession.objects.filter(pk=session_id).update(**update)
+    for name, value in (*state.items(), *update.items()):
+        setattr(session, name, value)
+    return message
+
+
+def _finish_turn(turn: _Turn) -> tuple[SessionMessage, ChatSession] | None:
+    """The last write transaction of a turn; None when `session_end` took the answer over."""
+    if not turn.begin_finishing():
+        return None
+    try:
+        with transaction.atomic():
+            message = _store_answer(turn)
+        session = turn.start.session
+        # The session's totals are current (set under the row lock); an ended one is re-read whole.
+        return message, (_load(session.pk) if session.status == SessionStatus.ENDED else session)
+    finally:
+        with turn.lock:
+            turn.state = "done"
+        turn.finished.set()
+
+
+async def _pump(stream: AsyncIterator, queue: asyncio.Queue) -> None:
+    """Read the provider stream onto the queue; closing it closes the upstream connection."""
+    try:
+        async for item in stream:
+            queue.put_nowait(item)
+        queue.put_nowait(_END)
+    except ProviderError as exc:
+        queue.put_nowait(exc)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # an adapter bug must still leave the partial answer stored
+        logger.exception("provider stream raised an unexpected error")
+        queue.put_nowait(ProviderError(ErrorKind.SERVER, f"unexpected error: {exc}"))
+    finally:
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(Exception):
+                await aclose()
+
+
+async def _watch_stop(key: str, turn: _Turn) -> None:
+    """Across processes: poll the shared cache for an end requested by another worker."""
+    while True:
+        await asyncio.sleep(0.5)
+        if await sync_to_async(cache.get, thread_sensitive=False)(key):
+            if turn.on_stop is not None:
+                turn.on_stop()
+            return
+
+
+async def session_chat(
+    *,
+    session_id,
+    user,
+    message,
+    options=None,
+    start: _TurnStart | None = None,
+    known: KnownSession | None = None,
+) -> AsyncIterator[Token | Done]:
+    """One chat turn: yield `Token`s as the provider streams, then `Done` with the stored answer.
+
+    `start` is a turn the caller has begun itself (`begin_turn`, in the same trip to the
+    database thread as its own reads); by default the turn begins here, with `known` (the
+    previous turn's `Done.known`, say) if the caller has it.
+
+    Raises `ProviderFailed`/`ProviderTimeout` after storing a failed answer, and
+    `SessionEnded` when the session was ended mid-answer (the partial answer is stored).
+    """
+    try:
+        opts = _stream_options(options)  # bad options are refused before anything is stored
+    except BaseException:
+        if start is not None:
+            await db_sync_to_async(_release_claim)(start.session.pk, start.claim)
+        raise
+    if start is None:
+        start = await db_sync_to_async(begin_turn)(session_id=session_id, user=user, message=message, known=known)
+    try:
+        if start.ref.provider == "ollama" and opts.num_ctx is None:
+            opts.num_ctx = start.plan.window
+        resolved = ModelRef(start.ref.provider, start.model_id)
+        provider_stream = router.stream_chat(resolved, start.plan.messages, opts, resolved=True)
+    except BaseException:
+        await db_sync_to_async(_release_claim)(start.session.pk, start.claim)
+        raise
+
+    turn = _Turn(start=start, loop=asyncio.get_running_loop())
+    key = str(start.session.pk)
+    queue: asyncio.Queue = asyncio.Queue()
+    pump = asyncio.create_task(_pump(provider_stream, queue))
+
+    def stop() -> None:
+        if turn.outcome == "streaming":
+            turn.outcome = "stopped"
+        pump.cancel()
+        queue.put_nowait(_STOPPED)
+
+    turn.on_stop = stop
+    with _TURNS_LOCK:
+        _TURNS[key] = turn
+    watcher = (
+        asyncio.create_task(_watch_stop(_stop_key(key, start.claim), turn))
+        if getattr(settings, "REDIS_URL", "")
+        else None
+    )
+    result = None
+    try:
+        while True:
+            item = await queue.get()
+            if item is _STOPPED:
+                break
+            if item is _END:
+                if turn.outcome == "streaming":
+                    turn.outcome = "ok"
+                break
+            if isinstance(item, ProviderError):
+                turn.error = item
+                if turn.outcome == "streaming":
+                    turn.outcome = "error"
+                break
+            if isinstance(item, Usage):
+                turn.usage = item
+                continue
+            if item:
+                with turn.lock:
+                    if turn.state == "taken":
+                        break  # `session_end` stores what was yielded so far
+                    turn.parts.append(item)
+                if turn.first_token_ms is None:
+                    turn.first_token_ms = int((time.monotonic() - turn.began) * 1000)
+                yield Token(item)
+    finally:
+        if turn.outcome == "streaming":
+            turn.outcome = "cancelled"  # the caller closed us or our task was cancelled
+        if watcher is not None:
+            watcher.cancel()
+        if not pump.done():
+            pump.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await pump
+        with _TURNS_LOCK:
+            if _TURNS.get(key) is turn:
+                del _TURNS[key]
+        # Store even when cancelled: shield the write from a second cancellation.
+        result = await asyncio.shield(asyncio.ensure_future(db_sync_to_async(_finish_turn)(turn)))
+
+    if result is None or turn.outcome == "stopped":
+        raise SessionEnded(ENDED_DURING_ANSWER)
+    stored, session = result
+    if turn.outcome == "error":
+        error = turn.error
+        detail = error.message if error is not None else "unknown error"
+        if error is not None and error.kind == ErrorKind.TIMEOUT:
+            raise ProviderTimeout(
+                PROVIDER_TIMED_OUT.format(model=start.model_name, detail=detail),
+                kind=str(error.kind),
+                message_id=stored.message_id,
+            )
+        raise ProviderFailed(
+            PROVIDER_FAILED.format(model=start.model_name, detail=detail),
+            kind=str(error.kind) if error is not None else "server",
+            message_id=stored.message_id,
+        )
+    yield Done(message=stored, session=session, known=_known_after(start, stored, session))
+
+
+# A session's messages a caller may keep between turns (`Done.known`): beyond this much text,
+# reading them again costs less than holding them.
+KNOWN_HISTORY_MAX_CHARS = 200_000
+
+
+def _turn_row(message: SessionMessage) -> tuple:
+    return tuple(getattr(message, name) for name in TURN_ROW_FIELDS)
+
+
+def _known_after(start: _TurnStart, answer: SessionMessage, session: ChatSession) -> KnownSession | None:
+    """The session and its messages after this turn, for the caller's next one (None: read them again)."""
+    rows = [*start.rows, _turn_row(start.user_message), _turn_row(answer)]
+    if session.status != SessionStatus.ACTIVE or len(rows) != session.total_messages:
+        return None  # ended, or a message arrived from elsewhere during the turn
+    if sum(len(row[2]) for row in rows) > KNOWN_HISTORY_MAX_CHARS:
+        return None
+    return KnownSession(session, rows)
