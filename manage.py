@@ -32,7 +32,7 @@ def main() -> None:
     try:
         settings.INSTALLED_APPS  # noqa: B018  (load the settings now, to report a bad one in one line)
     except ImproperlyConfigured as exc:
-        sys.exit(f"manage.py: configuration error: {exc}. See .env.example and the README's Configuration.")
+        sys.exit(f"manage.py: configuration error: {exc}. See .env.example and docs/CONFIGURATION.md.")
     execute_from_command_line(sys.argv)
 
 

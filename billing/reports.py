@@ -2,7 +2,7 @@
 
 Pure functions and dataclasses only (no queries): `billing/selectors.py` feeds them rows.
 
-The rules, stated once (the report pages and the README quote them):
+The rules, stated once (the report pages and docs/BILLING.md quote them):
 
 - A *billing line* is one client's part of one work session inside the period: the
   session's segments for that client, clipped to the period (a segment still open counts up

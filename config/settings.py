@@ -1,6 +1,6 @@
 """Settings, driven by the environment (12-factor, django-environ).
 
-Every variable is listed in `.env.example` and the README. Bad values raise
+Every variable is listed in `.env.example` and docs/CONFIGURATION.md. Bad values raise
 `ImproperlyConfigured` naming the variable; secrets have no default outside development.
 """
 

@@ -1,4 +1,4 @@
-"""URL routes. Each app owns its own module; see the README for the full map."""
+"""URL routes. Each app owns its own module; see docs/ARCHITECTURE.md for the full map."""
 
 from django.contrib import admin
 from django.urls import include, path

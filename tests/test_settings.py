@@ -164,7 +164,7 @@ def test_env_example_lists_every_variable_the_settings_read():
         )
     )
     listed = set(re.findall(r"^([A-Z_]+)=", (BASE_DIR / ".env.example").read_text(), re.MULTILINE))
-    readme = (BASE_DIR / "README.md").read_text()
+    readme = (BASE_DIR / "docs" / "CONFIGURATION.md").read_text()
     assert read, "no variables found: the pattern is out of date"
     assert read <= listed, f"missing from .env.example: {sorted(read - listed)}"
     assert all(f"`{name}`" in readme for name in read), [n for n in read if f"`{n}`" not in readme]
@@ -185,7 +185,7 @@ def test_manage_py_reports_a_configuration_error_in_one_line(tmp_path):
     assert "Traceback" not in result.stderr
     assert result.stderr.strip() == (
         "manage.py: configuration error: SECRET_KEY must be set when DEBUG is off. "
-        "See .env.example and the README's Configuration."
+        "See .env.example and docs/CONFIGURATION.md."
     )
 
 
