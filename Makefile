@@ -7,15 +7,20 @@ PYTEST_WORKERS ?= 2
 
 .PHONY: install run test lint migrate seed clean
 
+# `make run` needs the runtime only; tests and tools add requirements-dev.txt.
 $(VENV)/.installed: requirements.txt
-	$(PYTHON) -m venv $(VENV)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -r requirements.txt
 	touch $@
 
-install: $(VENV)/.installed
+$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
+	$(VENV)/bin/pip install -q -r requirements-dev.txt
+	touch $@
 
-run: install
+install: $(VENV)/.installed-dev
+
+run: $(VENV)/.installed
 	PORT=$(PORT) VENV=$(VENV) bash scripts/run.sh
 
 test: install
@@ -24,7 +29,7 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check .
 
-migrate: install
+migrate: $(VENV)/.installed
 	DEBUG=1 $(PY) manage.py migrate --noinput
 
 seed: migrate
