@@ -178,6 +178,10 @@ if _db["ENGINE"].endswith("sqlite3"):
     # IMMEDIATE: a transaction takes the write lock when it begins, so concurrent writers wait
     # (up to `timeout`) instead of failing with "database is locked" when a read turns into a write.
     _db.setdefault("OPTIONS", {}).update({"timeout": 20, "transaction_mode": "IMMEDIATE"})
+    # The covering index on messages (migration sessions_app 0004) INCLUDEs columns for
+    # PostgreSQL's index-only scans; SQLite builds the same index without them, which is all a
+    # development database needs, so its warning on every command says nothing to act on.
+    SILENCED_SYSTEM_CHECKS = ["models.W040"]
 else:
     # Under ASGI, Django closes its connection after each request and each thread hop; a
     # fresh PostgreSQL connection costs milliseconds every time. psycopg's pool (Django 5.1+)
@@ -261,7 +265,15 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler"}},
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     # httpx2 is the HTTP client inside the openai/anthropic SDKs: no INFO line per provider call.
-    "loggers": {"httpx": {"level": "WARNING"}, "httpx2": {"level": "WARNING"}, "daphne": {"level": "WARNING"}},
+    "loggers": {
+        "httpx": {"level": "WARNING"},
+        "httpx2": {"level": "WARNING"},
+        "daphne": {"level": "WARNING"},
+        # Django's own console handler would print every line twice beside the root's.
+        "django": {"handlers": [], "level": LOG_LEVEL, "propagate": True},
+        # A 4xx is an expected answer, already one line in the access log; a 5xx keeps its traceback.
+        "django.request": {"level": "ERROR"},
+    },
 }
 
 # --- Providers --------------------------------------------------------------------------

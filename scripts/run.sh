@@ -89,8 +89,7 @@ else
 fi
 
 "$PY" manage.py migrate --noinput
-"$PY" manage.py load_prices
-"$PY" manage.py seed_demo
+"$PY" manage.py seed_demo  # loads the model prices too
 
 echo "Serving on http://127.0.0.1:${PORT}/ (sign in at /accounts/login/)"
 # Not `exec`: this shell stays to stop daphne and the simulator together, on Ctrl-C or kill.
