@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from billing.pricing import load_price_list
+from providers.clients import reset_clients
 from tests.factories import BrandFactory, ClientFactory, UserFactory
 
 pytest_plugins = ["providers.testing"]
@@ -54,3 +56,24 @@ def owner_client(client, owner):
 def staff_client(client, staff):
     client.force_login(staff)
     return client
+
+
+@pytest.fixture
+def use_simulator(simulator, settings, monkeypatch, db):
+    """Point Ollama, OpenAI and Anthropic at the simulator (with dummy keys) and load the prices."""
+    values = {
+        "OLLAMA_HOST": simulator.ollama_url,
+        "OPENAI_BASE_URL": simulator.openai_url,
+        "OPENAI_API_KEY": "sk-simulator-test",
+        "ANTHROPIC_BASE_URL": simulator.anthropic_url,
+        "ANTHROPIC_API_KEY": "sk-ant-simulator-test",
+    }
+    for name, value in values.items():
+        setattr(settings, name, value)
+        monkeypatch.setenv(name, value)  # for subprocesses (manage.py commands run by tests)
+    settings.PROVIDER_RETRY_BACKOFF = 0.01
+    reset_clients()
+    load_price_list()
+    simulator.clear_requests()
+    yield simulator
+    reset_clients()

@@ -9,3 +9,8 @@ class BillingConfig(AppConfig):
     def ready(self) -> None:
         # Connect the receivers: invoice locks, and the brand cache.
         from billing import locks, signals  # noqa: F401
+        from billing.catalogue import BillingCatalogue
+        from providers import router
+
+        # The provider router is a leaf: it learns aliases, prices and windows from billing.
+        router.set_catalogue(BillingCatalogue())

@@ -20,6 +20,7 @@ from config.dbthread import db_sync_to_async
 from providers import errors
 from providers.anthropic_adapter import AnthropicAdapter
 from providers.base import ChatMessage, ModelInfo, ProviderAdapter, ProviderError, StreamOptions, Usage
+from providers.catalogue import EmptyCatalogue, ModelCatalogue
 from providers.clients import reset_clients
 from providers.naming import PAID_PROVIDERS, PROVIDERS, ModelRef, parse_model
 from providers.ollama_adapter import OllamaAdapter
@@ -34,6 +35,7 @@ ADAPTERS: dict[str, type[ProviderAdapter]] = {
     "anthropic": AnthropicAdapter,
 }
 DEFAULT_CONTEXT_WINDOW = 8192
+_catalogue: ModelCatalogue = EmptyCatalogue()
 KEY_SETTINGS = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
 
 ERR_MALFORMED = "Model names look like provider:model, for example ollama:llama3.2 or openai:gpt-4o."
@@ -48,6 +50,7 @@ __all__ = [
     "get_adapter",
     "reset_clients",
     "resolve_alias",
+    "set_catalogue",
     "stream_chat",
     "validate_model",
 ]
@@ -69,12 +72,15 @@ def _ref(model: str | ModelRef) -> ModelRef:
         raise ValueError(f"{exc}. {ERR_MALFORMED}") from None
 
 
+def set_catalogue(catalogue: ModelCatalogue) -> None:
+    """Hand the router the model catalogue (aliases, prices, windows) of the app that owns it."""
+    global _catalogue
+    _catalogue = catalogue
+
+
 def resolve_alias(ref: ModelRef) -> ModelRef:
     """The provider's id behind a friendly name (`claude-sonnet-4` → `claude-sonnet-4-20250514`)."""
-    from billing.models import ModelAlias
-
-    target = ModelAlias.objects.filter(provider=ref.provider, alias=ref.model).values_list("target", flat=True).first()
-    return ModelRef(ref.provider, target) if target else ref
+    return _catalogue.resolve_alias(ref)
 
 
 def _has_key(provider: str) -> bool:
@@ -89,14 +95,11 @@ def validate_model(name: str) -> ModelRef:
     if not ref.model or any(ch.isspace() for ch in ref.model):
         raise ValueError(f"{name!r} is not a model name. {ERR_MALFORMED}")
     if ref.paid:
-        from billing.pricing import price_for
-
         if not _has_key(ref.provider):
             raise ValueError(
                 ERR_NO_KEY.format(label=errors.LABELS[ref.provider], setting=KEY_SETTINGS[ref.provider], name=ref.name)
             )
-        target = resolve_alias(ref)
-        if price_for(target.provider, target.model, timezone.now()) is None:
+        if not _catalogue.is_priced(ref, timezone.now()):
             raise ValueError(ERR_NO_PRICE.format(name=ref.name))
     return ref
 
@@ -105,13 +108,7 @@ def context_window(ref: ModelRef) -> int:
     """How many tokens the model accepts (Ollama: the num_ctx we send)."""
     if ref.provider == "ollama":
         return settings.OLLAMA_NUM_CTX
-    from billing.pricing import known_context_window, price_for
-
-    target = resolve_alias(ref)
-    price = price_for(target.provider, target.model, timezone.now())
-    if price is not None and price.context_window:
-        return price.context_window
-    return known_context_window(target.provider, target.model) or DEFAULT_CONTEXT_WINDOW
+    return _catalogue.context_window(ref, timezone.now()) or DEFAULT_CONTEXT_WINDOW
 
 
 async def available_models() -> list[ModelInfo]:
@@ -126,29 +123,8 @@ async def available_models() -> list[ModelInfo]:
 
 
 def _paid_models() -> list[ModelInfo]:
-    from billing.models import ModelAlias, ModelPrice
-
-    now = timezone.now()
-    out: dict[str, ModelInfo] = {}
-    for provider in PAID_PROVIDERS:
-        if not _has_key(provider):
-            continue
-        windows: dict[str, int | None] = {}
-        for model, window in (
-            ModelPrice.objects.in_force(now)
-            .filter(provider=provider)
-            .order_by("model", "-effective_from")
-            .values_list("model", "context_window")
-        ):
-            windows.setdefault(model, window)
-        for alias, target in ModelAlias.objects.filter(provider=provider).values_list("alias", "target"):
-            if target in windows:
-                name = f"{provider}:{alias}"
-                out[name] = ModelInfo(name, provider, alias, windows[target], True)
-        for model, window in windows.items():
-            name = f"{provider}:{model}"
-            out.setdefault(name, ModelInfo(name, provider, model, window, True))
-    return sorted(out.values(), key=lambda m: (m.provider, m.model))
+    keyed = tuple(provider for provider in PAID_PROVIDERS if _has_key(provider))
+    return _catalogue.paid_models(keyed, timezone.now()) if keyed else []
 
 
 async def stream_chat(
