@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PORT ?= 8000
 PYTEST_WORKERS ?= 2
 
-.PHONY: install run test lint migrate seed clean
+.PHONY: install run test test-fast lint format migrate seed clean
 
 # `make run` needs the runtime only; tests and tools add requirements-dev.txt.
 $(VENV)/.installed: requirements.txt
@@ -26,8 +26,18 @@ run: $(VENV)/.installed
 test: install
 	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) -p no:cacheprovider
 
+# The quick loop: everything but the browser tests and the ones that start extra processes.
+test-fast: install
+	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) -p no:cacheprovider -m "not browser and not slow"
+
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) scripts/mypy_baseline.py
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 migrate: $(VENV)/.installed
 	DEBUG=1 $(PY) manage.py migrate --noinput
