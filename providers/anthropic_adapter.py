@@ -16,7 +16,7 @@ from providers.sse import iter_events, iter_lines
 from providers.tokens import estimate_messages, estimate_tokens
 
 NAME = "anthropic"
-# The API version whose stream format PROTOCOLS.md records, sent with `x-api-key` as documented
+# The API version whose stream format docs/PROTOCOLS.md records, sent with `x-api-key` as documented
 # (this SDK release would send `Authorization: Bearer` and a newer version instead).
 API_VERSION = "2023-06-01"
 

@@ -1,6 +1,6 @@
 """A development and test stand-in for Ollama, OpenAI and Anthropic, on one asyncio HTTP server.
 
-It speaks each wire protocol the way PROTOCOLS.md records it (headers, framing, field order,
+It speaks each wire protocol the way docs/PROTOCOLS.md records it (headers, framing, field order,
 end-of-stream markers, error shapes), answers deterministically, streams at a set token rate,
 and injects faults chosen by substrings of the model name:
 

@@ -1,7 +1,7 @@
 """Staff admin for work sessions, their messages, segments, context streams and API tokens.
 
 Billed numbers (totals, tokens, costs, times, the seal) are read-only here: they are
-written by the session services only, so the invariants of DESIGN.md hold. Changelists
+written by the session services only, so the invariants of docs/DESIGN.md hold. Changelists
 select their related rows up front, so their query count does not grow with the rows.
 """
 

@@ -1,4 +1,4 @@
-"""The REST API under /api/ollama/ (DESIGN.md "Interfaces"): thin views over the services.
+"""The REST API under /api/ollama/ (docs/DESIGN.md "Interfaces"): thin views over the services.
 
 Errors are `{"error": {"code", "message"}}` with the status the domain error carries.
 """

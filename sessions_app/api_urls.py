@@ -1,4 +1,4 @@
-"""REST routes under /api/ollama/ (DESIGN.md "Interfaces")."""
+"""REST routes under /api/ollama/ (docs/DESIGN.md "Interfaces")."""
 
 from django.urls import path, re_path
 

@@ -1,4 +1,4 @@
-"""A few ended demo sessions, built so every invariant of DESIGN.md holds.
+"""A few ended demo sessions, built so every invariant of docs/DESIGN.md holds.
 
 `seed_demo` uses this so the home page and the reports are not empty on a fresh install.
 The sessions are written directly (the services only speak in "now"), with the same

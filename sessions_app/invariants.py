@@ -1,4 +1,4 @@
-"""DESIGN.md's five invariants, checked for one session (`verify_sessions` and the tests use this).
+"""docs/DESIGN.md's five invariants, checked for one session (`verify_sessions` and the tests use this).
 
 `check_session(session)` returns a list of human-readable violations; empty means sound.
 """

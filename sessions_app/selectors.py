@@ -1,4 +1,4 @@
-"""Reads: load sessions for a user, list them, and the JSON shapes of DESIGN.md ("Shapes")."""
+"""Reads: load sessions for a user, list them, and the JSON shapes of docs/DESIGN.md ("Shapes")."""
 
 from __future__ import annotations
 

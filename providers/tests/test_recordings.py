@@ -1,4 +1,4 @@
-"""The adapters against the recorded streams of PROTOCOLS.md, replayed byte for byte.
+"""The adapters against the recorded streams of docs/PROTOCOLS.md, replayed byte for byte.
 
 A tiny in-test server (`replay.py`) writes the recorded bytes back, whole or in HTTP chunks
 a few bytes long, so JSON lines, SSE events and multi-byte characters arrive split.

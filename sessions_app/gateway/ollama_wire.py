@@ -1,4 +1,4 @@
-"""Ollama's native API on the wire: request parsing and NDJSON / JSON answers (PROTOCOLS.md §1)."""
+"""Ollama's native API on the wire: request parsing and NDJSON / JSON answers (docs/PROTOCOLS.md §1)."""
 
 from __future__ import annotations
 

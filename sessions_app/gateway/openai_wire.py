@@ -1,4 +1,4 @@
-"""OpenAI Chat Completions on the wire: request parsing, SSE chunks and JSON answers (PROTOCOLS.md §2)."""
+"""OpenAI Chat Completions on the wire: request parsing, SSE chunks and JSON answers (docs/PROTOCOLS.md §2)."""
 
 from __future__ import annotations
 

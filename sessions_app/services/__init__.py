@@ -1,4 +1,4 @@
-"""Writes: start, chat, switch, end, branch and import into work sessions (DESIGN.md "Flows").
+"""Writes: start, chat, switch, end, branch and import into work sessions (docs/DESIGN.md "Flows").
 
 Every service takes keyword arguments only and raises the `sessions_app.errors` classes. The
 package is split by lifecycle; callers import from here:

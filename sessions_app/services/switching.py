@@ -1,4 +1,4 @@
-"""Switch a session's client and/or model, recording the context carried (DESIGN.md "Switch").
+"""Switch a session's client and/or model, recording the context carried (docs/DESIGN.md "Switch").
 
 A switch during an answer: `session_switch` raises `SessionBusy` with `SWITCH_BUSY`;
 `asession_switch` (used by the REST API) waits for the answer to finish, then switches,

@@ -44,7 +44,7 @@ def chat():
 
 @pytest.fixture
 def sound_sessions(db):
-    """After the test: every session satisfies DESIGN.md's five invariants and its hash chain."""
+    """After the test: every session satisfies docs/DESIGN.md's five invariants and its hash chain."""
     yield
     problems = {str(s.pk): check_session(s) for s in ChatSession.objects.all()}
     assert {k: v for k, v in problems.items() if v} == {}

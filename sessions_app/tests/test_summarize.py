@@ -133,7 +133,7 @@ def test_a_switch_to_a_smaller_window_carries_a_summary(window, owner, client_gl
 
 
 def test_a_summarizing_turn_stays_within_three_write_transactions(window):
-    """DESIGN.md: at most three per turn. The summary and its usage rows are one of them."""
+    """docs/DESIGN.md: at most three per turn. The summary and its usage rows are one of them."""
     manager, set_window = window
     set_window(100_000)
     manager.chat(f"First. {LONG}")

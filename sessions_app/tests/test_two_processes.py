@@ -1,4 +1,4 @@
-"""Two daphne processes over one PostgreSQL and one Redis, as DESIGN.md deploys the product.
+"""Two daphne processes over one PostgreSQL and one Redis, as docs/DESIGN.md deploys the product.
 
 "Nothing in the code may assume one process": an answer streaming in one process is stopped
 and stored when another process ends its session, a socket on one process watches (through

@@ -13,7 +13,7 @@ from sessions_app.models import ChatSession, SessionStatus
 
 class Command(BaseCommand):
     help = (
-        "Check each session's hash chain, Ed25519 seal and DESIGN.md invariants; print valid or exactly "
+        "Check each session's hash chain, Ed25519 seal and docs/DESIGN.md invariants; print valid or exactly "
         "what fails. Exits 1 when any session fails. Without IDs (or with --all): every session; "
         "--ended: only ended ones."
     )
