@@ -82,6 +82,9 @@ global
 defaults
     mode http
     option forwardfor
+    # Tokens are interactive: without this HAProxy corks small writes (MSG_MORE), and a
+    # streamed answer's first token waited ~200 ms more behind it (bench/peers.py, paced model).
+    option http-no-delay
     timeout connect 5s
     # Slow clients may not hold a connection while sending headers.
     timeout http-request 30s

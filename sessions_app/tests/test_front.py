@@ -59,6 +59,7 @@ def test_haproxy_config_balances_unix_socket_daphnes_and_keeps_long_streams_open
     assert "bind 127.0.0.1:8000" in config
     assert f"server daphne1 unix@{sockets[0]} check" in config and f"server daphne2 unix@{sockets[1]} check" in config
     assert "balance leastconn" in config and "option forwardfor" in config
+    assert "option http-no-delay" in config  # a token is sent when it arrives, never corked
     assert "timeout tunnel 1h" in config  # WebSockets
     assert "http-buffer-request" not in config and "compression" not in config  # nothing held back
 
