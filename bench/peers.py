@@ -23,7 +23,7 @@ repetition. Results go to bench/results/peers.json (peers-2p.json with two proce
 --profile instead runs py-spy (from the bench venv) on one daphne while 600 streamed and
 then 600 non-streamed calls run at concurrency 10, and prints where the CPU goes: by
 library, by what the project's code calls, and by function. The collapsed stacks are kept
-in bench/results/profiles/ for flame graphs; the summary goes to bench/results/peers-profile.json.
+(gzipped) in bench/results/profiles/ for flame graphs; the summary goes to bench/results/peers-profile.json.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gzip
 import json
 import os
 import platform
@@ -607,29 +608,39 @@ def compare(args) -> None:
 
 
 # --- the profile -------------------------------------------------------------------------------------------
-# (category, pattern on the frame's file path), first match wins; stdlib frames are attributed
-# to the nearest caller outside the standard library (json.dumps called by Django is Django's).
+# (category, pattern on the frame's file as py-spy names it: relative to its sys.path entry),
+# first match wins. A standard-library frame counts for its nearest caller that is not
+# (json.dumps called by Django is Django's).
 CATEGORIES = [
-    ("psycopg (driver)", re.compile(r"/site-packages/psycopg(_pool|_binary)?/")),
-    ("Django ORM", re.compile(r"/site-packages/django/db/")),
-    ("Django request/response", re.compile(r"/site-packages/django/")),
-    ("openai SDK", re.compile(r"/site-packages/openai/")),
-    ("anthropic SDK", re.compile(r"/site-packages/anthropic/")),
-    ("pydantic", re.compile(r"/site-packages/pydantic(_core)?/")),
-    ("httpx/httpcore", re.compile(r"/site-packages/(httpx|httpcore|h11|anyio|sniffio)/")),
-    ("Twisted", re.compile(r"/site-packages/twisted/")),
-    ("daphne", re.compile(r"/site-packages/daphne/")),
-    ("autobahn/txaio", re.compile(r"/site-packages/(autobahn|txaio)/")),
-    ("asgiref", re.compile(r"/site-packages/asgiref/")),
-    ("channels", re.compile(r"/site-packages/channels(_redis)?/")),
-    ("project: sessions_app", re.compile(r"(^|/)sessions_app/")),
-    ("project: billing", re.compile(r"(^|/)billing/")),
-    ("project: providers", re.compile(r"(^|/)providers/")),
-    ("project: config", re.compile(r"(^|/)config/")),
-    ("other third-party", re.compile(r"/site-packages/")),
+    ("psycopg (driver)", re.compile(r"^psycopg(_pool|_binary|_c)?/")),
+    ("Django ORM", re.compile(r"^django/db/")),
+    ("Django request/response", re.compile(r"^django/")),
+    ("openai SDK", re.compile(r"^openai/")),
+    ("anthropic SDK", re.compile(r"^anthropic/")),
+    ("pydantic", re.compile(r"^pydantic(_core)?/")),
+    ("httpx/httpcore", re.compile(r"^(httpx2?|httpcore2?|h11|anyio|sniffio)/")),
+    ("Twisted", re.compile(r"^twisted/")),
+    ("daphne", re.compile(r"^daphne/")),
+    ("autobahn/txaio", re.compile(r"^(autobahn|txaio)/")),
+    ("asgiref", re.compile(r"^asgiref/")),
+    ("channels", re.compile(r"^channels(_redis)?/")),
+    ("project: sessions_app", re.compile(r"^sessions_app/")),
+    ("project: billing", re.compile(r"^billing/")),
+    ("project: providers", re.compile(r"^providers/")),
+    ("project: config", re.compile(r"^config/")),
 ]
-PROJECT = re.compile(r"(^|/)(sessions_app|billing|providers|config)/")
+PROJECT = re.compile(r"^(sessions_app|billing|providers|config)/")
 FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*)\)$")
+# Leaf frames that wait rather than compute (a thread parked on a queue, a lock or a socket):
+# py-spy's --gil leaves them out already; any that remain are counted apart.
+WAITING = {
+    "_worker (concurrent/futures/thread.py)",
+    "Condition.wait (threading.py)",
+    "Thread._wait_for_tstate_lock (threading.py)",
+    "Connection.wait (psycopg/connection.py)",
+    "EpollSelector.select (selectors.py)",
+    "untilConcludes (twisted/python/util.py)",
+}
 
 
 def frame_parts(frame: str) -> tuple[str, str]:
@@ -638,17 +649,18 @@ def frame_parts(frame: str) -> tuple[str, str]:
 
 
 def category_of(path: str) -> str | None:
+    """The library a frame's file belongs to; None for the standard library."""
     for name, pattern in CATEGORIES:
         if pattern.search(path):
             return name
-    return None  # the standard library (asyncio, json, threading, ...)
+    top = path.split("/", 1)[0].removesuffix(".py")
+    if path.startswith("<") or top in sys.stdlib_module_names:
+        return None
+    return f"other: {top}"
 
 
 def short(path: str) -> str:
-    for marker in ("/site-packages/", f"{ROOT}/"):
-        if marker in path:
-            return path.split(marker, 1)[1]
-    return path.rsplit("/lib/python3", 1)[-1].split("/", 1)[-1] if "/lib/python3" in path else path
+    return path.split("/site-packages/", 1)[-1].removeprefix(f"{ROOT}/")
 
 
 def summarize_profile(collapsed: Path, calls: int, rate: int, cpu_ms_per_call: float) -> dict:
@@ -657,6 +669,7 @@ def summarize_profile(collapsed: Path, calls: int, rate: int, cpu_ms_per_call: f
     by_callee: Counter = Counter()
     self_time: Counter = Counter()
     project_inclusive: Counter = Counter()
+    waiting: Counter = Counter()
     total = 0
     for line in collapsed.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
@@ -667,9 +680,13 @@ def summarize_profile(collapsed: Path, calls: int, rate: int, cpu_ms_per_call: f
         frames = [(func, file) for func, file in frames if file]  # drop the thread/process labels
         if not frames:
             continue
-        total += count
         leaf_func, leaf_file = frames[-1]
-        self_time[f"{leaf_func} ({short(leaf_file)})"] += count
+        leaf = f"{leaf_func} ({short(leaf_file)})"
+        if leaf in WAITING:
+            waiting[leaf] += count
+            continue
+        total += count
+        self_time[leaf] += count
         # Self time by library: the leaf, or its nearest caller outside the standard library.
         category = None
         for _func, file in reversed(frames):
@@ -713,6 +730,7 @@ def summarize_profile(collapsed: Path, calls: int, rate: int, cpu_ms_per_call: f
         "rate_hz": rate,
         "calls": calls,
         "sampled_ms_per_call": round(total / rate / calls * 1000, 2),
+        "waiting_samples_left_out": dict(waiting),
         "cpu_ms_per_call_from_proc": cpu_ms_per_call,
         "by_library_self": top(by_category, 30),
         "by_what_project_code_calls": top(by_callee, 30),
@@ -755,6 +773,8 @@ def profile(args) -> None:
                     "--format",
                     "raw",
                     "--nolineno",
+                    # Only the thread holding the GIL: Python's CPU, not threads parked on I/O.
+                    "--gil",
                     "--output",
                     str(collapsed),
                 ],
@@ -772,6 +792,10 @@ def profile(args) -> None:
             calls = summary["requests"] + 2 * args.profile_concurrency
             cpu = summary["cpu_ms_per_call"]
             result = summarize_profile(collapsed, calls, args.profile_rate, cpu)
+            # Kept gzipped (a tenth of the size): `zcat … | flamegraph.pl`, or speedscope.
+            with collapsed.open("rb") as raw, gzip.open(f"{collapsed}.gz", "wb", compresslevel=9) as packed:
+                shutil.copyfileobj(raw, packed)
+            collapsed.unlink()
             result["calls_per_second"] = summary["requests_per_second"]
             report["modes"][mode] = result
             print(
