@@ -138,10 +138,23 @@ async def one_call(client: httpx.AsyncClient, url: str, headers: dict, messages:
 
 
 async def run_phase(
-    base: str, tokens: list[str] | None, concurrency: int, requests: int, stream: bool, model: str = MODEL
+    base: str,
+    tokens: list[str] | None,
+    concurrency: int,
+    requests: int,
+    stream: bool,
+    model: str = MODEL,
+    *,
+    call=one_call,
+    path: str = "/api/chat",
+    probe=None,
 ) -> dict:
-    """`requests` calls spread over `concurrency` workers; each worker continues its own conversation."""
-    url = f"{base}/api/chat"
+    """`requests` calls spread over `concurrency` workers; each worker continues its own conversation.
+
+    `call` speaks the wire protocol (`one_call`: Ollama's); `probe("start")` and `probe("end")`,
+    when given, bracket the measured calls (after the warm-up), e.g. to read CPU counters.
+    """
+    url = f"{base}{path}"
     per_worker = max(1, requests // concurrency)
     firsts: list[float] = []
     totals: list[float] = []
@@ -157,7 +170,7 @@ async def run_phase(
                     history = []
                 messages = [*history, {"role": "user", "content": f"Worker {index} question {turn}"}]
                 try:
-                    first, total, text = await one_call(client, url, headers, messages, stream, model)
+                    first, total, text = await call(client, url, headers, messages, stream, model)
                 except (RuntimeError, httpx.HTTPError) as exc:
                     errors.append(str(exc)[:200])
                     history = []
@@ -169,9 +182,13 @@ async def run_phase(
 
         # Warm up connections, pools and the first session of every worker.
         await asyncio.gather(*(worker(i, 2, False) for i in range(concurrency)))
+        if probe is not None:
+            probe("start")
         started = time.perf_counter()
         await asyncio.gather(*(worker(i, per_worker, True) for i in range(concurrency)))
         elapsed = time.perf_counter() - started
+        if probe is not None:
+            probe("end")
     summary = {
         "requests": len(totals),
         "errors": len(errors),

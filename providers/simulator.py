@@ -9,7 +9,8 @@ and injects faults chosen by substrings of the model name:
 - `fault-cut`: a few tokens, then the TCP connection is dropped;
 - `fault-stall`: a few tokens, then silence; `fault-stall-first`: silence before the first token;
 - `fault-slow`: 20 tokens a second; `rate-<n>`: n tokens a second (a real model's pace, for
-  benchmarks under realistic load); `words-<n>`: an answer n words long;
+  benchmarks under realistic load); `ttft-<ms>`: the first token comes ms milliseconds after
+  the request (a real model's time to first token); `words-<n>`: an answer n words long;
 - `unicode`: an answer of multi-byte words; `missing`: an unknown model (404).
 
 It never bills anyone: it is a development tool, and says so in every answer.
@@ -76,6 +77,7 @@ UNICODE_WORDS = ["café", "naïve", "日本語", "Ελληνικά", "emoji🙂"
 _STATUS_RE = re.compile(r"fault-status-(\d{3})")
 _WORDS_RE = re.compile(r"words-(\d+)")
 _RATE_RE = re.compile(r"rate-(\d+)")
+_TTFT_RE = re.compile(r"ttft-(\d+)")
 
 
 class SimRequest(dict):
@@ -114,6 +116,7 @@ class Plan:
     stall: bool = False
     stall_first: bool = False
     rate: float = DEFAULT_RATE
+    first_token_delay: float = 0.0  # seconds, from `ttft-<ms>`
     stop_reason: str = "stop"  # "stop" or "length"
 
 
@@ -535,6 +538,8 @@ class ProviderSimulator:
             plan.rate = SLOW_RATE
         elif (rate := _RATE_RE.search(model)) and int(rate.group(1)) > 0:
             plan.rate = float(rate.group(1))
+        if ttft := _TTFT_RE.search(model):
+            plan.first_token_delay = int(ttft.group(1)) / 1000
         if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and 0 < max_tokens < len(tokens):
             plan.tokens = tokens[:max_tokens]
             plan.stop_reason = "length"
@@ -543,13 +548,20 @@ class ProviderSimulator:
     @staticmethod
     async def _generate_whole(plan: Plan) -> None:
         """A paced model takes as long to answer without streaming as with it."""
+        seconds = plan.first_token_delay
         if plan.rate and plan.rate > 0:
-            await asyncio.sleep(len(plan.tokens) / plan.rate)
+            seconds += len(plan.tokens) / plan.rate
+        if seconds > 0:
+            await asyncio.sleep(seconds)
 
     async def _pace(self, conn: _Conn, plan: Plan, entry: SimRequest, emit) -> str | None:
         """Send the tokens at the plan's rate; return a fault outcome, or None when all were sent."""
         loop = asyncio.get_running_loop()
         interval = 1.0 / plan.rate if plan.rate and plan.rate > 0 else 0.0
+        if plan.first_token_delay > 0:
+            # The headers and any preamble (OpenAI's role chunk, Anthropic's message_start) are
+            # out; the model is "thinking" before its first token, as a real one does.
+            await asyncio.sleep(plan.first_token_delay)
         started = loop.time()
         limit = FAULT_TOKENS if (plan.midstream or plan.cut or plan.stall) else len(plan.tokens)
         for index, token in enumerate(plan.tokens[:limit]):

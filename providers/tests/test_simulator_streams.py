@@ -8,6 +8,7 @@ import functools
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -488,6 +489,55 @@ def test_rate_n_paces_the_answer_at_n_tokens_a_second(model, rate):
 
     plan = ProviderSimulator(tokens_per_second=0)._plan(model, [{"role": "user", "content": "hi"}], None)
     assert plan.rate == (SLOW_RATE if "fault-slow" in model else rate)
+
+
+@pytest.mark.parametrize(
+    ("model", "delay"),
+    [("gpt-4o", 0.0), ("gpt-4o-ttft-300", 0.3), ("llama3.2-ttft-300-rate-50-words-9", 0.3), ("claude-ttft-0", 0.0)],
+)
+def test_ttft_ms_delays_the_first_token_by_ms_milliseconds(model, delay):
+    from providers.simulator import ProviderSimulator
+
+    plan = ProviderSimulator(tokens_per_second=0)._plan(model, [{"role": "user", "content": "hi"}], None)
+    assert plan.first_token_delay == delay
+    assert plan.rate == (50.0 if "rate-50" in model else 0.0)
+
+
+TTFT = 0.12  # seconds; a lower bound is all these tests assert, never an upper one
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@in_sync_thread
+async def test_a_ttft_model_streams_its_first_token_no_sooner_than_asked(use_simulator, provider):
+    started = time.perf_counter()
+    first = None
+    texts = []
+    async for item in stream_chat(faulty(provider, f"ttft-{TTFT * 1000:.0f}-words-5"), CHAT):
+        if isinstance(item, str) and item:
+            first = first or time.perf_counter() - started
+            texts.append(item)
+    assert first is not None and first >= TTFT - 0.001
+    assert len("".join(texts).split()) == 5
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "headers"),
+    [
+        ("/api/chat", {"stream": False, "model": "llama3.2-ttft-120"}, {}),
+        ("/v1/chat/completions", {"model": "gpt-4o-ttft-120"}, {"Authorization": "Bearer x"}),
+        (
+            "/v1/messages",
+            {"model": "claude-sonnet-4-ttft-120", "max_tokens": 50},
+            {"x-api-key": "x", "anthropic-version": "2023-06-01"},
+        ),
+    ],
+)
+def test_a_ttft_model_answers_without_streaming_no_sooner_than_asked(simulator, path, body, headers):
+    body = {**body, "messages": [{"role": "user", "content": "hi"}]}
+    started = time.perf_counter()
+    response = httpx.post(simulator.url + path, json=body, headers=headers)
+    assert time.perf_counter() - started >= TTFT - 0.001
+    assert response.status_code == 200 and "Simulated answer" in response.text
 
 
 @pytest.mark.parametrize("model", MODELS)
