@@ -25,6 +25,7 @@ import json
 import re
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from http import HTTPStatus
@@ -153,7 +154,7 @@ def compose_answer(model: str, messages: list[dict], system: str = "") -> list[s
     return [word if i == 0 else " " + word for i, word in enumerate(words)]
 
 
-def count_prompt_tokens(messages: list[dict], system: str = "") -> int:
+def count_prompt_tokens(messages: Sequence[Mapping[str, Any]], system: str = "") -> int:
     """Deterministic prompt size: 4 per message plus its words and punctuation, plus 3."""
     total = 3
     if system:

@@ -16,7 +16,7 @@ import pytest
 from asgiref.sync import async_to_sync
 
 from config.dbthread import db_sync_to_async
-from providers.base import ErrorKind, ProviderError, StreamOptions, Usage
+from providers.base import ChatMessage, ErrorKind, ProviderError, StreamOptions, Usage
 from providers.naming import ModelRef
 from providers.router import available_models, context_window, stream_chat, validate_model
 from providers.simulator import count_prompt_tokens
@@ -34,7 +34,7 @@ def in_sync_thread(test):
     return wrapper
 
 
-CHAT = [
+CHAT: list[ChatMessage] = [
     {"role": "system", "content": "You are terse."},
     {"role": "user", "content": "What is a ledger?"},
     {"role": "assistant", "content": "A book of accounts."},

@@ -217,7 +217,7 @@ def test_a_chat_page_socket_upgrades_through_the_front_and_streams(front):
         try:
             await socket.until("ready")
             await socket.send({"type": "chat", "message": "Hello through HAProxy"})
-            frames = []
+            frames: list[dict] = []
             while not frames or frames[-1]["type"] != "message.done":
                 frames.append(await asyncio.wait_for(socket.receive(), 20))
             return frames
