@@ -316,3 +316,21 @@ def _signing_key() -> str:
 
 
 SESSION_SIGNING_KEY = _signing_key()
+
+
+def _trusted_keys() -> list[str]:
+    """Other servers' public keys (base64, raw Ed25519) whose sealed exports import as valid."""
+    keys = [raw.strip() for raw in os.environ.get("SESSION_TRUSTED_KEYS", "").split(",") if raw.strip()]
+    for raw in keys:
+        try:
+            public = base64.b64decode(raw, validate=True)
+        except ValueError:
+            raise ImproperlyConfigured(f"SESSION_TRUSTED_KEYS entries must be base64, got {raw[:60]!r}") from None
+        if len(public) != 32:
+            raise ImproperlyConfigured(
+                f"SESSION_TRUSTED_KEYS entries must be raw Ed25519 public keys (32 bytes), got {len(public)} bytes"
+            )
+    return keys
+
+
+SESSION_TRUSTED_KEYS = _trusted_keys()

@@ -107,7 +107,7 @@ def session_fields(session, chain_head: str, *, segments=None, streams=None) -> 
         }
         for stream in sorted(streams, key=lambda t: (t.streamed_at, str(t.stream_id)))
     ]
-    return {
+    fields = {
         "session_id": str(session.session_id),
         "user": str(session.user_id),
         "client": str(session.domain_id),
@@ -124,6 +124,18 @@ def session_fields(session, chain_head: str, *, segments=None, streams=None) -> 
         "context_streams": streams,
         "chain_head": chain_head,
     }
+    if import_untrusted(getattr(session, "source", ""), getattr(session, "imported_seal", None)):
+        # Sealed in, so an export of an untrusted import cannot come back as trusted.
+        fields["import_untrusted"] = True
+    return fields
+
+
+def import_untrusted(source: str, imported) -> bool:
+    """Whether a session is an import of a file no trusted key sealed (`imported` is its `imported_seal`)."""
+    if source != "import":
+        return False
+    report = imported.get("integrity") if isinstance(imported, dict) else None
+    return not (isinstance(report, dict) and report.get("valid") is True and report.get("trusted") is True)
 
 
 # --- keys --------------------------------------------------------------------------------
@@ -303,7 +315,11 @@ UNTRUSTED_IMPORT = "unverified: not sealed by a trusted key"
 
 
 def trusted_public_keys() -> dict[str, Ed25519PublicKey]:
-    """The keys whose seals this server trusts, by key id: its own and `SESSION_TRUSTED_KEYS`."""
+    """The keys whose seals this server trusts, by key id: its own and `SESSION_TRUSTED_KEYS`.
+
+    Listed keys are base64 raw Ed25519 public keys, as another server's `/api/ollama/signing-key`
+    serves its own (settings checks their form).
+    """
     return _trusted_keys(settings.SESSION_SIGNING_KEY, tuple(getattr(settings, "SESSION_TRUSTED_KEYS", ())))
 
 
@@ -325,12 +341,12 @@ def session_integrity(session, **rows) -> tuple[bool, str]:
     """
     valid, detail = verify_session(session, **rows)
     imported = getattr(session, "imported_seal", None)
-    if not valid or session.source != "import" or not isinstance(imported, dict):
+    if not valid or session.source != "import":
         return valid, detail
-    report = imported.get("integrity") or {}
-    if report.get("valid") and report.get("trusted"):
-        return True, f"imported; {report.get('detail', '')}".rstrip("; ")
-    origin = report.get("detail") or "the file's integrity was not recorded"
+    if not import_untrusted(session.source, imported):
+        return True, f"imported; {imported['integrity'].get('detail', '')}".rstrip("; ")
+    report = imported.get("integrity") if isinstance(imported, dict) else None
+    origin = (report or {}).get("detail") or "the file's integrity was not recorded"
     if origin.startswith(UNTRUSTED_IMPORT):
         return False, origin
     return False, f"{UNTRUSTED_IMPORT} ({origin})"
