@@ -258,10 +258,19 @@ SERVE_STATIC = env_bool("SERVE_STATIC", DEBUG)
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    # No secret in any log: API tokens (in /t/<token>/ paths, or raw) are masked on every line.
+    "filters": {"mask_secrets": {"()": "config.logmask.MaskSecrets"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "filters": ["mask_secrets"]}},
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
-    # httpx2 is the HTTP client inside the openai/anthropic SDKs: no INFO line per provider call.
-    "loggers": {"httpx": {"level": "WARNING"}, "httpx2": {"level": "WARNING"}, "daphne": {"level": "WARNING"}},
+    "loggers": {
+        # Django's own handlers (its DEBUG console, runserver's) would print unmasked: through ours.
+        "django": {"handlers": [], "propagate": True},
+        "django.server": {"handlers": [], "propagate": True},
+        # httpx2 is the HTTP client inside the openai/anthropic SDKs: no INFO line per provider call.
+        "httpx": {"level": "WARNING"},
+        "httpx2": {"level": "WARNING"},
+        "daphne": {"level": "WARNING"},
+    },
 }
 
 # --- Providers --------------------------------------------------------------------------

@@ -7,8 +7,9 @@ from datetime import timedelta
 from django.middleware.csrf import CsrfViewMiddleware
 from django.utils import timezone
 
-from sessions_app.errors import SessionError
-from sessions_app.models import ApiToken
+from sessions_app.errors import SESSION_NOT_FOUND, NotFound, SessionError
+from sessions_app.models import ApiToken, ChatSession
+from sessions_app.selectors import session_get_for_user
 
 NO_CREDENTIALS = "Sign in, or send 'Authorization: Bearer <token>' (create one with manage.py create_api_token)."
 BAD_TOKEN = "The API token is unknown, revoked or malformed."
@@ -60,3 +61,23 @@ def api_user(request):
         raise CsrfFailed(CSRF_FAILED)
     request.api_token = None
     return user
+
+
+def token_client_id(request):
+    """The client a Bearer token is bound to (None: a cookie sign-in or an unbound token)."""
+    token = getattr(request, "api_token", None)
+    return token.client_id if token is not None else None
+
+
+def session_for_caller(request, user, session_id) -> ChatSession:
+    """The session if the caller may act on it: the user's own (staff: any) and, for a token
+    bound to a client, only a session billed to that client now.
+
+    Anything else is `NotFound` (404), exactly as another consultant's session, so a token
+    cannot probe which ids exist for other clients.
+    """
+    session = session_get_for_user(session_id=session_id, user=user)
+    bound = token_client_id(request)
+    if bound is not None and session.domain_id != bound:
+        raise NotFound(SESSION_NOT_FOUND)
+    return session

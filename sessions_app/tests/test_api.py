@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from django.test import AsyncClient, Client
 from django.utils import timezone
 
+from sessions_app import boundary
 from sessions_app.api_urls import urlpatterns
 from sessions_app.integrity import canonical_json
 from sessions_app.models import ApiToken, ChatSession, ContextStream, SessionMessage, SessionSegment
@@ -411,12 +412,18 @@ def test_openapi_document_is_served_and_covers_every_route(client):
 def test_control_characters_and_nul_bytes_are_bad_input_not_a_crash(api, owner, client_acme, use_simulator):
     call(api, "POST", "/session/start", {"client": "ac\u0000me", "model": "ollama:llama3.2"}, status=400)
     call(api, "POST", "/session/start", {"client": "acme", "model": "llama\u00003.2"}, status=400)
-    session = start(api, name="na\u0000me", system_prompt="sys\u0000tem")
-    assert session["name"] == "name"
-    answer = call(api, "POST", f"/session/{session['session_id']}/chat", {"message": "he\u0000llo"}, status=200)
-    assert SessionMessage.objects.get(session_id=session["session_id"], seq=1).content == "hello"
+    # Issue 18: the input boundary refuses NUL in any string, naming the field (free text used to
+    # be stored with the NUL stripped); nothing is stored.
+    error = call(api, "POST", "/session/start", {"client": "acme", "model": "ollama:llama3.2", "name": "na\u0000me"}, status=400)
+    assert error["error"]["message"] == boundary.NUL_CHARACTER.format(where="body.name")
+    session = start(api, name="name", system_prompt="system")
+    sid = session["session_id"]
+    error = call(api, "POST", f"/session/{sid}/chat", {"message": "he\u0000llo"}, status=400)
+    assert error["error"]["message"] == boundary.NUL_CHARACTER.format(where="body.message")
+    assert not SessionMessage.objects.filter(session_id=sid).exists()
+    answer = call(api, "POST", f"/session/{sid}/chat", {"message": "hello"}, status=200)
     assert answer["status"] == "complete"
-    call(api, "GET", "/sessions?client=%00", status=200)
+    call(api, "GET", "/sessions?client=%00", status=400)
     call(api, "GET", "/session/%00/summary", status=404)
 
 
