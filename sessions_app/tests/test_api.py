@@ -434,3 +434,35 @@ def test_a_client_bound_token_cannot_switch_to_another_client(owner, client_acme
     error = call(bound, "POST", f"/session/{sid}/switch", {"client": "globex"}, status=400)
     assert "only bill client 'acme'" in error["error"]["message"]
     call(bound, "POST", f"/session/{sid}/switch", {"model": "ollama:mistral"}, status=200)
+
+
+def test_a_client_bound_token_acts_only_on_sessions_of_its_client(owner, client_acme, client_globex, use_simulator):
+    """Issue 18, item 5: as for another consultant's session, everything else is a 404."""
+    _token, raw = ApiToken.issue(user=owner, client=client_acme)
+    bound = Client(HTTP_AUTHORIZATION=f"Bearer {raw}")
+    _token, raw_free = ApiToken.issue(user=owner)
+    free = Client(HTTP_AUTHORIZATION=f"Bearer {raw_free}")
+    mine = start(bound)["session_id"]
+    other = start(free, client="globex")["session_id"]  # the same consultant's, for another client
+
+    for method, url, body in [
+        ("POST", f"/session/{other}/chat", {"message": "Bill this to acme's token?"}),
+        ("POST", f"/session/{other}/switch", {"model": "ollama:mistral"}),
+        ("POST", f"/session/{other}/end", None),
+        ("GET", f"/session/{other}/summary", None),
+        ("GET", f"/session/{other}/export", None),
+    ]:
+        error = call(bound, method, url, body, status=404)
+        assert error == {"error": {"code": "not_found", "message": "No such session."}}
+    assert not SessionMessage.objects.filter(session_id=other).exists()
+    assert ChatSession.objects.get(pk=other).status == "active"
+
+    listed = call(bound, "GET", "/sessions", status=200)
+    assert [s["session_id"] for s in listed["results"]] == [mine]
+    assert call(bound, "GET", "/sessions?client=globex", status=200)["results"] == []
+    assert call(bound, "GET", "/stats", status=200)["sessions"] == 1
+    error = call(bound, "GET", "/stats?client=globex", status=400)
+    assert "only bill client 'acme'" in error["error"]["message"]
+    call(bound, "GET", "/search?q=anything&client=globex", status=400)
+    call(bound, "GET", f"/session/{mine}/summary", status=200)
+    call(free, "GET", f"/session/{other}/summary", status=200)
