@@ -45,7 +45,10 @@ log = logging.getLogger(__name__)
 
 
 def error_response(exc: SessionError) -> JsonResponse:
-    return JsonResponse(exc.as_dict(), status=exc.status)
+    response = JsonResponse(exc.as_dict(), status=exc.status)
+    if retry_after := getattr(exc, "retry_after", None):
+        response["Retry-After"] = str(retry_after)
+    return response
 
 
 def unexpected_error_response(request, exc: BaseException) -> JsonResponse:
@@ -84,6 +87,13 @@ def _body(request) -> dict:
     return data
 
 
+def _no_store(response: HttpResponse) -> HttpResponse:
+    """Answers for a signed-in caller or a token are the caller's own: no cache may keep them."""
+    if not response.has_header("Cache-Control"):
+        response["Cache-Control"] = "no-store"
+    return response
+
+
 def _enter(request, methods: tuple[str, ...]) -> JsonResponse | None:
     """The input boundary's checks that need no database: the method and the query string."""
     if request.method not in methods:
@@ -104,13 +114,14 @@ def api_view(*methods: str, public: bool = False):
         def wrapper(request, *args, **kwargs):
             try:
                 if refused := _enter(request, methods):
-                    return refused
+                    return _no_store(refused)
                 user = None if public else api_user(request)
-                return view(request, user, *args, **kwargs)
+                response = view(request, user, *args, **kwargs)
             except SessionError as exc:
-                return error_response(exc)
+                response = error_response(exc)
             except Exception as exc:
-                return unexpected_error_response(request, exc)
+                response = unexpected_error_response(request, exc)
+            return _no_store(response)
 
         wrapper.csrf_exempt = True  # cookie sign-ins are CSRF-checked in api_user; Bearer needs none
         return wrapper
@@ -126,14 +137,15 @@ def async_api_view(*methods: str):
         async def wrapper(request, *args, **kwargs):
             try:
                 if refused := _enter(request, methods):
-                    return refused
+                    return _no_store(refused)
                 user = await sync_to_async(api_user)(request)
                 data = await sync_to_async(_body)(request)
-                return await view(request, user, data, *args, **kwargs)
+                response = await view(request, user, data, *args, **kwargs)
             except SessionError as exc:
-                return error_response(exc)
+                response = error_response(exc)
             except Exception as exc:
-                return unexpected_error_response(request, exc)
+                response = unexpected_error_response(request, exc)
+            return _no_store(response)
 
         wrapper.csrf_exempt = True
         return wrapper

@@ -41,6 +41,7 @@ class GatewayError(Exception):
     message: str
     code: str = "bad_request"
     param: str | None = None
+    retry_after: int | None = None  # seconds, sent as Retry-After (429, 503)
 
     def __str__(self) -> str:
         return self.message

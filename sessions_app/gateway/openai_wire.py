@@ -199,7 +199,10 @@ def error_event(error: GatewayError) -> bytes:
 
 
 def error_response(error: GatewayError) -> HttpResponse:
-    return JsonResponse(error_object(error), status=error.status)
+    response = JsonResponse(error_object(error), status=error.status)
+    if error.retry_after:
+        response["Retry-After"] = str(error.retry_after)
+    return response
 
 
 def models_object(names: list[str], created: int) -> dict[str, Any]:

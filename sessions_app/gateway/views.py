@@ -121,10 +121,10 @@ def _check_model(name: str) -> None:
         raise GatewayError(404, MODEL_NOT_FOUND.format(name=name) + f": {exc}", code="model_not_found") from None
 
 
-def _prepare(raw: str, body: bytes, parse: Callable[[dict], ChatRequest | None]):
+def _prepare(raw: str, body: bytes, parse: Callable[[dict], ChatRequest | None], request: HttpRequest | None = None):
     """Authenticate, parse, validate, join the session and begin the turn (its user message
     stored), in one trip to the database thread: the provider is called straight after."""
-    token = authenticate_raw(raw)
+    token = authenticate_raw(raw, request)
     data = read_json(body)
     chat = parse(data)
     if chat is None:
@@ -221,7 +221,7 @@ async def _start_turn(request: HttpRequest, path_token: str | None, parse, start
     """Run the turn up to its first event, so failures before any output get a real status."""
     raw = raw_token(request, path_token)
     body = _body(request)
-    token, data, chat, session, start = await db_sync_to_async(_prepare)(raw, body, parse)
+    token, data, chat, session, start = await db_sync_to_async(_prepare)(raw, body, parse, request)
     if chat is None:
         return Started(data)
     events = services.session_chat(
