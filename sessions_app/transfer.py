@@ -32,7 +32,7 @@ from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
 from billing.models import ClientDomain
-from sessions_app import integrity
+from sessions_app import boundary, integrity
 from sessions_app.errors import BadInput
 from sessions_app.models import (
     ChatSession,
@@ -355,10 +355,15 @@ def _read(raw: str | bytes | dict) -> dict:
     if len(raw) > MAX_IMPORT_BYTES:
         raise ImportInvalid(FILE_TOO_LARGE.format(size=len(raw), limit=MAX_IMPORT_BYTES))
     try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+        return boundary.load_json(raw)  # depth, Unicode and number limits, as every entry
+    except boundary.InputRefused as refused:
+        if refused.message != boundary.NOT_JSON:
+            raise ImportInvalid(refused.message) from None
+    try:
+        json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ImportInvalid(NOT_JSON.format(error=exc)) from None
-    return data
+    raise ImportInvalid(NOT_JSON.format(error="not valid JSON"))
 
 
 def _validate(data: Any) -> dict:
