@@ -71,6 +71,10 @@ def _float(text: str) -> float:
     return value
 
 
+# One decoder for every call: json.loads with hooks would build a new one (and its scanner) each time.
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_int=_int, parse_float=_float)
+
+
 def load_json(raw: bytes | bytearray | str) -> Any:
     """Parse a JSON document within the boundary's limits; raise `InputRefused` otherwise.
 
@@ -78,7 +82,8 @@ def load_json(raw: bytes | bytearray | str) -> Any:
     value, only when a scan of the raw text says they could be wrong.
     """
     try:
-        data = json.loads(raw, parse_constant=_refuse_constant, parse_int=_int, parse_float=_float)
+        text = raw.decode(json.detect_encoding(raw), "surrogatepass") if isinstance(raw, bytes | bytearray) else raw
+        data = _DECODER.decode(text)
     except RecursionError:
         raise InputRefused(TOO_DEEP.format(limit=MAX_DEPTH)) from None
     except (ValueError, UnicodeDecodeError):
