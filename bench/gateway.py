@@ -1,6 +1,12 @@
 """Latency the gateway adds over calling the provider simulator directly.
 
     .venv/bin/python bench/gateway.py [--requests 200] [--concurrency 1 50] [--port 18700]
+    .venv/bin/python bench/gateway.py --app-root /tmp/base --only-phases --out /tmp/base.json   # A/B
+
+`--app-root` serves daphne (and migrates) from another checkout of the project, so two
+versions can be measured in one interleaved run on the same minutes of this shared machine;
+`--only-phases` skips the floor, relay and stage figures. Each gateway phase also reports
+daphne's CPU time per call, read from /proc, beside the latencies.
 
 Starts the simulator (`manage.py simulate_providers`, no token pacing) and daphne serving the
 project with DEBUG off, then sends the same Ollama `/api/chat` conversations to both: each
@@ -83,18 +89,18 @@ def wait_for(url: str, timeout: float = 120.0) -> None:
     raise SystemExit(f"{url} did not come up within {timeout:.0f}s")
 
 
-def json_from(args: list[str], env: dict[str, str], *, timeout: float):
+def json_from(args: list[str], env: dict[str, str], *, timeout: float, cwd: Path = ROOT):
     """Run a Python child with the servers' environment; its last line of output is JSON."""
     out = subprocess.run(
-        [sys.executable, *args], cwd=ROOT, env=env, check=True, capture_output=True, text=True, timeout=timeout
+        [sys.executable, *args], cwd=cwd, env=env, check=True, capture_output=True, text=True, timeout=timeout
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def prepare_database(env: dict[str, str], workers: int) -> list[str]:
+def prepare_database(env: dict[str, str], workers: int, root: Path = ROOT) -> list[str]:
     """Migrate and create one consultant, one client and a client-bound token per worker."""
     subprocess.run(
-        [sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"], cwd=ROOT, env=env, check=True, timeout=300
+        [sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"], cwd=root, env=env, check=True, timeout=300
     )
     script = f"""
 import json
@@ -105,7 +111,7 @@ user, _ = get_user_model().objects.get_or_create(username="bench")
 client, _ = ClientDomain.objects.get_or_create(slug="bench", defaults={{"name": "Bench client"}})
 print(json.dumps([ApiToken.issue(user=user, client=client, name=f"bench {{i}}")[1] for i in range({workers})]))
 """
-    return json_from(["manage.py", "shell", "-c", script], env, timeout=120)
+    return json_from(["manage.py", "shell", "-c", script], env, timeout=120, cwd=root)
 
 
 async def one_call(client: httpx.AsyncClient, url: str, headers: dict, messages: list, stream: bool, model: str):
@@ -144,6 +150,7 @@ async def run_phase(
     requests: int,
     stream: bool,
     model: str = MODEL,
+    pid: int | None = None,
     *,
     call=one_call,
     path: str = "/api/chat",
@@ -184,9 +191,11 @@ async def run_phase(
         await asyncio.gather(*(worker(i, 2, False) for i in range(concurrency)))
         if probe is not None:
             probe("start")
+        cpu_before = cpu_seconds(pid) if pid else None
         started = time.perf_counter()
         await asyncio.gather(*(worker(i, per_worker, True) for i in range(concurrency)))
         elapsed = time.perf_counter() - started
+        cpu = cpu_seconds(pid) - cpu_before if pid else None
         if probe is not None:
             probe("end")
     summary = {
@@ -195,6 +204,8 @@ async def run_phase(
         "seconds": round(elapsed, 3),
         "requests_per_second": round(len(totals) / elapsed, 1) if elapsed else None,
     }
+    if cpu is not None and totals:
+        summary["server_cpu_ms_per_call"] = round(cpu / len(totals) * 1000, 3)
     if errors:
         summary["first_error"] = errors[0]
     for name, values in (("first_ms", firsts), ("total_ms", totals)):
@@ -328,14 +339,19 @@ def main() -> None:
     parser.add_argument("--paced-rate", type=int, default=50, help="tokens/s of the paced phases (0: skip them)")
     parser.add_argument("--paced-words", type=int, default=150, help="answer length in the paced phases")
     parser.add_argument("--paced-concurrency", type=int, default=50)
+    parser.add_argument("--app-root", type=Path, default=ROOT, help="serve this checkout of the project (A/B)")
+    parser.add_argument("--only-phases", action="store_true", help="skip the floor, relay and stage figures")
     args = parser.parse_args()
+    app_root = args.app_root.resolve()
 
     load_before = [round(x, 2) for x in os.getloadavg()]
     sim_port, app_port = args.port, args.port + 1
     workdir = tempfile.mkdtemp(prefix="gateway-bench-")
     db_url = os.environ.get("DATABASE_URL") or f"sqlite:///{workdir}/bench.sqlite3"
     env = server_env(args, db_url, sim_port)
-    tokens = prepare_database(env, max(*args.concurrency, args.paced_concurrency if args.paced_rate > 0 else 1))
+    tokens = prepare_database(
+        env, max(*args.concurrency, args.paced_concurrency if args.paced_rate > 0 else 1), app_root
+    )
 
     processes = [
         subprocess.Popen(
@@ -346,7 +362,7 @@ def main() -> None:
         ),
         subprocess.Popen(
             [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(app_port), "config.asgi:application"],
-            cwd=ROOT,
+            cwd=app_root,
             env=env,
             stdout=subprocess.DEVNULL,
         ),
@@ -356,44 +372,26 @@ def main() -> None:
         wait_for(f"{direct_base}/api/version")
         wait_for(f"{gateway_base}/api/version")
         results: dict = {}
-        floor_direct = asyncio.run(run_floor(direct_base, args.requests))
-        floor_gateway = asyncio.run(run_floor(gateway_base, args.requests))
-        results["version_c1"] = {
-            "direct": floor_direct,
-            "gateway": floor_gateway,
-            "added": {q: round(floor_gateway[q] - floor_direct[q], 3) for q in floor_gateway},
-        }
-        print(
-            f"{'version_c1':>14}: added p50 {results['version_c1']['added']['p50']:7.2f} ms  "
-            f"p99 {results['version_c1']['added']['p99']:7.2f} ms   (daphne + Django, no gateway work)",
-            flush=True,
-        )
-        relay = [
-            asyncio.run(run_relay_cost(gateway_base, tokens[0], processes[1].pid, f"{MODEL}-words-4000")),
-            asyncio.run(run_relay_cost(gateway_base, tokens[0], processes[1].pid, f"{MODEL}-rate-500-words-1000")),
-        ]
-        results["relay_cost"] = relay
-        for item in relay:
-            print(
-                f"    relay cost: {item['daphne_cpu_us_per_chunk']:.0f} µs of daphne CPU a chunk "
-                f"({item['chunks']} chunks of {item['model']} in {item['seconds']} s)",
-                flush=True,
-            )
-        stages = stage_breakdown(env, tokens[-1], min(args.requests, 100))
-        results["stages_p50_ms"] = stages
-        print("   stages p50: " + ", ".join(f"{name} {ms:.2f} ms" for name, ms in stages.items()), flush=True)
+    except BaseException:
+        for process in processes:
+            process.kill()
+        raise
+    try:
+        if not args.only_phases:
+            extras(args, results, direct_base, gateway_base, tokens, processes[1].pid, env)
+        daphne = processes[1].pid
         for concurrency in args.concurrency:
             for stream in (True, False):
                 label = f"{'stream' if stream else 'no_stream'}_c{concurrency}"
                 direct = asyncio.run(run_phase(direct_base, None, concurrency, args.requests, stream))
-                gateway = asyncio.run(run_phase(gateway_base, tokens, concurrency, args.requests, stream))
+                gateway = asyncio.run(run_phase(gateway_base, tokens, concurrency, args.requests, stream, pid=daphne))
                 results[label] = {"direct": direct, "gateway": gateway, "added": added(gateway, direct)}
                 delta = results[label]["added"]["first_ms" if stream else "total_ms"]
                 print(
                     f"{label:>14}: added p50 {delta['p50']:7.2f} ms  p99 {delta['p99']:7.2f} ms   "
                     f"(gateway p50 {gateway['total_ms']['p50']:.2f} / p99 {gateway['total_ms']['p99']:.2f} ms total, "
                     f"direct p50 {direct['total_ms']['p50']:.2f} / p99 {direct['total_ms']['p99']:.2f} ms; "
-                    f"{gateway['requests_per_second']} req/s)"
+                    f"{gateway['requests_per_second']} req/s; daphne CPU {gateway.get('server_cpu_ms_per_call')} ms a call)"
                     + (f"  ERRORS: {gateway['errors']}" if gateway["errors"] else ""),
                     flush=True,
                 )
@@ -404,7 +402,7 @@ def main() -> None:
             for stream in (True, False):
                 label = f"{'stream' if stream else 'no_stream'}_c{concurrency}_paced"
                 direct = asyncio.run(run_phase(direct_base, None, concurrency, requests, stream, model))
-                gateway = asyncio.run(run_phase(gateway_base, tokens, concurrency, requests, stream, model))
+                gateway = asyncio.run(run_phase(gateway_base, tokens, concurrency, requests, stream, model, daphne))
                 results[label] = {"model": model, "direct": direct, "gateway": gateway, "added": added(gateway, direct)}
                 delta = results[label]["added"]["first_ms" if stream else "total_ms"]
                 print(
@@ -422,12 +420,46 @@ def main() -> None:
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 process.kill()
+    write_report(args, db_url, load_before, results)
 
+
+def extras(args, results: dict, direct_base: str, gateway_base: str, tokens: list[str], daphne: int, env) -> None:
+    """The floor (`/api/version`), the relay cost per chunk and the in-process stage timings."""
+    floor_direct = asyncio.run(run_floor(direct_base, args.requests))
+    floor_gateway = asyncio.run(run_floor(gateway_base, args.requests))
+    results["version_c1"] = {
+        "direct": floor_direct,
+        "gateway": floor_gateway,
+        "added": {q: round(floor_gateway[q] - floor_direct[q], 3) for q in floor_gateway},
+    }
+    print(
+        f"{'version_c1':>14}: added p50 {results['version_c1']['added']['p50']:7.2f} ms  "
+        f"p99 {results['version_c1']['added']['p99']:7.2f} ms   (daphne + Django, no gateway work)",
+        flush=True,
+    )
+    relay = [
+        asyncio.run(run_relay_cost(gateway_base, tokens[0], daphne, f"{MODEL}-words-4000")),
+        asyncio.run(run_relay_cost(gateway_base, tokens[0], daphne, f"{MODEL}-rate-500-words-1000")),
+    ]
+    results["relay_cost"] = relay
+    for item in relay:
+        print(
+            f"    relay cost: {item['daphne_cpu_us_per_chunk']:.0f} µs of daphne CPU a chunk "
+            f"({item['chunks']} chunks of {item['model']} in {item['seconds']} s)",
+            flush=True,
+        )
+    stages = stage_breakdown(env, tokens[-1], min(args.requests, 100))
+    results["stages_p50_ms"] = stages
+    print("   stages p50: " + ", ".join(f"{name} {ms:.2f} ms" for name, ms in stages.items()), flush=True)
+
+
+def write_report(args, db_url: str, load_before: list[float], results: dict) -> None:
     report = {
         "what": "latency added by the gateway (Ollama /api/chat) over calling the simulator directly",
         "latency": "stream: time to first content chunk; no_stream: time to the whole answer",
         "targets_ms": {"p50": TARGET_P50_MS, "p99": TARGET_P99_MS},
         "database": db_url.split("://", 1)[0],
+        "app_root": str(args.app_root.resolve()),
         "requests_per_phase": args.requests,
         "turns_per_conversation": TURNS_PER_CONVERSATION,
         "machine": {

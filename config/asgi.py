@@ -4,7 +4,11 @@ import os
 
 from django.core.asgi import get_asgi_application
 
+from config.logmask import install_access_log_mask
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
+# daphne's access log prints each request's path: mask /t/<token>/ before it writes a line.
+install_access_log_mask()
 # Build Django first so the app registry is ready before consumers import models.
 django_asgi_app = get_asgi_application()
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import environ
+from csp.constants import NONCE, NONE, SELF, UNSAFE_INLINE
 from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -121,6 +122,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "csp.middleware.CSPMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -251,6 +253,71 @@ if not DEBUG:
     SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", True)
     CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", True)
 
+# Transport security for production behind HTTPS (docs/OPERATIONS.md). HSTS is sent on HTTPS
+# requests only, so its default (a year, with DEBUG off) is safe on a plain-HTTP test install.
+SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 0 if DEBUG else 31_536_000)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
+SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", False)
+# Off by default: behind a TLS-terminating proxy it needs SECURE_PROXY_SSL_HEADER, or every
+# request would be redirected again and again.
+SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", False)
+
+
+def _proxy_ssl_header() -> tuple[str, str] | None:
+    """`HTTP_X_FORWARDED_PROTO` (the value `https` is implied) or `HTTP_X_FORWARDED_PROTO,https`."""
+    raw = os.environ.get("SECURE_PROXY_SSL_HEADER", "").strip()
+    if not raw:
+        return None
+    header, _, value = (part.strip() for part in raw.partition(","))
+    if not re.fullmatch(r"HTTP_[A-Z0-9_]+", header):
+        raise ImproperlyConfigured(
+            f"SECURE_PROXY_SSL_HEADER must be a request META key such as HTTP_X_FORWARDED_PROTO, got {raw!r}"
+        )
+    return header, value or "https"
+
+
+# Trust the proxy's word that a request came over HTTPS (set only behind a proxy that sets it).
+SECURE_PROXY_SSL_HEADER = _proxy_ssl_header()
+
+# Content-Security-Policy (django-csp): scripts and <style> blocks only from this site or with
+# the response's nonce, so an injected <script> never runs. Style attributes stay allowed
+# (the admin's colour swatches, the summary's share bars): they cannot run code.
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": [SELF],
+        "script-src": [SELF, NONCE],
+        "style-src": [SELF, NONCE],
+        "style-src-attr": [UNSAFE_INLINE],
+        "img-src": [SELF, "data:", "https:"],  # brand logos may live on the client's own site
+        "connect-src": [SELF],  # fetch() and the chat WebSocket, same origin
+        "font-src": [SELF],
+        "object-src": [NONE],
+        "base-uri": [SELF],
+        "form-action": [SELF],
+        "frame-ancestors": [NONE],
+    }
+}
+
+def env_rate(name: str, default: str) -> tuple[int, int]:
+    """A limit such as `10/10m`: (count, seconds); the period is s, m, h or d, optionally with a number."""
+    raw = os.environ.get(name, "").strip() or default
+    match = re.fullmatch(r"(\d+)/(\d*)([smhd])", raw)
+    if not match or int(match.group(1)) < 1 or match.group(2) == "0":
+        raise ImproperlyConfigured(f"{name} must look like 10/10m (count per period: s, m, h or d), got {raw!r}")
+    count, multiple, unit = match.groups()
+    return int(count), int(multiple or 1) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
+
+
+# Throttling (sessions_app/throttle.py), counted in the cache: shared by every process with Redis.
+SIGNIN_FAILURE_LIMIT = env_rate("SIGNIN_FAILURE_LIMIT", "10/15m")  # per username; 5x that per address
+TOKEN_FAILURE_LIMIT = env_rate("TOKEN_FAILURE_LIMIT", "30/1m")  # unknown API tokens per address
+# Behind a proxy every request comes from the proxy: name the header it puts the client's address
+# in (its last hop is used), e.g. HTTP_X_FORWARDED_FOR. Unset: REMOTE_ADDR.
+CLIENT_IP_HEADER = os.environ.get("CLIENT_IP_HEADER", "").strip()
+if CLIENT_IP_HEADER and not re.fullmatch(r"HTTP_[A-Z0-9_]+|REMOTE_ADDR", CLIENT_IP_HEADER):
+    raise ImproperlyConfigured(f"CLIENT_IP_HEADER must be a request META key such as HTTP_X_FORWARDED_FOR, got {CLIENT_IP_HEADER!r}")
+RATELIMIT_HASH_ALGORITHM = "hashlib.sha256"
+
 LOG_LEVEL = os.environ.get("LOG_LEVEL", "").strip().upper() or "INFO"
 if LOG_LEVEL not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
     raise ImproperlyConfigured(f"LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got {LOG_LEVEL!r}")
@@ -262,17 +329,21 @@ SERVE_STATIC = env_bool("SERVE_STATIC", DEBUG)
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    # No secret in any log: API tokens (in /t/<token>/ paths, or raw) are masked on every line.
+    "filters": {"mask_secrets": {"()": "config.logmask.MaskSecrets"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "filters": ["mask_secrets"]}},
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
-    # httpx2 is the HTTP client inside the openai/anthropic SDKs: no INFO line per provider call.
     "loggers": {
+        # Django's own handlers (its DEBUG console, runserver's) would print every line twice
+        # beside the root's, and unmasked: everything goes through ours.
+        "django": {"handlers": [], "level": LOG_LEVEL, "propagate": True},
+        "django.server": {"handlers": [], "propagate": True},
+        # A 4xx is an expected answer, already one line in the access log; a 5xx keeps its traceback.
+        "django.request": {"level": "ERROR"},
+        # httpx2 is the HTTP client inside the openai/anthropic SDKs: no INFO line per provider call.
         "httpx": {"level": "WARNING"},
         "httpx2": {"level": "WARNING"},
         "daphne": {"level": "WARNING"},
-        # Django's own console handler would print every line twice beside the root's.
-        "django": {"handlers": [], "level": LOG_LEVEL, "propagate": True},
-        # A 4xx is an expected answer, already one line in the access log; a 5xx keeps its traceback.
-        "django.request": {"level": "ERROR"},
     },
 }
 
@@ -328,3 +399,21 @@ def _signing_key() -> str:
 
 
 SESSION_SIGNING_KEY = _signing_key()
+
+
+def _trusted_keys() -> list[str]:
+    """Other servers' public keys (base64, raw Ed25519) whose sealed exports import as valid."""
+    keys = [raw.strip() for raw in os.environ.get("SESSION_TRUSTED_KEYS", "").split(",") if raw.strip()]
+    for raw in keys:
+        try:
+            public = base64.b64decode(raw, validate=True)
+        except ValueError:
+            raise ImproperlyConfigured(f"SESSION_TRUSTED_KEYS entries must be base64, got {raw[:60]!r}") from None
+        if len(public) != 32:
+            raise ImproperlyConfigured(
+                f"SESSION_TRUSTED_KEYS entries must be raw Ed25519 public keys (32 bytes), got {len(public)} bytes"
+            )
+    return keys
+
+
+SESSION_TRUSTED_KEYS = _trusted_keys()

@@ -4,6 +4,10 @@ import os
 
 os.environ.setdefault("SECRET_KEY", "test-only-not-secret")
 os.environ.setdefault("SESSION_SIGNING_KEY", "dGVzdC1zaWduaW5nLWtleS0zMi1ieXRlcy1sb25nISE=")
+# Isolation: the suite signs in and sends bad tokens from one address all day; the throttling
+# tests set their own small limits (a limit is part of its counters' cache key, so they start at 0).
+os.environ.setdefault("SIGNIN_FAILURE_LIMIT", "10000/1m")
+os.environ.setdefault("TOKEN_FAILURE_LIMIT", "10000/1m")
 
 from config.settings import *  # noqa: F403
 

@@ -6,6 +6,7 @@ Errors are `{"error": {"code", "message"}}` with the status the domain error car
 from __future__ import annotations
 
 import json
+import logging
 from datetime import UTC, datetime, time, timedelta
 from functools import wraps
 from pathlib import Path
@@ -14,29 +15,55 @@ from urllib.parse import urlencode
 from asgiref.sync import sync_to_async
 from django.core.exceptions import RequestDataTooBig
 from django.core.handlers.asgi import ASGIRequest
+from django.db import InterfaceError, OperationalError
 from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
 from django.utils.dateparse import parse_date, parse_datetime
+from django.views.decorators.csrf import csrf_exempt
 
-from sessions_app import selectors, services
-from sessions_app.auth import api_user
+from sessions_app import boundary, selectors, services
+from sessions_app.auth import api_user, session_for_caller
 from sessions_app.errors import BadInput, MessageTooLarge, SessionError
 from sessions_app.events import Done, Token
 from sessions_app.integrity import public_key_info
 
 OPENAPI_FILE = Path(__file__).with_name("openapi.json")
-MALFORMED_JSON = "The body is not valid JSON."
+MALFORMED_JSON = boundary.NOT_JSON
 BODY_NOT_OBJECT = "The body must be a JSON object."
 BODY_TOO_LARGE = "The request body is too large."
 STREAM_NOT_BOOL = "'stream' must be true or false."
 BAD_DATE = "{name!r} must be a date (YYYY-MM-DD) or an ISO 8601 date-time, got {value!r}."
 BAD_PAGING = "'limit' must be 1 to {max} and 'offset' 0 or more."
 NO_SUCH_ENDPOINT = "No such API endpoint."
+INTERNAL_ERROR = "Something went wrong on our side; the error is logged. Nothing you sent was lost."
+DATABASE_UNAVAILABLE = "The database is unavailable; retry in a moment."
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 200
+MAX_OFFSET = 2**31 - 1
+# Seconds a client should wait before retrying a 503.
+RETRY_AFTER_SECONDS = 2
+log = logging.getLogger(__name__)
 
 
 def error_response(exc: SessionError) -> JsonResponse:
-    return JsonResponse(exc.as_dict(), status=exc.status)
+    response = JsonResponse(exc.as_dict(), status=exc.status)
+    if retry_after := getattr(exc, "retry_after", None):
+        response["Retry-After"] = str(retry_after)
+    return response
+
+
+def unexpected_error_response(request, exc: BaseException) -> JsonResponse:
+    """An exception no view expected, in the API's error shape (never Django's HTML page).
+
+    A database that cannot be reached is a condition to retry (503 with Retry-After); anything
+    else is a bug, logged with its traceback.
+    """
+    if isinstance(exc, OperationalError | InterfaceError):
+        log.warning("API %s %s: database unavailable", request.method, request.path, exc_info=exc)
+        response = JsonResponse({"error": {"code": "database_unavailable", "message": DATABASE_UNAVAILABLE}}, status=503)
+        response["Retry-After"] = str(RETRY_AFTER_SECONDS)
+        return response
+    log.error("API %s %s failed", request.method, request.path, exc_info=exc)
+    return JsonResponse({"error": {"code": "internal_error", "message": INTERNAL_ERROR}}, status=500)
 
 
 def _not_allowed(methods: tuple[str, ...]) -> JsonResponse:
@@ -54,28 +81,47 @@ def _body(request) -> dict:
         raise MessageTooLarge(BODY_TOO_LARGE) from None
     if not raw.strip():
         return {}
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise BadInput(MALFORMED_JSON) from None
+    data = boundary.load_json(raw)
     if not isinstance(data, dict):
         raise BadInput(BODY_NOT_OBJECT)
     return data
 
 
+def _no_store(response: HttpResponse) -> HttpResponse:
+    """Answers for a signed-in caller or a token are the caller's own: no cache may keep them."""
+    if not response.has_header("Cache-Control"):
+        response["Cache-Control"] = "no-store"
+    return response
+
+
+def _enter(request, methods: tuple[str, ...]) -> JsonResponse | None:
+    """The input boundary's checks that need no database: the method and the query string."""
+    if request.method not in methods:
+        return _not_allowed(methods)
+    boundary.check_query(request.GET)
+    return None
+
+
 def api_view(*methods: str, public: bool = False):
-    """Method check, authentication, JSON body, and domain errors as JSON, for sync views."""
+    """The input boundary, authentication, and every error as JSON, for sync views.
+
+    Refuses other methods (405), a query string holding NUL, and answers domain errors with
+    their status and any unexpected exception in the same error shape.
+    """
 
     def decorator(view):
         @wraps(view)
         def wrapper(request, *args, **kwargs):
-            if request.method not in methods:
-                return _not_allowed(methods)
             try:
+                if refused := _enter(request, methods):
+                    return _no_store(refused)
                 user = None if public else api_user(request)
-                return view(request, user, *args, **kwargs)
+                response = view(request, user, *args, **kwargs)
             except SessionError as exc:
-                return error_response(exc)
+                response = error_response(exc)
+            except Exception as exc:
+                response = unexpected_error_response(request, exc)
+            return _no_store(response)
 
         wrapper.csrf_exempt = True  # cookie sign-ins are CSRF-checked in api_user; Bearer needs none
         return wrapper
@@ -89,14 +135,17 @@ def async_api_view(*methods: str):
     def decorator(view):
         @wraps(view)
         async def wrapper(request, *args, **kwargs):
-            if request.method not in methods:
-                return _not_allowed(methods)
             try:
+                if refused := _enter(request, methods):
+                    return _no_store(refused)
                 user = await sync_to_async(api_user)(request)
                 data = await sync_to_async(_body)(request)
-                return await view(request, user, data, *args, **kwargs)
+                response = await view(request, user, data, *args, **kwargs)
             except SessionError as exc:
-                return error_response(exc)
+                response = error_response(exc)
+            except Exception as exc:
+                response = unexpected_error_response(request, exc)
+            return _no_store(response)
 
         wrapper.csrf_exempt = True
         return wrapper
@@ -151,7 +200,7 @@ def _stream_response(events, first=None) -> StreamingHttpResponse:
             await events.aclose()
 
     response = StreamingHttpResponse(body(), content_type="application/x-ndjson")
-    response["Cache-Control"] = "no-cache"
+    response["Cache-Control"] = "no-store"
     response["X-Accel-Buffering"] = "no"
     return response
 
@@ -162,10 +211,10 @@ async def session_chat(request, user, data, session_id):
     if not isinstance(stream, bool):
         raise BadInput(STREAM_NOT_BOOL)
     message = data.get("message")
+    session = await sync_to_async(session_for_caller)(request, user, session_id)
     if stream:
         # Everything that can fail before streaming answers with its own status; under ASGI we
         # wait for the first event too, so a provider failing before any token is a real 502/504.
-        session = await sync_to_async(selectors.session_get_for_user)(session_id=session_id, user=user)
         events = services.session_chat(session_id=session.pk, user=user, message=message)
         if not isinstance(request, ASGIRequest):
             return _stream_response(events)
@@ -175,7 +224,7 @@ async def session_chat(request, user, data, session_id):
             return _stream_response(events)
         return _stream_response(events, first)
     done = None
-    async for event in services.session_chat(session_id=session_id, user=user, message=message):
+    async for event in services.session_chat(session_id=session.pk, user=user, message=message):
         if isinstance(event, Done):
             done = event
     return JsonResponse(await sync_to_async(selectors.chat_answer_as_dict)(done.message, done.session))
@@ -187,8 +236,9 @@ async def session_switch(request, user, data, session_id):
     client = data.get("client")
     if token is not None and token.client_id and client not in (None, "", token.client.slug):
         raise BadInput(services.TOKEN_CLIENT.format(slug=token.client.slug))
+    session = await sync_to_async(session_for_caller)(request, user, session_id)
     stream = await services.asession_switch(
-        session_id=session_id,
+        session_id=session.pk,
         user=user,
         client=data.get("client"),
         model=data.get("model"),
@@ -199,13 +249,14 @@ async def session_switch(request, user, data, session_id):
 
 @async_api_view("POST")
 async def session_end(request, user, data, session_id):
-    summary = await services.asession_end(session_id=session_id, user=user)
+    session = await sync_to_async(session_for_caller)(request, user, session_id)
+    summary = await services.asession_end(session_id=session.pk, user=user)
     return JsonResponse(summary)
 
 
 @api_view("GET")
 def session_summary(request, user, session_id):
-    session = selectors.session_get_for_user(session_id=session_id, user=user)
+    session = session_for_caller(request, user, session_id)
     return JsonResponse(selectors.session_summary(session=session))
 
 
@@ -230,27 +281,25 @@ def _when(request, name: str, *, end: bool = False) -> datetime | None:
     return moment
 
 
-def _int_param(request, name: str, default: int) -> int:
+def _int_param(request, name: str, default: int, *, low: int, high: int) -> int:
     raw = request.GET.get(name, "").strip()
     if not raw:
         return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise BadInput(BAD_PAGING.format(max=MAX_LIMIT)) from None
+    return boundary.int_param(raw, name, low=low, high=high, message=BAD_PAGING.format(max=MAX_LIMIT))
 
 
 @api_view("GET")
 def session_list(request, user):
-    limit = _int_param(request, "limit", DEFAULT_LIMIT)
-    offset = _int_param(request, "offset", 0)
-    if not 1 <= limit <= MAX_LIMIT or offset < 0:
-        raise BadInput(BAD_PAGING.format(max=MAX_LIMIT))
-    client = request.GET.get("client", "").replace("\x00", "").strip() or None
-    status = request.GET.get("status", "").replace("\x00", "").strip() or None
+    limit = _int_param(request, "limit", DEFAULT_LIMIT, low=1, high=MAX_LIMIT)
+    offset = _int_param(request, "offset", 0, low=0, high=MAX_OFFSET)
+    client = request.GET.get("client", "").strip() or None
+    status = request.GET.get("status", "").strip() or None
     sessions = selectors.session_list(
         user=user, client=client, status=status, start=_when(request, "from"), end=_when(request, "to", end=True)
     )
+    token = getattr(request, "api_token", None)
+    if token is not None and token.client_id:
+        sessions = sessions.filter(domain_id=token.client_id)  # a bound token sees its client's sessions only
     page = list(sessions[offset : offset + limit + 1])
     next_url = None
     if len(page) > limit:
@@ -265,15 +314,25 @@ def session_list(request, user):
 # --- public --------------------------------------------------------------------------------
 
 
+# Public documents: the same for everyone, so caches may keep them (every other answer is no-store).
+PUBLIC_CACHE = "public, max-age=300"
+
+
 @api_view("GET", public=True)
 def signing_key(request, user):
-    return JsonResponse(public_key_info())
+    response = JsonResponse(public_key_info())
+    response["Cache-Control"] = PUBLIC_CACHE
+    return response
 
 
 @api_view("GET", public=True)
 def openapi(request, user):
-    return HttpResponse(OPENAPI_FILE.read_bytes(), content_type="application/json")
+    response = HttpResponse(OPENAPI_FILE.read_bytes(), content_type="application/json")
+    response["Cache-Control"] = PUBLIC_CACHE
+    return response
 
 
+@csrf_exempt
 def not_found(request, *args, **kwargs):
+    """Any other path under /api/ollama/, whatever the method: a JSON 404, never a CSRF page."""
     return JsonResponse({"error": {"code": "not_found", "message": NO_SUCH_ENDPOINT}}, status=404)

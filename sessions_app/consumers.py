@@ -33,7 +33,7 @@ from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
 from django.urls import reverse
 
-from sessions_app import selectors, services
+from sessions_app import boundary, selectors, services
 from sessions_app.errors import (
     MESSAGE_EMPTY,
     MESSAGE_TOO_LARGE,
@@ -65,7 +65,8 @@ UNKNOWN_TYPE_MESSAGE = "Unknown frame type {type!r}; expected one of: {known}."
 FIELD_NOT_TEXT_MESSAGE = "{field!r} must be a string of at most {limit} characters."
 BAD_TURN_MESSAGE = "'turn' must be 1-64 letters, digits, '-' or '_'."
 SWITCH_NEEDS_TARGET_MESSAGE = "A switch names a client, a model, or both."
-INTERNAL_ERROR_MESSAGE = "Something went wrong on our side; the message you sent is stored."
+# Said when the cause is unknown, so it never claims the message was stored: reloading shows what was.
+INTERNAL_ERROR_MESSAGE = "Something went wrong on our side; the error is logged. Reload to see what was stored."
 
 TURN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 NAME_LIMIT = 200
@@ -260,6 +261,10 @@ class SessionConsumer(AsyncWebsocketConsumer):
             await self._send_error(exc.code, exc.message)
         except SessionError as exc:
             await self._send_error(exc.code, exc.message)
+        except Exception:
+            # The input boundary's last line: an error frame, never a 1011 close.
+            logger.exception("Frame failed in session %s", self.session_id)
+            await self._send_error(INTERNAL_ERROR, INTERNAL_ERROR_MESSAGE)
 
     def _parse(self, text_data: str | None, bytes_data: bytes | None) -> dict[str, Any]:
         if text_data is None:
@@ -268,9 +273,11 @@ class SessionConsumer(AsyncWebsocketConsumer):
         if len(text_data) > 2 * limit + FRAME_OVERHEAD:
             raise FrameError("message_too_large", MESSAGE_TOO_LARGE.format(size=len(text_data), limit=limit))
         try:
-            content = json.loads(text_data)
-        except ValueError:
-            raise FrameError(INVALID_JSON, INVALID_JSON_MESSAGE) from None
+            content = boundary.load_json(text_data)
+        except boundary.InputRefused as exc:
+            if exc.message == boundary.NOT_JSON:
+                raise FrameError(INVALID_JSON, INVALID_JSON_MESSAGE) from None
+            raise FrameError(exc.code, exc.message) from None
         if not isinstance(content, dict) or not isinstance(content.get("type"), str):
             raise FrameError(INVALID_FRAME, NOT_AN_OBJECT_MESSAGE)
         if content["type"] not in self.KNOWN_TYPES:

@@ -1,4 +1,4 @@
-"""Forms of the chat pages: start a session, filter the session list."""
+"""Forms of the chat pages: start a session, filter the session list; and sign in, throttled."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import logging
 from asgiref.sync import async_to_sync
 from django import forms
 from django.conf import settings
+from django.contrib.admin.forms import AdminAuthenticationForm
+from django.contrib.auth.forms import AuthenticationForm
 from django.core.cache import cache
 from django.utils import timezone
 
@@ -132,3 +134,34 @@ class SessionFilterForm(forms.Form):
             dt.datetime.combine(start, dt.time.min, tzinfo=zone) if start else None,
             dt.datetime.combine(end + dt.timedelta(days=1), dt.time.min, tzinfo=zone) if end else None,
         )
+
+
+class ThrottledSignInMixin:
+    """Refuse a sign-in once too many have failed for the username or the address (`throttle`).
+
+    Only a wrong username or password counts; while refused, even the right password is.
+    """
+
+    throttled_for = 0  # seconds to wait, when this attempt was refused
+
+    def clean(self):
+        from sessions_app import throttle
+
+        username = self.cleaned_data.get("username") or ""
+        if self.request is not None and (wait := throttle.signin_wait(self.request, username)):
+            self.throttled_for = wait
+            raise forms.ValidationError(throttle.signin_message(wait), code="throttled")
+        try:
+            return super().clean()
+        except forms.ValidationError as exc:
+            if self.request is not None and getattr(exc, "code", None) == "invalid_login":
+                throttle.signin_failed(self.request, username)
+            raise
+
+
+class SignInForm(ThrottledSignInMixin, AuthenticationForm):
+    """The consultants' sign-in form (`/accounts/login/`)."""
+
+
+class AdminSignInForm(ThrottledSignInMixin, AdminAuthenticationForm):
+    """The admin's sign-in form (`/admin/login/`)."""

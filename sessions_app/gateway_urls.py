@@ -4,7 +4,7 @@ The `/t/<token>/` prefix is for clients that cannot set an Authorization header:
 them at `http://host/t/<token>` as if it were an Ollama server (or `.../t/<token>/v1`).
 """
 
-from django.urls import include, path
+from django.urls import include, path, re_path
 
 from sessions_app.gateway import views
 
@@ -27,9 +27,15 @@ routes = [
     *(path(f"v1/{name}", views.openai_unsupported) for name in ("embeddings", "completions", "responses")),
 ]
 
+# Any other path in the gateway's spaces: a 404 in the protocol's own shape, never the site's
+# HTML page (and never Django's "Not Found" log line with a token in it).
+unknown = [re_path(r"^v1/", views.openai_not_found), re_path(r"^api/", views.ollama_not_found)]
+
 app_name = "gateway"
 urlpatterns = [
     *routes,
+    re_path(r"^v1/", views.openai_not_found),
+    re_path(r"^api/(?!ollama/)", views.ollama_not_found),  # /api/ollama/ is the REST API
     path("t/<str:token>/", views.ollama_root, name="root"),
-    path("t/<str:token>/", include((routes, "gateway"), namespace="token")),
+    path("t/<str:token>/", include(([*routes, *unknown, re_path(r"", views.ollama_not_found)], "gateway"), namespace="token")),
 ]

@@ -74,8 +74,16 @@ def link_hash(previous: str, message) -> str:
     return hashlib.sha256(previous.encode() + b"\n" + canonical_json(message_fields(message))).hexdigest()
 
 
-def session_fields(session, chain_head: str) -> dict[str, Any]:
-    """The billed fields of a session that the seal signs, with its segments and streams."""
+def session_fields(session, chain_head: str, *, segments=None, streams=None) -> dict[str, Any]:
+    """The billed fields of a session that the seal signs, with its segments and streams.
+
+    `segments` and `streams` are the session's rows in order when the caller has read them
+    already (a summary, a verification); otherwise they are read here.
+    """
+    if segments is None:
+        segments = session.segments.order_by("started_at", "id")
+    if streams is None:
+        streams = session.context_streams.order_by("streamed_at", "stream_id")
     segments = [
         {
             "client": str(seg.domain_id),
@@ -83,7 +91,7 @@ def session_fields(session, chain_head: str) -> dict[str, Any]:
             "started_at": canonical_time(seg.started_at),
             "ended_at": canonical_time(seg.ended_at),
         }
-        for seg in session.segments.order_by("started_at", "id")
+        for seg in segments
     ]
     streams = [
         {
@@ -97,9 +105,9 @@ def session_fields(session, chain_head: str) -> dict[str, Any]:
             "cost_usd": canonical_money(stream.cost_usd),
             "streamed_at": canonical_time(stream.streamed_at),
         }
-        for stream in session.context_streams.order_by("streamed_at", "stream_id")
+        for stream in sorted(streams, key=lambda t: (t.streamed_at, str(t.stream_id)))
     ]
-    return {
+    fields = {
         "session_id": str(session.session_id),
         "user": str(session.user_id),
         "client": str(session.domain_id),
@@ -116,6 +124,18 @@ def session_fields(session, chain_head: str) -> dict[str, Any]:
         "context_streams": streams,
         "chain_head": chain_head,
     }
+    if import_untrusted(getattr(session, "source", ""), getattr(session, "imported_seal", None)):
+        # Sealed in, so an export of an untrusted import cannot come back as trusted.
+        fields["import_untrusted"] = True
+    return fields
+
+
+def import_untrusted(source: str, imported) -> bool:
+    """Whether a session is an import of a file no trusted key sealed (`imported` is its `imported_seal`)."""
+    if source != "import":
+        return False
+    report = imported.get("integrity") if isinstance(imported, dict) else None
+    return not (isinstance(report, dict) and report.get("valid") is True and report.get("trusted") is True)
 
 
 # --- keys --------------------------------------------------------------------------------
@@ -216,13 +236,36 @@ def _chain_messages(session):
     return session.messages.order_by("seq")
 
 
-def verify_session(session) -> tuple[bool, str]:
-    """Recompute the chain and check the seal; return (valid, detail naming what fails)."""
+def segment_problems(session, segments) -> list[str]:
+    """What is wrong with an ended session's segments: each closed, none past the session's end.
+
+    The seal covers the segments too, but a session edited in SQL (a segment reopened, or
+    stretched past the end) is named here in plain words rather than as a field difference.
+    """
+    if session.status != "ended" or session.ended_at is None:
+        return []
+    problems = []
+    for index, seg in enumerate(segments):
+        if seg.ended_at is None:
+            problems.append(f"segment {index + 1} of {len(segments)} is still open on an ended session")
+        elif seg.ended_at > session.ended_at:
+            problems.append(f"segment {index + 1} of {len(segments)} ends after the session ended")
+    if segments and segments[-1].ended_at is not None and segments[-1].ended_at != session.ended_at:
+        problems.append("the last segment does not end when the session ended")
+    return problems
+
+
+def verify_session(session, *, messages=None, segments=None, streams=None) -> tuple[bool, str]:
+    """Recompute the chain and check the seal; return (valid, detail naming what fails).
+
+    `messages`, `segments` and `streams` are the session's rows in order when the caller has
+    read them already; otherwise they are read here (one query each).
+    """
     problems: list[str] = []
     previous = GENESIS
     count = 0
     head = GENESIS  # the stored head, so one edited message is reported once, not again as the head
-    for message in _chain_messages(session):
+    for message in _chain_messages(session) if messages is None else messages:
         count += 1
         head = message.hash or GENESIS
         if problems:
@@ -239,10 +282,15 @@ def verify_session(session) -> tuple[bool, str]:
     if session.status != "ended":
         if seal:
             problems.append("session is active but carries a seal")
+        if session.ended_at is not None or session.end_reason:
+            problems.append("session is active but records an end (it was reopened outside the app)")
         if problems:
             return False, "; ".join(problems)
         return True, f"hash chain of {count} messages intact; not sealed yet (the session is active)"
 
+    if segments is None:
+        segments = list(session.segments.order_by("started_at", "id"))
+    problems += segment_problems(session, segments)
     if not seal:
         problems.append("session has ended but has no seal")
         return False, "; ".join(problems)
@@ -253,9 +301,52 @@ def verify_session(session) -> tuple[bool, str]:
         problems.append(f"seal was made with key {seal['key_id']}, not the current key {key_id()}")
     elif not verify_seal_signature(seal):
         problems.append("seal signature is invalid (the sealed record was altered)")
-    stored = session_fields(session, head)
+    stored = session_fields(session, head, segments=segments, streams=streams)
     for difference in _diff(seal.get("signed"), stored, ""):
         problems.append(f"session field {difference}")
     if problems:
         return False, "; ".join(problems)
     return True, f"hash chain of {count} messages intact; seal signature valid (key {key_id()})"
+
+
+# --- imports: whose seal is trusted -----------------------------------------------------------
+
+UNTRUSTED_IMPORT = "unverified: not sealed by a trusted key"
+
+
+def trusted_public_keys() -> dict[str, Ed25519PublicKey]:
+    """The keys whose seals this server trusts, by key id: its own and `SESSION_TRUSTED_KEYS`.
+
+    Listed keys are base64 raw Ed25519 public keys, as another server's `/api/ollama/signing-key`
+    serves its own (settings checks their form).
+    """
+    return _trusted_keys(settings.SESSION_SIGNING_KEY, tuple(getattr(settings, "SESSION_TRUSTED_KEYS", ())))
+
+
+@lru_cache(maxsize=4)
+def _trusted_keys(own_seed: str, listed: tuple[str, ...]) -> dict[str, Ed25519PublicKey]:
+    keys = {key_id(): private_key().public_key()}
+    for raw in listed:
+        public = base64.b64decode(raw)
+        keys[key_id(public)] = Ed25519PublicKey.from_public_bytes(public)
+    return keys
+
+
+def session_integrity(session, **rows) -> tuple[bool, str]:
+    """What a summary shows: this server's record verified and, for an import, who sealed it.
+
+    An imported session carries this server's own seal over the copy as imported, so its own
+    record verifies; it is valid only if the file was sealed by a trusted key as well.
+    Otherwise it is shown as unverified, never valid: anyone can recompute a hash chain.
+    """
+    valid, detail = verify_session(session, **rows)
+    imported = getattr(session, "imported_seal", None)
+    if not valid or session.source != "import":
+        return valid, detail
+    if not import_untrusted(session.source, imported):
+        return True, f"imported; {imported['integrity'].get('detail', '')}".rstrip("; ")
+    report = imported.get("integrity") if isinstance(imported, dict) else None
+    origin = (report or {}).get("detail") or "the file's integrity was not recorded"
+    if origin.startswith(UNTRUSTED_IMPORT):
+        return False, origin
+    return False, f"{UNTRUSTED_IMPORT} ({origin})"

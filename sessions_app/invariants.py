@@ -8,9 +8,10 @@ from __future__ import annotations
 import itertools
 from decimal import Decimal
 
-from billing.models import UsageStatus
+from billing.models import ClientDomain, LLMUsage, UsageStatus
 from sessions_app import integrity
 from sessions_app.models import ChatSession, MessageRole, MessageStatus, SessionStatus
+from sessions_app.selectors import SessionRows, session_rows, session_summary
 
 ZERO = Decimal("0")
 
@@ -40,10 +41,9 @@ def check_totals(session: ChatSession, messages: list) -> list[str]:
     return out
 
 
-def check_segments(session: ChatSession) -> list[str]:
+def check_segments(session: ChatSession, segments: list) -> list[str]:
     """2. A session's duration equals the sum of its segments' durations, to the second."""
     out = []
-    segments = list(session.segments.order_by("started_at", "id"))
     if not segments:
         return ["2: the session has no segments"]
     if segments[0].started_at != session.started_at:
@@ -69,29 +69,22 @@ def check_segments(session: ChatSession) -> list[str]:
     return out
 
 
-def check_streams(session: ChatSession, messages: list, usage: list) -> list[str]:
+def check_streams(session: ChatSession, messages: list, usage: list, streams: list) -> list[str]:
     """3. No cost is counted twice: a stream's cost is a breakdown of the settling call's cost."""
     out = []
-    for stream in session.context_streams.order_by("streamed_at"):
+    # The call that settled a stream is stored in the same transaction, with the same instant.
+    answers_at: dict = {}
+    for m in messages:
+        if m.role == MessageRole.ASSISTANT and m.copied_from_id is None and m.prompt_tokens:
+            answers_at.setdefault((m.timestamp, m.model), m)
+    for stream in streams:
         if stream.settled_at is None:
             if stream.cost_usd is not None:
                 out.append(f"3: stream {stream.stream_id} has a cost before it was settled")
             continue
         if not stream.total_tokens and not stream.cost_usd:
             continue
-        # The call that settled it is stored in the same transaction, with the same instant.
-        settling = next(
-            (
-                m
-                for m in messages
-                if m.role == MessageRole.ASSISTANT
-                and m.copied_from_id is None
-                and m.timestamp == stream.settled_at
-                and m.model == stream.target_model
-                and m.prompt_tokens
-            ),
-            None,
-        )
+        settling = answers_at.get((stream.settled_at, stream.target_model))
         if settling is None:
             out.append(f"3: stream {stream.stream_id} is settled but no call to {stream.target_model} carried it")
             continue
@@ -121,12 +114,10 @@ def check_streams(session: ChatSession, messages: list, usage: list) -> list[str
     return out
 
 
-def check_clients(session: ChatSession, messages: list) -> list[str]:
+def check_clients(session: ChatSession, messages: list, loaded: SessionRows) -> list[str]:
     """4. Per-client totals equal the sums of the underlying messages and segments."""
-    from sessions_app.selectors import session_summary
-
     out = []
-    summary = session_summary(session=session)
+    summary = session_summary(session=session, rows=loaded)
     rows = summary["by_client"]
     if sum(r["messages"] for r in rows) != len(messages):
         out.append("4: by_client messages do not add up to the stored messages")
@@ -136,13 +127,18 @@ def check_clients(session: ChatSession, messages: list) -> list[str]:
         out.append("4: by_client cost does not add up to the session's cost")
     if session.status == SessionStatus.ENDED and sum(r["seconds"] for r in rows) != session.duration_seconds:
         out.append("4: by_client seconds do not add up to duration_seconds")
-    slug_of = {str(m.domain_id): m.domain.slug for m in messages}
+    slug_of = {pk: client.slug for pk, client in ClientDomain.objects.in_bulk({m.domain_id for m in messages}).items()}
+    tokens: dict[str, int] = {}
+    costs: dict[str, Decimal] = {}
+    for m in messages:
+        if m.copied_from_id is None and not m.is_imported:
+            slug = slug_of.get(m.domain_id)
+            tokens[slug] = tokens.get(slug, 0) + m.tokens
+            costs[slug] = costs.get(slug, ZERO) + (m.cost_usd or ZERO)
     for row in rows:
-        mine = [m for m in messages if slug_of.get(str(m.domain_id)) == row["client"]]
-        billable = [m for m in mine if m.copied_from_id is None and not m.is_imported]
-        if row["tokens"] != sum(m.tokens for m in billable):
+        if row["tokens"] != tokens.get(row["client"], 0):
             out.append(f"4: client {row['client']} tokens differ from its messages")
-        if Decimal(row["cost_usd"]) != sum((m.cost_usd or ZERO for m in billable), ZERO):
+        if Decimal(row["cost_usd"]) != costs.get(row["client"], ZERO):
             out.append(f"4: client {row['client']} cost differs from its messages")
     model_rows = summary["by_model"]
     if sum(r["tokens"] for r in model_rows) != session.total_tokens:
@@ -182,24 +178,34 @@ def check_nothing_lost(session: ChatSession, messages: list, usage: list) -> lis
     return out
 
 
-def check_session(session: ChatSession) -> list[str]:
-    """All five invariants plus the integrity chain; an empty list means the session is sound."""
+def session_verdict(session: ChatSession) -> tuple[str, list[str]]:
+    """The integrity detail and every violation (integrity first); no violations means sound.
+
+    Each of the session's tables is read once, by an index on the session, so verifying
+    many sessions costs time linear in their own rows.
+    """
     session = ChatSession.objects.select_related("domain").get(pk=session.pk)
+    rows = session_rows(session)
     if session.archived_at is not None:
         from sessions_app.archive import archived_state
 
         messages, usage = archived_state(session)
     else:
-        messages = list(session.messages.select_related("domain").order_by("seq"))
-        usage = list(session.usage.all())
-    problems = [
+        messages, usage = rows.messages, list(LLMUsage.objects.filter(session_id=session.pk))
+    valid, detail = integrity.verify_session(
+        session, messages=rows.messages, segments=rows.segments, streams=rows.streams
+    )
+    problems = [] if valid else [f"integrity: {detail}"]
+    problems += [
         *check_totals(session, messages),
-        *check_segments(session),
-        *check_streams(session, messages, usage),
-        *check_clients(session, messages),
+        *check_segments(session, rows.segments),
+        *check_streams(session, messages, usage, rows.streams),
+        *check_clients(session, messages, rows),
         *check_nothing_lost(session, messages, usage),
     ]
-    valid, detail = integrity.verify_session(session)
-    if not valid:
-        problems.append(f"integrity: {detail}")
-    return problems
+    return detail, problems
+
+
+def check_session(session: ChatSession) -> list[str]:
+    """All five invariants plus the integrity chain; an empty list means the session is sound."""
+    return session_verdict(session)[1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections import OrderedDict
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -14,7 +15,7 @@ from django.utils import timezone
 from billing.models import ClientDomain
 from sessions_app import integrity
 from sessions_app.errors import SESSION_NOT_FOUND, BadInput, NotFound
-from sessions_app.models import ChatSession, ContextStream, SessionMessage, SessionStatus
+from sessions_app.models import ChatSession, ContextStream, SessionMessage, SessionSegment, SessionStatus
 
 ZERO = Decimal("0")
 
@@ -147,8 +148,35 @@ def allocate_seconds(boundaries: list[tuple[datetime, datetime]], origin: dateti
     return out
 
 
-def _client_seconds(session: ChatSession, clients: dict) -> OrderedDict:
-    segments = list(session.segments.order_by("started_at", "id"))
+@dataclass
+class SessionRows:
+    """A session's own rows, each read once by an index on the session: what a summary and a
+    verification need. Nothing here joins through a client, so the cost is linear in the
+    session's rows whatever the size of its clients' history."""
+
+    messages: list[SessionMessage]  # in seq order; from the archive when retention moved them
+    segments: list[SessionSegment]  # in time order
+    streams: list[ContextStream]  # in time order, with their clients
+
+
+def session_rows(session: ChatSession) -> SessionRows:
+    if session.archived_at is not None:
+        # Archived (retention): the messages live compressed on the session row.
+        from sessions_app.archive import archived_messages
+
+        messages = archived_messages(session)
+    else:
+        messages = list(SessionMessage.objects.filter(session_id=session.pk).order_by("seq"))
+    segments = list(SessionSegment.objects.filter(session_id=session.pk).order_by("started_at", "id"))
+    streams = list(
+        ContextStream.objects.filter(session_id=session.pk)
+        .select_related("source_domain", "target_domain")
+        .order_by("streamed_at", "stream_id")
+    )
+    return SessionRows(messages=messages, segments=segments, streams=streams)
+
+
+def _client_seconds(session: ChatSession, segments: list[SessionSegment]) -> OrderedDict:
     until = session.ended_at or timezone.now()
     spans = [(seg.started_at, seg.ended_at or until) for seg in segments]
     seconds: OrderedDict = OrderedDict()
@@ -157,49 +185,36 @@ def _client_seconds(session: ChatSession, clients: dict) -> OrderedDict:
     return seconds
 
 
-def session_summary(*, session: ChatSession) -> dict[str, Any]:
-    """Duration, totals, by client (seconds, messages, tokens, cost), by model, streams, integrity."""
-    if session.archived_at is not None:
-        # Archived (retention): the messages live compressed on the session row.
-        from sessions_app.archive import archived_messages
+def session_summary(*, session: ChatSession, rows: SessionRows | None = None) -> dict[str, Any]:
+    """Duration, totals, by client (seconds, messages, tokens, cost), by model, streams, integrity.
 
-        messages = [
-            (m.domain_id, m.model, m.tokens, m.cost_usd, m.copied_from_id, m.is_imported)
-            for m in archived_messages(session)
-        ]
-    else:
-        messages = list(
-            session.messages.order_by("seq").values_list(
-                "domain_id", "model", "tokens", "cost_usd", "copied_from_id", "is_imported"
-            )
-        )
-    clients = {
-        c.pk: c
-        for c in ClientDomain.objects.filter(
-            Q(pk=session.domain_id)
-            | Q(segments__session=session)
-            | Q(messages__session=session)
-            | Q(pk__in={row[0] for row in messages})
-        ).distinct()
-    }
-    seconds = _client_seconds(session, clients)
+    Reads the session's messages, segments and context streams once each, and the clients
+    they name by primary key (`rows`, when the caller has them, saves those reads).
+    """
+    rows = rows or session_rows(session)
+    client_ids = {session.domain_id, *(m.domain_id for m in rows.messages), *(s.domain_id for s in rows.segments)}
+    clients = ClientDomain.objects.in_bulk(client_ids)
+    seconds = _client_seconds(session, rows.segments)
 
     by_client: OrderedDict = OrderedDict(
         (pk, {"seconds": s, "messages": 0, "tokens": 0, "cost": ZERO}) for pk, s in seconds.items()
     )
     by_model: OrderedDict = OrderedDict()
-    for domain_id, model, tokens, cost, copied_from, imported in messages:
-        billable = copied_from is None and not imported
-        row = by_client.setdefault(domain_id, {"seconds": 0, "messages": 0, "tokens": 0, "cost": ZERO})
-        model_row = by_model.setdefault(model or session.current_model, {"messages": 0, "tokens": 0, "cost": ZERO})
+    for message in rows.messages:
+        billable = message.copied_from_id is None and not message.is_imported
+        row = by_client.setdefault(message.domain_id, {"seconds": 0, "messages": 0, "tokens": 0, "cost": ZERO})
+        model_row = by_model.setdefault(
+            message.model or session.current_model, {"messages": 0, "tokens": 0, "cost": ZERO}
+        )
         for bucket in (row, model_row):
             bucket["messages"] += 1
             if billable:
-                bucket["tokens"] += tokens
-                bucket["cost"] += cost or ZERO
+                bucket["tokens"] += message.tokens
+                bucket["cost"] += message.cost_usd or ZERO
 
-    streams = list(session.context_streams.select_related("source_domain", "target_domain").order_by("streamed_at"))
-    valid, detail = integrity.verify_session(session)
+    valid, detail = integrity.session_integrity(
+        session, messages=rows.messages, segments=rows.segments, streams=rows.streams
+    )
     return {
         **session_as_dict(session),
         "by_client": [
@@ -216,7 +231,7 @@ def session_summary(*, session: ChatSession) -> dict[str, Any]:
             {"model": model, "messages": row["messages"], "tokens": row["tokens"], "cost_usd": money(row["cost"])}
             for model, row in by_model.items()
         ],
-        "context_streams": [stream_as_dict(stream) for stream in streams],
+        "context_streams": [stream_as_dict(stream) for stream in rows.streams],
         "integrity": {"valid": valid, "detail": detail},
     }
 

@@ -15,58 +15,48 @@ from django.views.decorators.http import require_GET
 
 from sessions_app import conversation, selectors, transfer
 from sessions_app.api import api_view
-from sessions_app.auth import api_user
-from sessions_app.errors import BadInput, MessageTooLarge, SessionError
+from sessions_app.auth import session_for_caller
+from sessions_app.errors import BadInput, MessageTooLarge
+from sessions_app.services import TOKEN_CLIENT as TOKEN_BILLS_ONLY
 
 TOKEN_CLIENT = "This token is bound to client {slug!r}; it imports into that client only."
 IMPORT_TOO_LARGE = "The file is larger than this server accepts in one request; use manage.py chat --import."
 
 
-def _error(exc: SessionError) -> JsonResponse:
-    return JsonResponse(exc.as_dict(), status=exc.status)
-
-
-def _method_not_allowed() -> JsonResponse:
-    response = JsonResponse({"error": {"code": "method_not_allowed", "message": "Use GET."}}, status=405)
-    response["Allow"] = "GET"
-    return response
+def _bound_client(request, client: str | None) -> str | None:
+    """The `client` filter, held to a client-bound token's client."""
+    token = getattr(request, "api_token", None)
+    if token is None or not token.client_id:
+        return client
+    if client not in (None, token.client.slug):
+        raise BadInput(TOKEN_BILLS_ONLY.format(slug=token.client.slug))
+    return token.client.slug
 
 
 @never_cache
-def search_api(request):
+@api_view("GET")
+def search_api(request, user):
     """GET ?q=TEXT[&limit=N][&client=SLUG]: ranked messages from the caller's sessions."""
-    if request.method != "GET":
-        return _method_not_allowed()
-    try:
-        user = api_user(request)
-        query = request.GET.get("q", "")
-        limit = request.GET.get("limit", conversation.SEARCH_DEFAULT_LIMIT)
-        hits = conversation.messages_search(
-            user=user, query=query, limit=limit, client=request.GET.get("client") or None
-        )
-    except SessionError as exc:
-        return _error(exc)
+    query = request.GET.get("q", "")
+    limit = request.GET.get("limit", conversation.SEARCH_DEFAULT_LIMIT)
+    client = _bound_client(request, request.GET.get("client") or None)
+    hits = conversation.messages_search(user=user, query=query, limit=limit, client=client)
     return JsonResponse({"query": query.strip(), "count": len(hits), "results": [hit.as_dict() for hit in hits]})
 
 
 @never_cache
-def stats_api(request):
+@api_view("GET")
+def stats_api(request, user):
     """GET [?client=SLUG]: sessions, messages, averages, oldest and most active session, per client."""
-    if request.method != "GET":
-        return _method_not_allowed()
-    try:
-        user = api_user(request)
-        data = conversation.sessions_stats(user=user, client=request.GET.get("client") or None)
-    except SessionError as exc:
-        return _error(exc)
-    return JsonResponse(data)
+    client = _bound_client(request, request.GET.get("client") or None)
+    return JsonResponse(conversation.sessions_stats(user=user, client=client))
 
 
 @never_cache
 @api_view("GET")
 def session_export_api(request, user, session_id):
     """The session as the versioned export document, as a download."""
-    session = selectors.session_get_for_user(session_id=session_id, user=user)
+    session = session_for_caller(request, user, session_id)
     response = JsonResponse(transfer.session_export(session=session), json_dumps_params={"indent": 2})
     response["Content-Disposition"] = f'attachment; filename="session-{session.session_id}.json"'
     return response

@@ -7,7 +7,10 @@ the public signing key can verify it offline.
 
 Import checks the document's shape first, then recomputes the hash chain and checks the
 seal against the data in the file. A malformed or tampered file is refused with an error
-naming the field at fault, and nothing is written. A sound file becomes a new ended session
+naming the field at fault, and nothing is written. Anyone can recompute a hash chain, and
+anyone can seal with a key of their own: a file is valid only when a key this server trusts
+sealed it (its own, or one in `SESSION_TRUSTED_KEYS`); any other is stored as "unverified:
+not sealed by a trusted key", never as valid. A sound file becomes a new ended session
 (`source=import`) whose messages are `is_imported` and therefore never billed again; the
 file's seal, original message hashes and source fields are kept in `imported_seal`, and the
 new session gets its own chain and seal from this server.
@@ -29,7 +32,7 @@ from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
 from billing.models import ClientDomain
-from sessions_app import integrity
+from sessions_app import boundary, integrity
 from sessions_app.errors import BadInput
 from sessions_app.models import (
     ChatSession,
@@ -64,8 +67,8 @@ class ImportInvalid(BadInput):
 @dataclass(frozen=True)
 class ImportResult:
     session: ChatSession
-    valid: bool  # chain intact and, when sealed, the seal checks out
-    trusted: bool  # sealed by this server's own key
+    valid: bool  # sealed by a trusted key, and the chain and seal check out (then also `trusted`)
+    trusted: bool  # sealed by this server's own key or one listed in SESSION_TRUSTED_KEYS
     detail: str
 
     def as_dict(self) -> dict:
@@ -352,10 +355,15 @@ def _read(raw: str | bytes | dict) -> dict:
     if len(raw) > MAX_IMPORT_BYTES:
         raise ImportInvalid(FILE_TOO_LARGE.format(size=len(raw), limit=MAX_IMPORT_BYTES))
     try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+        return boundary.load_json(raw)  # depth, Unicode and number limits, as every entry
+    except boundary.InputRefused as refused:
+        if refused.message != boundary.NOT_JSON:
+            raise ImportInvalid(refused.message) from None
+    try:
+        json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ImportInvalid(NOT_JSON.format(error=exc)) from None
-    return data
+    raise ImportInvalid(NOT_JSON.format(error="not valid JSON"))
 
 
 def _validate(data: Any) -> dict:
@@ -452,55 +460,59 @@ def _verify(doc: dict, raw: dict) -> tuple[bool, bool, str]:
             )
         previous = expected
     count = len(messages)
+    untrusted = integrity.UNTRUSTED_IMPORT
 
     seal = doc["seal"]
     if seal is None:
+        # Anyone can compute a hash chain: without a trusted seal nothing vouches for the content.
         if not hashed and messages:
-            return False, False, f"{count} messages without a hash chain or seal; nothing could be verified"
-        if doc["session"]["status"] == SessionStatus.ENDED:
-            return False, False, f"hash chain of {count} messages intact, but the ended session carries no seal"
-        return True, False, f"hash chain of {count} messages intact; not sealed (the session was active when exported)"
+            return False, False, f"{untrusted} (no seal and no hash chain: nothing in the file could be checked)"
+        return False, False, f"{untrusted} (the file carries no seal; its hash chain of {count} messages is intact)"
 
     if not hashed and messages:
         raise ImportInvalid(TAMPERED.format(detail="the file carries a seal but its messages have no hashes"))
-    stored = _signed_fields(doc, previous)
+    stored = _signed_fields(doc, raw, previous)
     for key in sorted(set(stored) | set(seal["signed"])):
         if seal["signed"].get(key) != stored.get(key):
             label = "the last message's hash" if key == "chain_head" else f"session.{key}"
             raise ImportInvalid(TAMPERED.format(detail=f"{label} does not match the seal"))
 
     own_id = integrity.key_id()
-    if seal.get("key_id") in (None, own_id):
-        if not integrity.verify_seal_signature(seal):
+    seal_key = seal.get("key_id") or own_id
+    trusted = integrity.trusted_public_keys()
+    if seal_key in trusted:
+        if not integrity.verify_seal_signature(seal, trusted[seal_key]):
             raise ImportInvalid(TAMPERED.format(detail="the seal's signature is invalid"))
-        return True, True, f"hash chain of {count} messages intact; seal signature valid (this server's key {own_id})"
+        if stored.get("import_untrusted"):
+            return False, False, f"{untrusted} (the file is an export of an import that no trusted key sealed)"
+        whose = f"this server's key {own_id}" if seal_key == own_id else f"trusted key {seal_key}"
+        return True, True, f"hash chain of {count} messages intact; seal signature valid ({whose})"
 
-    # Sealed elsewhere: check the signature against the key the file names.
+    # Sealed with a key this server does not trust: check it against the key the file names, to
+    # tell a forged signature from an honest one, but an honest signature by an unknown key
+    # vouches for nothing (a forger signs with their own key).
     key = raw.get("signing_key") or {}
     try:
-        public = Ed25519PublicKey.from_public_bytes(base64.b64decode(key.get("public_key", ""), validate=True))
+        public_raw = base64.b64decode(key.get("public_key", ""), validate=True)
+        public = Ed25519PublicKey.from_public_bytes(public_raw)
     except (ValueError, TypeError):
-        return (
-            False,
-            False,
-            f"hash chain of {count} messages intact; sealed with key {seal.get('key_id')}, unknown here",
-        )
-    if integrity.key_id(base64.b64decode(key["public_key"])) != seal.get("key_id"):
+        return False, False, f"{untrusted} (sealed with key {seal_key}, which the file does not include)"
+    if integrity.key_id(public_raw) != seal_key:
         raise ImportInvalid(TAMPERED.format(detail="signing_key does not match the seal's key_id"))
     if not integrity.verify_seal_signature(seal, public):
         raise ImportInvalid(TAMPERED.format(detail="the seal's signature is invalid"))
     return (
-        True,
         False,
-        f"hash chain of {count} messages intact; seal signature valid for key {seal['key_id']}, "
-        "which is not this server's key",
+        False,
+        f"{untrusted} (sealed with key {seal_key}, which this server does not trust; "
+        "staff can list it in SESSION_TRUSTED_KEYS)",
     )
 
 
-def _signed_fields(doc: dict, head: str) -> dict:
+def _signed_fields(doc: dict, raw: dict, head: str) -> dict:
     """What integrity.session_fields would produce for the session in the file."""
     s = doc["session"]
-    return {
+    fields = {
         "session_id": str(s["session_id"]),
         "user": s["user_id"],
         "client": str(s["client_id"]),
@@ -538,6 +550,10 @@ def _signed_fields(doc: dict, head: str) -> dict:
         ],
         "chain_head": head,
     }
+    source = raw["session"].get("source") if isinstance(raw.get("session"), dict) else None
+    if integrity.import_untrusted(source, raw.get("imported")):
+        fields["import_untrusted"] = True
+    return fields
 
 
 # --- import ---------------------------------------------------------------------------------

@@ -5,16 +5,18 @@ from __future__ import annotations
 from datetime import datetime
 
 from django.contrib.auth.decorators import login_required
+from django.contrib.auth.views import LoginView
 from django.core.paginator import Paginator
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.utils import timezone
+from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
 from billing.models import ClientDomain
 from sessions_app import selectors, services
 from sessions_app.errors import SESSION_NOT_FOUND, NotFound, SessionError
-from sessions_app.forms import NewSessionForm, SessionFilterForm, load_models
+from sessions_app.forms import NewSessionForm, SessionFilterForm, SignInForm, load_models
 from sessions_app.live import chat_page_config, session_brand_style
 from sessions_app.models import ChatSession, StreamReason
 
@@ -171,6 +173,7 @@ def session_summary_page(request: HttpRequest, session_id) -> HttpResponse:
     return render(request, "sessions_app/session_summary.html", context)
 
 
+@never_cache  # a consultant's own conversation: no cache may keep it
 @require_GET
 def session_messages_json(request: HttpRequest, session_id) -> JsonResponse:
     """The stored history as JSON: the chat page refetches it after a dropped connection."""
@@ -195,6 +198,7 @@ def session_messages_json(request: HttpRequest, session_id) -> JsonResponse:
     )
 
 
+@never_cache
 @require_GET
 def session_models_json(request: HttpRequest) -> JsonResponse:
     """The router's live model list, for the chat page's switch control."""
@@ -204,3 +208,30 @@ def session_models_json(request: HttpRequest) -> JsonResponse:
     return JsonResponse(
         {"models": [{"name": m.name, "provider": m.provider, "paid": m.paid} for m in models], "error": error}
     )
+
+
+# --- Sign-in, throttled (sessions_app/throttle.py) ------------------------------------------
+
+
+def _throttled_status(response: HttpResponse) -> HttpResponse:
+    """A refused sign-in answers 429 with Retry-After, not 200: clients and scripts can tell."""
+    form = (getattr(response, "context_data", None) or {}).get("form")
+    if getattr(form, "throttled_for", 0):
+        response.status_code = 429
+        response["Retry-After"] = str(form.throttled_for)
+    return response
+
+
+_sign_in = LoginView.as_view(authentication_form=SignInForm)
+
+
+def sign_in(request: HttpRequest) -> HttpResponse:
+    """`/accounts/login/`: Django's login view with the throttled form."""
+    return _throttled_status(_sign_in(request))
+
+
+def admin_sign_in(request: HttpRequest) -> HttpResponse:
+    """`/admin/login/`: the admin's own login view (its form is `AdminSignInForm`), 429 when refused."""
+    from django.contrib import admin
+
+    return _throttled_status(admin.site.login(request))

@@ -8,6 +8,7 @@ from django.http import HttpRequest
 from django.utils import timezone
 
 from config.dbthread import db_sync_to_async
+from sessions_app import throttle
 from sessions_app.gateway.common import TOKEN_INVALID, TOKEN_MISSING, GatewayError
 from sessions_app.models import ApiToken
 
@@ -24,11 +25,17 @@ def raw_token(request: HttpRequest, path_token: str | None) -> str:
     return ""
 
 
-def authenticate_raw(raw: str) -> ApiToken:
+def authenticate_raw(raw: str, request: HttpRequest | None = None) -> ApiToken:
+    """The live token for `raw`, or a 401 GatewayError; 429 once the caller's address has sent
+    too many unknown tokens (`request` says who is calling; without it nothing is throttled)."""
     if not raw:
         raise GatewayError(401, TOKEN_MISSING, code="invalid_api_key")
+    if request is not None and (wait := throttle.token_wait(request)):
+        raise GatewayError(429, throttle.token_message(wait), code="rate_limit_exceeded", retry_after=wait)
     token = ApiToken.authenticate(raw)
     if token is None:
+        if request is not None and (wait := throttle.token_failed(request)):
+            raise GatewayError(429, throttle.token_message(wait), code="rate_limit_exceeded", retry_after=wait)
         raise GatewayError(401, TOKEN_INVALID, code="invalid_api_key")
     now = timezone.now()
     if token.last_used_at is None or now - token.last_used_at >= LAST_USED_RESOLUTION:
@@ -39,4 +46,4 @@ def authenticate_raw(raw: str) -> ApiToken:
 
 async def authenticate(request: HttpRequest, path_token: str | None) -> ApiToken:
     """Return the live token, or raise a 401 GatewayError."""
-    return await db_sync_to_async(authenticate_raw)(raw_token(request, path_token))
+    return await db_sync_to_async(authenticate_raw)(raw_token(request, path_token), request)

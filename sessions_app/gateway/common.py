@@ -8,6 +8,7 @@ from typing import Any
 
 from providers.base import ChatMessage, StreamOptions
 from providers.naming import ModelRef, parse_model
+from sessions_app import boundary
 from sessions_app.errors import ProviderFailed, SessionError
 
 BODY_MISSING = "missing request body"
@@ -40,6 +41,7 @@ class GatewayError(Exception):
     message: str
     code: str = "bad_request"
     param: str | None = None
+    retry_after: int | None = None  # seconds, sent as Retry-After (429, 503)
 
     def __str__(self) -> str:
         return self.message
@@ -78,15 +80,27 @@ class ChatRequest:
 
 
 def read_json(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object, through the input boundary (depth, Unicode, number ranges)."""
     if not body or not body.strip():
         raise GatewayError(400, BODY_MISSING)
     try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise GatewayError(400, BODY_NOT_JSON.format(detail=exc)) from None
+        data = boundary.load_json(body)
+    except boundary.InputRefused as exc:
+        if exc.message == boundary.NOT_JSON:
+            raise GatewayError(400, BODY_NOT_JSON.format(detail=_json_error(body))) from None
+        raise GatewayError(400, exc.message) from None
     if not isinstance(data, dict):
         raise GatewayError(400, BODY_NOT_OBJECT)
     return data
+
+
+def _json_error(body: bytes) -> str:
+    """Where the JSON breaks, as the parser says (the boundary's message does not)."""
+    try:
+        json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        return str(exc)[:200]
+    return "not valid JSON"
 
 
 def model_ref(data: dict[str, Any]) -> tuple[str, ModelRef]:

@@ -7,8 +7,9 @@ call continues and appends the rest; when the conversation diverges from what wa
 longest prefix, so nothing is stored (or billed) twice.
 
 A tool that holds several conversations (chats, or side requests such as title generation)
-gets a session per conversation: each call continues the session whose conversation it
-extends. A session ends when its conversation is edited away from (it is branched), or
+gets a session per conversation: each call continues the session whose stored turns its
+history matches, and a call whose history matches none (a new conversation) starts a session
+of its own, even while the token's other conversations are answering. A session ends when its conversation is edited away from (it is branched), or
 when it goes idle: the guardian ends it at its last activity, so idle time is never billed.
 """
 
@@ -162,7 +163,10 @@ def _plan(token: ApiToken, chat: ChatRequest) -> Plan:
 
     def consider(session: ChatSession, match: Match) -> None:
         nonlocal complete, partial
-        if match.complete and session in live:
+        # A session with no stored turn yet (another call's, its first message about to be
+        # stored) matches anything: it is never joined, so unrelated conversations on one token
+        # get sessions of their own and run side by side.
+        if match.complete and match.matched and session in live:
             if complete is None or match.matched > complete[1].matched:
                 complete = (session, match)
         elif match.matched and (partial is None or match.matched > partial[1].matched):
@@ -173,7 +177,7 @@ def _plan(token: ApiToken, chat: ChatRequest) -> Plan:
     if current is not None:
         rows = _turn_rows(current)
         match = match_history([Stored(seq, role, content) for seq, role, content, *_ in rows], chat.history)
-        if match.complete and match.next_index == len(chat.history):
+        if match.complete and match.matched and match.next_index == len(chat.history):
             # Nothing new before the message: none can do better.
             return Plan(live, current, None, [], services.KnownSession(current, rows))
         consider(current, match)

@@ -190,4 +190,7 @@ def load_response(kind: str, model: str, *, unload: bool, stream: bool) -> HttpR
 
 
 def error_response(error: GatewayError) -> HttpResponse:
-    return JsonResponse({"error": error.message}, status=error.status)
+    response = JsonResponse({"error": error.message}, status=error.status)
+    if error.retry_after:
+        response["Retry-After"] = str(error.retry_after)
+    return response

@@ -61,7 +61,8 @@ def _messages(raw: Any) -> list[ChatMessage]:
     for index, item in enumerate(raw):
         if not isinstance(item, dict):
             raise GatewayError(400, MESSAGES_NOT_LIST, param="messages")
-        role = _ROLES.get(item.get("role"))
+        role = item.get("role")
+        role = _ROLES.get(role) if isinstance(role, str) else None
         if role is None:
             raise GatewayError(
                 400, ROLE_UNSUPPORTED.format(index=index, role=item.get("role")), param=f"messages[{index}].role"
@@ -198,7 +199,10 @@ def error_event(error: GatewayError) -> bytes:
 
 
 def error_response(error: GatewayError) -> HttpResponse:
-    return JsonResponse(error_object(error), status=error.status)
+    response = JsonResponse(error_object(error), status=error.status)
+    if error.retry_after:
+        response["Retry-After"] = str(error.retry_after)
+    return response
 
 
 def models_object(names: list[str], created: int) -> dict[str, Any]:

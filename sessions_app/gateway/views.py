@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpRe
 from django.views.decorators.csrf import csrf_exempt
 
 from config.dbthread import db_sync_to_async
+from config.logmask import mask
 from providers import router
 from providers.base import ProviderError
 from sessions_app import services
@@ -48,9 +48,10 @@ BODY_TOO_LARGE = "the request body is {size} bytes; the gateway accepts at most 
 # Chat tools resend the whole conversation on every call, so bodies outgrow Django's form-upload
 # limit (DATA_UPLOAD_MAX_MEMORY_SIZE) long before they are unreasonable.
 MAX_BODY_BYTES = 32 * 1024 * 1024
-_TOKEN_IN_PATH = re.compile(r"/t/([^/]{0,6})[^/]*/")
 log = logging.getLogger(__name__)
-STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# Token-authenticated answers: no cache may keep them (JSON and streams alike).
+NO_STORE = "no-store"
+STREAM_HEADERS = {"Cache-Control": NO_STORE, "X-Accel-Buffering": "no"}
 
 
 PARSERS = {"chat": ollama_wire.parse_chat, "generate": ollama_wire.parse_generate}
@@ -79,6 +80,8 @@ def gateway_view(render: Callable[[GatewayError], HttpResponse]):
             except Exception:
                 log.exception("gateway %s %s failed", request.method, masked_path(request.path))
                 response = render(GatewayError(500, INTERNAL_ERROR, code="internal_error"))
+            if not response.has_header("Cache-Control"):
+                response["Cache-Control"] = NO_STORE
             if response.status_code >= 400:
                 response._has_been_logged = True
                 level = logging.WARNING if response.status_code >= 500 else logging.INFO
@@ -91,7 +94,7 @@ def gateway_view(render: Callable[[GatewayError], HttpResponse]):
 
 
 def masked_path(path: str) -> str:
-    return _TOKEN_IN_PATH.sub(r"/t/\1…/", path)
+    return mask(path)
 
 
 def _methods(request: HttpRequest, allowed: tuple[str, ...], render: Callable) -> HttpResponse | None:
@@ -118,10 +121,10 @@ def _check_model(name: str) -> None:
         raise GatewayError(404, MODEL_NOT_FOUND.format(name=name) + f": {exc}", code="model_not_found") from None
 
 
-def _prepare(raw: str, body: bytes, parse: Callable[[dict], ChatRequest | None]):
+def _prepare(raw: str, body: bytes, parse: Callable[[dict], ChatRequest | None], request: HttpRequest | None = None):
     """Authenticate, parse, validate, join the session and begin the turn (its user message
     stored), in one trip to the database thread: the provider is called straight after."""
-    token = authenticate_raw(raw)
+    token = authenticate_raw(raw, request)
     data = read_json(body)
     chat = parse(data)
     if chat is None:
@@ -218,7 +221,7 @@ async def _start_turn(request: HttpRequest, path_token: str | None, parse, start
     """Run the turn up to its first event, so failures before any output get a real status."""
     raw = raw_token(request, path_token)
     body = _body(request)
-    token, data, chat, session, start = await db_sync_to_async(_prepare)(raw, body, parse)
+    token, data, chat, session, start = await db_sync_to_async(_prepare)(raw, body, parse, request)
     if chat is None:
         return Started(data)
     events = services.session_chat(
@@ -302,6 +305,7 @@ async def ollama_generate(request: HttpRequest, token: str | None = None) -> Htt
 
 
 UNSUPPORTED = "{path} is not supported by the gateway (see docs/INTEGRATION.md); run it against the provider itself"
+NO_SUCH_ENDPOINT = "{path} is not an endpoint of the gateway (see docs/GATEWAY.md)"
 
 
 def _unsupported(request: HttpRequest, render: Callable) -> HttpResponse:
@@ -320,6 +324,22 @@ async def ollama_unsupported(request: HttpRequest, token: str | None = None, **k
 async def openai_unsupported(request: HttpRequest, token: str | None = None, **kwargs) -> HttpResponse:
     """OpenAI endpoints beyond Chat Completions, in OpenAI's error shape."""
     return _unsupported(request, openai_wire.error_response)
+
+
+def _unknown(request: HttpRequest, render: Callable) -> HttpResponse:
+    return render(GatewayError(404, NO_SUCH_ENDPOINT.format(path=masked_path(request.path)), code="not_found"))
+
+
+@gateway_view(ollama_wire.error_response)
+async def ollama_not_found(request: HttpRequest, token: str | None = None, **kwargs) -> HttpResponse:
+    """Any other path under /api/ (but /api/ollama/, the REST API) or /t/<token>/, in Ollama's shape."""
+    return _unknown(request, ollama_wire.error_response)
+
+
+@gateway_view(openai_wire.error_response)
+async def openai_not_found(request: HttpRequest, token: str | None = None, **kwargs) -> HttpResponse:
+    """Any other path under /v1/ (`/v1/models/` with no id, say), in OpenAI's shape."""
+    return _unknown(request, openai_wire.error_response)
 
 
 @gateway_view(ollama_wire.error_response)

@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from django.test import AsyncClient, Client
 from django.utils import timezone
 
+from sessions_app import boundary
 from sessions_app.api_urls import urlpatterns
 from sessions_app.integrity import canonical_json
 from sessions_app.models import ApiToken, ChatSession, ContextStream, SessionMessage, SessionSegment
@@ -411,12 +412,18 @@ def test_openapi_document_is_served_and_covers_every_route(client):
 def test_control_characters_and_nul_bytes_are_bad_input_not_a_crash(api, owner, client_acme, use_simulator):
     call(api, "POST", "/session/start", {"client": "ac\u0000me", "model": "ollama:llama3.2"}, status=400)
     call(api, "POST", "/session/start", {"client": "acme", "model": "llama\u00003.2"}, status=400)
-    session = start(api, name="na\u0000me", system_prompt="sys\u0000tem")
-    assert session["name"] == "name"
-    answer = call(api, "POST", f"/session/{session['session_id']}/chat", {"message": "he\u0000llo"}, status=200)
-    assert SessionMessage.objects.get(session_id=session["session_id"], seq=1).content == "hello"
+    # Issue 18: the input boundary refuses NUL in any string, naming the field (free text used to
+    # be stored with the NUL stripped); nothing is stored.
+    error = call(api, "POST", "/session/start", {"client": "acme", "model": "ollama:llama3.2", "name": "na\u0000me"}, status=400)
+    assert error["error"]["message"] == boundary.NUL_CHARACTER.format(where="body.name")
+    session = start(api, name="name", system_prompt="system")
+    sid = session["session_id"]
+    error = call(api, "POST", f"/session/{sid}/chat", {"message": "he\u0000llo"}, status=400)
+    assert error["error"]["message"] == boundary.NUL_CHARACTER.format(where="body.message")
+    assert not SessionMessage.objects.filter(session_id=sid).exists()
+    answer = call(api, "POST", f"/session/{sid}/chat", {"message": "hello"}, status=200)
     assert answer["status"] == "complete"
-    call(api, "GET", "/sessions?client=%00", status=200)
+    call(api, "GET", "/sessions?client=%00", status=400)
     call(api, "GET", "/session/%00/summary", status=404)
 
 
@@ -427,3 +434,35 @@ def test_a_client_bound_token_cannot_switch_to_another_client(owner, client_acme
     error = call(bound, "POST", f"/session/{sid}/switch", {"client": "globex"}, status=400)
     assert "only bill client 'acme'" in error["error"]["message"]
     call(bound, "POST", f"/session/{sid}/switch", {"model": "ollama:mistral"}, status=200)
+
+
+def test_a_client_bound_token_acts_only_on_sessions_of_its_client(owner, client_acme, client_globex, use_simulator):
+    """Issue 18, item 5: as for another consultant's session, everything else is a 404."""
+    _token, raw = ApiToken.issue(user=owner, client=client_acme)
+    bound = Client(HTTP_AUTHORIZATION=f"Bearer {raw}")
+    _token, raw_free = ApiToken.issue(user=owner)
+    free = Client(HTTP_AUTHORIZATION=f"Bearer {raw_free}")
+    mine = start(bound)["session_id"]
+    other = start(free, client="globex")["session_id"]  # the same consultant's, for another client
+
+    for method, url, body in [
+        ("POST", f"/session/{other}/chat", {"message": "Bill this to acme's token?"}),
+        ("POST", f"/session/{other}/switch", {"model": "ollama:mistral"}),
+        ("POST", f"/session/{other}/end", None),
+        ("GET", f"/session/{other}/summary", None),
+        ("GET", f"/session/{other}/export", None),
+    ]:
+        error = call(bound, method, url, body, status=404)
+        assert error == {"error": {"code": "not_found", "message": "No such session."}}
+    assert not SessionMessage.objects.filter(session_id=other).exists()
+    assert ChatSession.objects.get(pk=other).status == "active"
+
+    listed = call(bound, "GET", "/sessions", status=200)
+    assert [s["session_id"] for s in listed["results"]] == [mine]
+    assert call(bound, "GET", "/sessions?client=globex", status=200)["results"] == []
+    assert call(bound, "GET", "/stats", status=200)["sessions"] == 1
+    error = call(bound, "GET", "/stats?client=globex", status=400)
+    assert "only bill client 'acme'" in error["error"]["message"]
+    call(bound, "GET", "/search?q=anything&client=globex", status=400)
+    call(bound, "GET", f"/session/{mine}/summary", status=200)
+    call(free, "GET", f"/session/{other}/summary", status=200)

@@ -179,6 +179,12 @@ def page(browser, live_url):
             dialog.dismiss()
 
     page.on("dialog", on_dialog)
+    # Whatever the Content-Security-Policy blocks, the browser reports on the console.
+    page.csp_violations = []
+    page.on(
+        "console",
+        lambda message: "Content Security Policy" in message.text and page.csp_violations.append(message.text),
+    )
     page.goto("/accounts/login/")
     page.fill("#id_username", "olivia")
     page.fill("#id_password", PASSWORD)
@@ -282,6 +288,7 @@ def test_a_consultants_session_from_start_to_summary(page):
     assert page.locator("tr[data-client=globex]").count() == 1
     assert "Integrity verified" in page.locator(".integrity").inner_text()
     assert page.unexpected_dialogs == []
+    assert page.csp_violations == []
     if os.environ.get("SAVE_SCREENSHOTS"):
         page.screenshot(path=str(SCREENSHOTS / "summary.png"), full_page=True)
 
@@ -378,4 +385,29 @@ def test_markdown_is_built_as_nodes_and_unsafe_links_stay_text(page):
     assert result["images"] == 0
     assert "[bad](javascript:alert(1))" in result["text"]
     assert "<img src=x onerror=alert(1)>" in result["text"]
+    assert page.unexpected_dialogs == []
+
+
+def test_every_page_passes_the_content_security_policy(page, live_url):
+    """Issue 18: a CSP with no inline script but by nonce; every page works under it."""
+    start_session(page, "acme", "Policy check")
+    ask(page, "Hello under the policy")
+    chat_path = urlparse(page.url).path
+    headers = page.goto(chat_path).headers
+    assert "script-src 'self' 'nonce-" in headers["content-security-policy"]
+    assert "'unsafe-inline'" not in headers["content-security-policy"].split("script-src")[1].split(";")[0]
+    page.wait_for_selector("[data-conn][data-state=live]")
+    for path in ("/", "/sessions/", "/sessions/new/", "/search/?q=policy", "/reports/", chat_path):
+        page.goto(path)
+        page.wait_for_load_state("networkidle")
+    page.goto("/sessions/new/")
+    page.select_option("#id_client", "globex")  # the brand list follows (static/js/session_new.js)
+    assert page.locator("#id_brand optgroup:not([hidden])").count() == 1
+    page.goto("/")
+    first = page.locator(".live-timer").first.inner_text()  # ticking (static/js/live_timers.js)
+    page.wait_for_function("t => document.querySelector('.live-timer').textContent !== t", arg=first)
+    if os.environ.get("SAVE_SCREENSHOTS"):
+        page.goto("/search/?q=policy")
+        page.screenshot(path=str(SCREENSHOTS / "search.png"), full_page=True)
+    assert page.csp_violations == []
     assert page.unexpected_dialogs == []

@@ -10,7 +10,7 @@ from decimal import Decimal
 import pytest
 
 from billing.models import LLMUsage
-from sessions_app import integrity, services
+from sessions_app import integrity, selectors, services
 from sessions_app.invariants import check_session
 from sessions_app.models import ApiToken, ChatSession, SessionMessage
 from sessions_app.tests.schema_check import assert_matches
@@ -113,22 +113,30 @@ def test_an_export_of_an_import_imports_again(sealed, owner):
     assert second.session.imported_seal["source"]["session_id"] == str(first.pk)
 
 
-def test_an_active_session_imports_with_its_chain_checked_and_no_seal(owner, client_acme, use_simulator):
+def test_an_active_session_imports_with_its_chain_checked_but_unverified(owner, client_acme, use_simulator):
+    # Issue 18: anyone can recompute a chain, so an unsealed file is never "valid" (it was before).
     sm = SessionManager(owner, client="acme", model="ollama:llama3.2")
     sm.chat("Hello")
     result = session_import(user=owner, data=session_export(session=sm.session))
-    assert result.valid and not result.trusted
-    assert "not sealed" in result.detail
+    assert not result.valid and not result.trusted
+    assert result.detail.startswith(integrity.UNTRUSTED_IMPORT) and "hash chain of 2 messages is intact" in result.detail
 
 
-def test_a_seal_from_another_server_is_checked_against_the_key_in_the_file(sealed, owner, settings):
+def test_a_seal_from_another_server_is_unverified_unless_its_key_is_trusted(sealed, owner, settings):
     document = session_export(session=sealed)
+    original_public_key = document["signing_key"]["public_key"]
     settings.SESSION_SIGNING_KEY = base64.b64encode(b"another-server-key-32-bytes-long").decode()
 
     result = session_import(user=owner, data=document)
 
-    assert result.valid and not result.trusted
-    assert "not this server's key" in result.detail
+    # Issue 18: checked against the key in the file, but that key vouches for nothing (it was "valid").
+    assert not result.valid and not result.trusted
+    assert result.detail.startswith(integrity.UNTRUSTED_IMPORT) and "does not trust" in result.detail
+
+    settings.SESSION_TRUSTED_KEYS = [original_public_key]
+    result = session_import(user=owner, data=document)
+    assert result.valid and result.trusted
+    assert f"trusted key {document['seal']['key_id']}" in result.detail
 
 
 def _refused(owner, document, expected: str) -> None:
@@ -165,9 +173,10 @@ def test_a_tampered_file_is_refused_naming_what_is_wrong(document, owner, change
     _refused(owner, _edit(document, change), expected)
 
 
-def test_a_forger_who_recomputes_the_chain_still_fails_the_signature(sealed, owner):
-    document = session_export(session=sealed)
-    document["messages"][1]["content"] = "Forged"
+def _rechain(document: dict) -> str:
+    """Recompute the public hash chain over the document's messages, as a forger can."""
+    from django.utils.dateparse import parse_datetime
+
     previous = integrity.GENESIS
     for m in document["messages"]:
         row = SessionMessage(
@@ -187,12 +196,70 @@ def test_a_forger_who_recomputes_the_chain_still_fails_the_signature(sealed, own
             status=m["status"],
             is_imported=m["is_imported"],
         )
-        from django.utils.dateparse import parse_datetime
-
         row.timestamp = parse_datetime(m["timestamp"])
         m["hash"] = previous = integrity.link_hash(previous, row)
-    document["seal"]["signed"]["chain_head"] = previous
+    return previous
+
+
+def test_a_forger_who_recomputes_the_chain_still_fails_the_signature(sealed, owner):
+    document = session_export(session=sealed)
+    document["messages"][1]["content"] = "Forged"
+    document["seal"]["signed"]["chain_head"] = _rechain(document)
     _refused(owner, document, "the seal's signature is invalid")
+
+
+def _forged(document: dict) -> dict:
+    forged = copy.deepcopy(document)
+    forged["messages"][1]["content"] = "Forged"
+    _rechain(forged)
+    return forged
+
+
+def _resealed_with_own_key(document: dict) -> dict:
+    """The forged document sealed by the forger's own key, its public key in the file."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    key = Ed25519PrivateKey.generate()
+    public = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    document["seal"]["signed"]["chain_head"] = document["messages"][-1]["hash"]
+    document["seal"]["key_id"] = integrity.key_id(public)
+    document["seal"]["signature"] = base64.b64encode(key.sign(integrity.canonical_json(document["seal"]["signed"])))
+    document["seal"]["signature"] = document["seal"]["signature"].decode()
+    document["signing_key"] = {"algorithm": "Ed25519", "key_id": integrity.key_id(public)}
+    document["signing_key"]["public_key"] = base64.b64encode(public).decode()
+    return document
+
+
+@pytest.mark.parametrize(
+    ("forge", "why"),
+    [
+        (lambda d: {**d, "seal": None, "session": {**d["session"], "status": "active"}}, "carries no seal"),
+        (_resealed_with_own_key, "does not trust"),
+        (lambda d: {**d, "seal": None, "messages": [{**m, "hash": ""} for m in d["messages"]]}, "nothing in the file"),
+    ],
+    ids=["unsealed-and-active", "sealed-by-the-forger", "stripped"],
+)
+def test_a_forged_file_is_stored_as_unverified_never_valid(document, owner, forge, why):
+    result = session_import(user=owner, data=json.dumps(forge(_forged(document))))
+
+    assert not result.valid and not result.trusted
+    assert result.detail.startswith(integrity.UNTRUSTED_IMPORT) and why in result.detail
+    summary = selectors.session_summary(session=result.session)
+    assert summary["integrity"]["valid"] is False
+    assert summary["integrity"]["detail"].startswith(integrity.UNTRUSTED_IMPORT)
+    assert check_session(result.session) == []  # this server's record of what it stored is sound
+
+
+def test_an_untrusted_import_cannot_be_laundered_through_an_export(document, owner):
+    first = session_import(user=owner, data=json.dumps(_resealed_with_own_key(_forged(document))))
+    exported = session_export(session=first.session)  # sealed by this server, over the copy
+
+    again = session_import(user=owner, data=json.dumps(exported))
+    assert not again.valid and "an export of an import that no trusted key sealed" in again.detail
+
+    exported["imported"]["integrity"].update(valid=True, trusted=True)  # not signed: the seal says otherwise
+    _refused(owner, exported, "session.import_untrusted does not match the seal")
 
 
 @pytest.mark.parametrize(

@@ -600,3 +600,67 @@ def test_endpoints_the_gateway_does_not_offer_say_so_in_the_protocols_shape(gate
     assert pull.status_code == 404 and acme_token[1] not in pull.text
     legacy = httpx.post(f"{gateway_url}/v1/completions", json={"model": "llama3.2", "prompt": "x"}, headers=auth)
     assert legacy.status_code == 404 and legacy.json()["error"]["code"] == "unsupported_endpoint"
+
+
+# --- Conversations told apart (issue 18, item 4) ------------------------------------------------
+
+
+def test_a_new_conversation_never_joins_a_session_whose_first_turn_is_not_stored_yet(acme_token, use_simulator):
+    """The race behind the 409s: call A has started its session but not yet stored its message."""
+    from sessions_app.gateway import ollama_wire
+    from sessions_app.gateway.joining import gateway_join
+
+    token = acme_token[0]
+
+    def join(content: str):
+        body = json.dumps({"model": "llama3.2", "messages": [{"role": "user", "content": content}]}).encode()
+        return gateway_join(token=token, chat=ollama_wire.parse_chat(json.loads(body)))[0]
+
+    first = join("Draft a title for this chat")  # its turn has not begun: no stored message yet
+    second = join("Suggest three tags")
+    assert second.pk != first.pk
+    assert {s.pk for s in gateway_sessions(token)} == {first.pk, second.pk}
+
+
+@pytest.mark.skipif(
+    connection.vendor != "postgresql",
+    reason="concurrent writers need PostgreSQL: SQLite's shared in-memory test database cannot wait for a table lock",
+)
+def test_unrelated_conversations_on_one_token_run_concurrently_in_sessions_of_their_own(
+    gateway_url, acme_token, client_acme, use_simulator
+):
+    """Tools send side requests (titles, tags, autocomplete) in parallel: none may collide."""
+    import asyncio
+
+    auth = {"Authorization": f"Bearer {acme_token[1]}"}
+    stalled = {"model": "llama3.2-fault-stall", "messages": [{"role": "user", "content": "A long one"}]}
+
+    async def round_of(calls: int, label: str) -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=30) as client:
+            return await asyncio.gather(
+                *(
+                    client.post(
+                        f"{gateway_url}/api/chat",
+                        json={
+                            "model": "llama3.2",
+                            "stream": False,
+                            "messages": [{"role": "user", "content": f"{label} conversation {index}"}],
+                        },
+                        headers=auth,
+                    )
+                    for index in range(calls)
+                )
+            )
+
+    # One conversation is still answering while the others start: they must not join it either.
+    with httpx.stream("POST", f"{gateway_url}/api/chat", json=stalled, headers=auth) as streaming:
+        lines = streaming.iter_lines()
+        assert json.loads(next(lines))["done"] is False
+        for label in ("first", "second", "third"):
+            responses = asyncio.run(round_of(6, label))
+            assert [r.status_code for r in responses] == [200] * 6, [r.text for r in responses]
+            assert len({r.headers["X-Session-Id"] for r in responses}) == 6
+    sessions = list(gateway_sessions(acme_token[0]))
+    assert len(sessions) == 1 + 18 and {s.domain_id for s in sessions} == {client_acme.pk}
+    for session in sessions[1:]:
+        assert [role for role, _ in stored(session)] == ["user", "assistant"]

@@ -6,8 +6,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from sessions_app.conversation import session_resolve
 from sessions_app.errors import SessionError
-from sessions_app.integrity import verify_session
-from sessions_app.invariants import check_session
+from sessions_app.invariants import session_verdict
 from sessions_app.models import ChatSession, SessionStatus
 
 
@@ -43,14 +42,12 @@ class Command(BaseCommand):
         failed = checked = 0
         for session in sessions:
             checked += 1
-            valid, detail = verify_session(session)
-            problems = [] if not valid else check_session(session)
-            if valid and not problems:
+            detail, problems = session_verdict(session)
+            if not problems:
                 self.stdout.write(f"{session.pk} valid: {detail}")
                 continue
             failed += 1
-            reasons = [detail] if not valid else problems
-            self.stdout.write(self.style.ERROR(f"{session.pk} INVALID: " + "; ".join(reasons)))
+            self.stdout.write(self.style.ERROR(f"{session.pk} INVALID: " + "; ".join(problems)))
         self.stdout.write(f"{checked} checked, {failed} failed")
         if failed:
             raise SystemExit(1)
