@@ -298,6 +298,7 @@ CONTENT_SECURITY_POLICY = {
     }
 }
 
+
 def env_rate(name: str, default: str) -> tuple[int, int]:
     """A limit such as `10/10m`: (count, seconds); the period is s, m, h or d, optionally with a number."""
     raw = os.environ.get(name, "").strip() or default
@@ -315,7 +316,9 @@ TOKEN_FAILURE_LIMIT = env_rate("TOKEN_FAILURE_LIMIT", "30/1m")  # unknown API to
 # in (its last hop is used), e.g. HTTP_X_FORWARDED_FOR. Unset: REMOTE_ADDR.
 CLIENT_IP_HEADER = os.environ.get("CLIENT_IP_HEADER", "").strip()
 if CLIENT_IP_HEADER and not re.fullmatch(r"HTTP_[A-Z0-9_]+|REMOTE_ADDR", CLIENT_IP_HEADER):
-    raise ImproperlyConfigured(f"CLIENT_IP_HEADER must be a request META key such as HTTP_X_FORWARDED_FOR, got {CLIENT_IP_HEADER!r}")
+    raise ImproperlyConfigured(
+        f"CLIENT_IP_HEADER must be a request META key such as HTTP_X_FORWARDED_FOR, got {CLIENT_IP_HEADER!r}"
+    )
 RATELIMIT_HASH_ALGORITHM = "hashlib.sha256"
 
 LOG_LEVEL = os.environ.get("LOG_LEVEL", "").strip().upper() or "INFO"

@@ -59,7 +59,9 @@ def unexpected_error_response(request, exc: BaseException) -> JsonResponse:
     """
     if isinstance(exc, OperationalError | InterfaceError):
         log.warning("API %s %s: database unavailable", request.method, request.path, exc_info=exc)
-        response = JsonResponse({"error": {"code": "database_unavailable", "message": DATABASE_UNAVAILABLE}}, status=503)
+        response = JsonResponse(
+            {"error": {"code": "database_unavailable", "message": DATABASE_UNAVAILABLE}}, status=503
+        )
         response["Retry-After"] = str(RETRY_AFTER_SECONDS)
         return response
     log.error("API %s %s failed", request.method, request.path, exc_info=exc)

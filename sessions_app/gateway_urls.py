@@ -37,5 +37,8 @@ urlpatterns = [
     re_path(r"^v1/", views.openai_not_found),
     re_path(r"^api/(?!ollama/)", views.ollama_not_found),  # /api/ollama/ is the REST API
     path("t/<str:token>/", views.ollama_root, name="root"),
-    path("t/<str:token>/", include(([*routes, *unknown, re_path(r"", views.ollama_not_found)], "gateway"), namespace="token")),
+    path(
+        "t/<str:token>/",
+        include(([*routes, *unknown, re_path(r"", views.ollama_not_found)], "gateway"), namespace="token"),
+    ),
 ]

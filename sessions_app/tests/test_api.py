@@ -414,7 +414,9 @@ def test_control_characters_and_nul_bytes_are_bad_input_not_a_crash(api, owner, 
     call(api, "POST", "/session/start", {"client": "acme", "model": "llama\u00003.2"}, status=400)
     # Issue 18: the input boundary refuses NUL in any string, naming the field (free text used to
     # be stored with the NUL stripped); nothing is stored.
-    error = call(api, "POST", "/session/start", {"client": "acme", "model": "ollama:llama3.2", "name": "na\u0000me"}, status=400)
+    error = call(
+        api, "POST", "/session/start", {"client": "acme", "model": "ollama:llama3.2", "name": "na\u0000me"}, status=400
+    )
     assert error["error"]["message"] == boundary.NUL_CHARACTER.format(where="body.name")
     session = start(api, name="name", system_prompt="system")
     sid = session["session_id"]

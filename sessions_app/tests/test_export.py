@@ -119,7 +119,9 @@ def test_an_active_session_imports_with_its_chain_checked_but_unverified(owner, 
     sm.chat("Hello")
     result = session_import(user=owner, data=session_export(session=sm.session))
     assert not result.valid and not result.trusted
-    assert result.detail.startswith(integrity.UNTRUSTED_IMPORT) and "hash chain of 2 messages is intact" in result.detail
+    assert (
+        result.detail.startswith(integrity.UNTRUSTED_IMPORT) and "hash chain of 2 messages is intact" in result.detail
+    )
 
 
 def test_a_seal_from_another_server_is_unverified_unless_its_key_is_trusted(sealed, owner, settings):

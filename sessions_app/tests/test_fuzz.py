@@ -257,7 +257,7 @@ async def test_no_frame_closes_the_chat_socket_or_goes_unanswered(callers, owner
     connected, _ = await communicator.connect(timeout=10)
     assert connected
     assert json.loads(await communicator.receive_from(timeout=10))["type"] == "ready"
-    frames = [body.decode("utf-8", "replace") or "\"\"" for body in RAW_BODIES]
+    frames = [body.decode("utf-8", "replace") or '""' for body in RAW_BODIES]
     for kind in ("chat", "stop", "switch", "end", "ping", "unknown", "ch\\u0000at", "\\ud800"):
         for _ in range(ROUNDS):
             fields = ", ".join(

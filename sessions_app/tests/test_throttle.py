@@ -121,7 +121,12 @@ def test_failures_counted_by_another_process_throttle_this_one(owner):
     )
     env = {**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings_test", "REDIS_URL": location}
     done = subprocess.run(
-        [sys.executable, "manage.py", "shell", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "manage.py", "shell", "-c", script],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.stdout.strip().splitlines()[-1] == "True", done.stderr
     refused = Client().post("/accounts/login/", {"username": "olivia", "password": PASSWORD})
