@@ -111,7 +111,11 @@ def async_api_view(*methods: str):
 def session_start(request, user):
     data = _body(request)
     token = getattr(request, "api_token", None)
-    session = services.session_start(
+    start = services.session_start
+    extra = {}
+    if data.get("template") not in (None, ""):
+        start, extra = services.session_start_from_template, {"template": data["template"]}
+    session = start(
         user=user,
         client=data.get("client"),
         model=data.get("model"),
@@ -120,6 +124,7 @@ def session_start(request, user):
         system_prompt=data.get("system_prompt") or "",
         source="api" if token is not None else "web",
         api_token=token,
+        **extra,
     )
     return JsonResponse(
         selectors.session_as_dict(selectors.session_get_for_user(session_id=session.pk, user=user)), status=201
@@ -248,8 +253,14 @@ def session_list(request, user):
         raise BadInput(BAD_PAGING.format(max=MAX_LIMIT))
     client = request.GET.get("client", "").replace("\x00", "").strip() or None
     status = request.GET.get("status", "").replace("\x00", "").strip() or None
+    hidden = request.GET.get("hidden", "").strip() or "exclude"
     sessions = selectors.session_list(
-        user=user, client=client, status=status, start=_when(request, "from"), end=_when(request, "to", end=True)
+        user=user,
+        client=client,
+        status=status,
+        start=_when(request, "from"),
+        end=_when(request, "to", end=True),
+        hidden=hidden,
     )
     page = list(sessions[offset : offset + limit + 1])
     next_url = None
