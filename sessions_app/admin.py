@@ -24,6 +24,7 @@ from sessions_app.models import (
     ApiToken,
     ChatSession,
     ContextStream,
+    SessionInvitation,
     SessionMessage,
     SessionSegment,
 )
@@ -92,13 +93,25 @@ class ReadOnlyInline(admin.TabularInline):
 
 class MessageInline(ReadOnlyInline):
     model = SessionMessage
-    fields = ("seq", "role", "text", "model", "domain", "tokens", "token_source", "cost", "status", "timestamp")
+    fields = (
+        "seq",
+        "role",
+        "author",
+        "text",
+        "model",
+        "domain",
+        "tokens",
+        "token_source",
+        "cost",
+        "status",
+        "timestamp",
+    )
     readonly_fields = fields
     ordering = ("seq",)
     verbose_name_plural = "messages"
 
     def get_queryset(self, request):
-        return super().get_queryset(request).select_related("domain")
+        return super().get_queryset(request).select_related("domain", "author")
 
     @admin.display(description="Content")
     def text(self, obj: SessionMessage) -> str:
@@ -109,6 +122,19 @@ class MessageInline(ReadOnlyInline):
         if obj.cost_usd is None and obj.role == "assistant":
             return format_html('<strong style="color:#b42318">{}</strong>', "price unknown")
         return money(obj.cost_usd)
+
+
+class InvitationInline(ReadOnlyInline):
+    """Who the owner shared the session with (consultants revoke and invite from the session's pages)."""
+
+    model = SessionInvitation
+    fields = ("user", "invited_by", "created_at", "revoked_at")
+    readonly_fields = fields
+    ordering = ("created_at",)
+    verbose_name_plural = "shared with"
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).select_related("user", "invited_by")
 
 
 class SegmentInline(ReadOnlyInline):
@@ -208,7 +234,7 @@ class ChatSessionAdmin(admin.ModelAdmin):
     date_hierarchy = "started_at"
     list_per_page = 50
     show_full_result_count = False
-    inlines = [SegmentInline, ContextStreamInline, MessageInline]
+    inlines = [SegmentInline, ContextStreamInline, InvitationInline, MessageInline]
     readonly_fields = (
         "session_id",
         "user",
@@ -233,6 +259,9 @@ class ChatSessionAdmin(admin.ModelAdmin):
         "api_token",
         "seal",
         "archived_at",
+        "continued_from",
+        "template",
+        "hidden_at",
     )
     fieldsets = (
         (None, {"fields": ("name", "user", "domain", "brand", "status", "end_reason", "source")}),
@@ -242,7 +271,20 @@ class ChatSessionAdmin(admin.ModelAdmin):
         ("Prompt", {"fields": ("system_prompt",)}),
         (
             "Lineage and billing",
-            {"fields": ("session_id", "parent", "branched_at_seq", "branches", "invoice", "api_token", "archived_at")},
+            {
+                "fields": (
+                    "session_id",
+                    "parent",
+                    "branched_at_seq",
+                    "branches",
+                    "continued_from",
+                    "template",
+                    "hidden_at",
+                    "invoice",
+                    "api_token",
+                    "archived_at",
+                )
+            },
         ),
         ("Integrity seal", {"fields": ("seal",), "classes": ("collapse",)}),
     )
