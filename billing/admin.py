@@ -31,6 +31,7 @@ from billing.models import (
     ModelPrice,
     SessionTemplate,
 )
+from sessions_app.admin_layout import WideChangelist
 
 HOSTNAME = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
 CURRENCY = re.compile(r"^[A-Z]{3}$")
@@ -411,7 +412,7 @@ class ReadOnlyAdminMixin:
 
 
 @admin.register(LLMUsage)
-class LLMUsageAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+class LLMUsageAdmin(WideChangelist, ReadOnlyAdminMixin, admin.ModelAdmin):
     list_display = (
         "created_at",
         "user",

@@ -20,6 +20,7 @@ from django.utils.safestring import mark_safe
 from billing.admin import ChoiceFilter, ReadOnlyAdminMixin, money
 from billing.admin_actions import end_sessions, export_sessions_csv, verify_integrity
 from billing.models import ClientDomain, Provider
+from sessions_app.admin_layout import WideChangelist
 from sessions_app.models import (
     ApiToken,
     ChatSession,
@@ -196,7 +197,7 @@ class LineageFilter(ChoiceFilter):
 
 
 @admin.register(ChatSession)
-class ChatSessionAdmin(admin.ModelAdmin):
+class ChatSessionAdmin(WideChangelist, admin.ModelAdmin):
     list_display = (
         "title",
         "consultant",
@@ -350,8 +351,11 @@ class ChatSessionAdmin(admin.ModelAdmin):
         return obj.current_model
 
     @admin.display(description="Started", ordering="started_at")
-    def started(self, obj: ChatSession):
-        return obj.started_at
+    def started(self, obj: ChatSession) -> str:
+        # Short, in the admin's time zone: the list is wide enough without "p.m." and the year.
+        when = timezone.localtime(obj.started_at)
+        year = "" if when.year == timezone.localtime().year else f" {when.year}"
+        return f"{when:%b} {when.day}{year}, {when:%H:%M}"
 
     @admin.display(description="Messages", ordering="total_messages")
     def messages_count(self, obj: ChatSession) -> int:
@@ -373,7 +377,7 @@ class ChatSessionAdmin(admin.ModelAdmin):
 
 
 @admin.register(SessionMessage)
-class SessionMessageAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+class SessionMessageAdmin(WideChangelist, ReadOnlyAdminMixin, admin.ModelAdmin):
     list_display = ("session", "seq", "role", "snippet", "model", "domain", "tokens", "cost", "status", "timestamp")
     list_filter = ("role", "status", "provider", "token_source", "domain", "is_imported", "timestamp")
     search_fields = ("content", "session__name", "model")

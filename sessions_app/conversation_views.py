@@ -21,6 +21,7 @@ from sessions_app.live import session_brand_style
 from sessions_app.models import SessionInvitation
 
 RENAMED = "Renamed to “{name}”."
+BRANCHED = "A branch with messages 1 to {at}; they are not billed again. What you say here is."
 HIDDEN = "“{name}” is hidden from your lists. Its time and cost are still billed; find it under Hidden."
 SHOWN = "“{name}” is back in your lists."
 INVITED = "{user} can now open this session and chat in it."
@@ -68,6 +69,26 @@ def session_continue_page(request: HttpRequest, session_id) -> HttpResponse:
             return redirect("session-chat", session_id=new.session_id)
     status = 400 if form.is_bound and form.errors else 200
     return render(request, "sessions_app/session_continue.html", {"session": session, "form": form}, status=status)
+
+
+@login_required
+@require_POST
+def session_branch_page(request: HttpRequest, session_id) -> HttpResponse:
+    """A new session with the messages up to the one picked; go on from there."""
+    session = _session(request, session_id)
+    at = request.POST.get("at", "").strip()
+    try:
+        branch = services.session_branch(
+            session_id=session.pk,
+            user=request.user,
+            at_seq=int(at) if at.isdigit() else None,
+            name=request.POST.get("name", ""),
+        )
+    except SessionError as exc:
+        messages.error(request, exc.message)
+        return redirect("session-summary", session_id=session.session_id)
+    messages.success(request, BRANCHED.format(at=branch.branched_at_seq))
+    return redirect("session-chat", session_id=branch.session_id)
 
 
 @login_required

@@ -13,6 +13,7 @@ urlpatterns = [
     path("sessions/<uuid:session_id>/summary/", views.session_summary_page, name="session-summary"),
     path("sessions/<uuid:session_id>/messages.json", views.session_messages_json, name="session-messages"),
     path("sessions/<uuid:session_id>/continue/", conversation_views.session_continue_page, name="session-continue"),
+    path("sessions/<uuid:session_id>/branch/", conversation_views.session_branch_page, name="session-branch"),
     path("sessions/<uuid:session_id>/rename/", conversation_views.session_rename, name="session-rename"),
     path("sessions/<uuid:session_id>/hide/", conversation_views.session_hide, name="session-hide"),
     path("sessions/<uuid:session_id>/share/", conversation_views.session_share_page, name="session-share"),

@@ -203,6 +203,9 @@ def session_summary_page(request: HttpRequest, session_id) -> HttpResponse:
         "transcript_url": f"/api/ollama/session/{session.session_id}/transcript",
         "can_manage": session.user_id == request.user.pk or request.user.is_staff,
         "lineage": selectors.session_versions(session=session, user=request.user),
+        "branch_points": range(1, (session.messages.order_by("-seq").values_list("seq", flat=True).first() or 0) + 1)
+        if session.archived_at is None
+        else [],
         "continue_clients": []
         if session.is_active
         else list(ClientDomain.objects.open_to(request.user).active().order_by("name")),
