@@ -253,3 +253,40 @@ def test_the_home_page_stays_bounded_with_shared_sessions(
             SessionInvitation.objects.create(session=session, user=owner, invited_by=colleague)
 
     assert_bounded_queries(owner_client, "/", make, django_assert_max_num_queries, bound=6)
+
+
+# --- conversation templates in the admin ------------------------------------------------------
+
+
+def test_staff_manage_templates_in_the_admin(staff_client, client_acme):
+    from billing.admin import TEMPLATE_MODEL_INVALID
+
+    url = "/admin/billing/sessiontemplate/add/"
+    response = staff_client.post(
+        url,
+        {
+            "name": "Lease",
+            "client": str(client_acme.pk),
+            "default_model": "llama 3",
+            "system_prompt": "",
+            "is_active": "on",
+        },
+    )
+    assert response.status_code == 200
+    assert TEMPLATE_MODEL_INVALID.format(name="llama 3").replace("'", "&#x27;") in response.content.decode()
+    response = staff_client.post(
+        url,
+        {
+            "name": "Lease",
+            "client": str(client_acme.pk),
+            "default_model": "openai:gpt-4o",
+            "system_prompt": "Review leases.",
+            "first_message": "Here is the lease:",
+            "is_active": "on",
+        },
+    )
+    assert response.status_code == 302
+    template = SessionTemplate.objects.get(name="Lease")
+    assert (template.client, template.default_model) == (client_acme, "openai:gpt-4o")
+    listing = staff_client.get("/admin/billing/sessiontemplate/").content.decode()
+    assert "Lease" in listing and "Here is the lease:" in listing

@@ -536,3 +536,51 @@ def test_an_uninvited_consultant_gets_404_on_every_endpoint_of_a_shared_session(
         return await communicator.connect(timeout=10)
 
     assert async_to_sync(connect)() == (False, CLOSE_NOT_FOUND)
+
+
+# --- templates over REST, and the one access rule -------------------------------------------
+
+
+def test_start_from_a_template_over_rest(api, client_acme, client_globex, use_simulator):
+    from billing.models import SessionTemplate
+
+    SessionTemplate.objects.create(
+        client=client_globex, name="Research", system_prompt="Cite sources.", default_model="ollama:mistral"
+    )
+    body = {"template": "Research"}
+    session = call(api, "POST", "/session/start", body, status=201, spec_path="/session/start")
+    stored = ChatSession.objects.get(pk=session["session_id"])
+    assert (session["client"], session["model"], session["name"]) == ("globex", "ollama:mistral", "Research")
+    assert (stored.system_prompt, stored.template.name) == ("Cite sources.", "Research")
+    other = call(api, "POST", "/session/start", {"template": "Research", "client": "acme"}, status=400)
+    assert other["error"]["message"] == services.TEMPLATE_OTHER_CLIENT.format(
+        template="Research", slug="globex", other="acme"
+    )
+    unknown = call(api, "POST", "/session/start", {"template": "Nope", "client": "acme"}, status=400)
+    assert unknown["error"]["message"] == services.TEMPLATE_UNKNOWN.format(template="Nope")
+
+
+def test_the_access_rule_lets_in_the_owner_the_invited_and_staff(owner, colleague, outsider, staff, client_acme):
+    from sessions_app import selectors
+    from sessions_app.errors import NotFound
+
+    session = services.session_start(user=owner, client=client_acme, model="ollama:llama3.2")
+    invitation = SessionInvitation.objects.create(session=session, user=colleague, invited_by=owner)
+    visible = {
+        u.username: ChatSession.objects.for_user(u).filter(pk=session.pk).exists()
+        for u in (owner, colleague, outsider, staff)
+    }
+    assert visible == {"olivia": True, "colin": True, "oscar": False, "stella": True}
+    # The live chat socket joins participants only: staff review in the admin.
+    for user in (owner, colleague):
+        assert selectors.session_get_for_participant(session_id=session.pk, user=user) == session
+    for user in (outsider, staff):
+        with pytest.raises(NotFound):
+            selectors.session_get_for_participant(session_id=session.pk, user=user)
+    invitation.revoked_at = timezone.now()
+    invitation.save()
+    assert not ChatSession.objects.for_user(colleague).filter(pk=session.pk).exists()
+    # No duplicates when a session has several invitations.
+    SessionInvitation.objects.create(session=session, user=outsider, invited_by=owner)
+    SessionInvitation.objects.create(session=session, user=colleague, invited_by=owner)
+    assert ChatSession.objects.for_user(owner).count() == 1
