@@ -233,6 +233,11 @@ def test_the_owner_shares_and_the_colleague_sees_who_typed_what(
     assert "olivia (started it), colin" in summary
     assert "data-hide" not in summary  # only the owner hides or renames
     assert client.post(f"/sessions/{session.pk}/share/", {"user": "oscar"}).status_code == 403
+    # Time is counted once: on the owner's report, not on the guest's.
+    assert "Acme Corp" not in client.get("/reports/mine/?preset=this_month").content.decode()
+    client.force_login(owner)
+    assert "Acme Corp" in client.get("/reports/mine/?preset=this_month").content.decode()
+    client.force_login(colleague)
 
     client.force_login(owner)
     client.post(f"/sessions/{session.pk}/share/colin/revoke/")

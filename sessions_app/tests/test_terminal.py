@@ -317,3 +317,10 @@ def test_the_manager_needs_a_user(db, monkeypatch):
     monkeypatch.delenv("CHAT_USER", raising=False)
     with pytest.raises(BadInput, match=re.escape(NO_USER)):
         OllamaSessionManager()
+
+
+@pytest.mark.parametrize(("name", "value"), [("CHAT_MODEL", "two words"), ("CHAT_CLIENT", "acme; rm")])
+def test_bad_chat_defaults_stop_start_up_by_name(tmp_path, name, value):
+    from tests.test_settings import GOOD_KEY, assert_refused, import_settings
+
+    assert_refused(import_settings(tmp_path, DEBUG="0", SESSION_SIGNING_KEY=GOOD_KEY, **{name: value}), name)

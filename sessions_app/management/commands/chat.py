@@ -475,6 +475,10 @@ class Command(BaseCommand):
         branches = list(session.branches.values_list("session_id", "branched_at_seq"))
         for branch_id, at in branches:
             w(f"branched into {branch_id} at message #{at}")
+        if session.continued_from_id:
+            w(f"continues {session.continued_from_id}")
+        for next_id in session.continuations.order_by("started_at").values_list("session_id", flat=True):
+            w(f"continued in {next_id}")
         if session.system_prompt:
             w(f"system prompt: {session.system_prompt}")
         for m in messages:
