@@ -47,8 +47,16 @@ def session_get_for_user(*, session_id, user) -> ChatSession:
     pk = parse_session_id(session_id)
     if user is None or not getattr(user, "is_authenticated", False):
         raise NotFound(SESSION_NOT_FOUND)
+    sessions = ChatSession.objects.select_related("domain", "brand")
+    # The owner's (or staff's) own query first: it is the common case and builds no subquery
+    # (bench/access.py); a session shared with the user is found by the full rule.
     try:
-        return ChatSession.objects.for_user(user).select_related("domain", "brand").get(pk=pk)
+        return sessions.owned_by(user).get(pk=pk)
+    except ChatSession.DoesNotExist:
+        if user.is_staff:
+            raise NotFound(SESSION_NOT_FOUND) from None
+    try:
+        return sessions.participating(user).get(pk=pk)
     except ChatSession.DoesNotExist:
         raise NotFound(SESSION_NOT_FOUND) from None
 
