@@ -366,30 +366,35 @@ def session_versions(*, session: ChatSession, user) -> dict[str, Any]:
             positions.append((seq, shown))
             for _, _, holder in shown:
                 wanted[(holder, seq)] = 0
-    previews: dict[tuple, tuple[str, str]] = {}
+    texts: dict[tuple, tuple[str, str]] = {}
     if wanted:
         condition = Q()
         for holder, seq in wanted:
-            condition |= Q(session_id=holder, seq=seq)
+            condition |= Q(session_id=holder, seq__in=(seq, seq + 1))
         for sid, seq, role, content in SessionMessage.objects.filter(condition).values_list(
             "session_id", "seq", "role", "content"
         ):
-            previews[(sid, seq)] = (role, content[:PREVIEW_CHARS])
+            texts[(sid, seq)] = (role, content)
     versions = []
     for seq, shown in positions:
+        at = seq
+        asked = {texts.get((holder, seq)) for _, _, holder in shown}
+        if len(asked) == 1 and next(iter(asked), ("", ""))[0] == "user":
+            # The same question asked again (a regeneration): the versions differ in the answer.
+            at = seq + 1
         entries = []
         for index, (_, is_current, holder) in enumerate(shown, start=1):
-            role, preview = previews.get((holder, seq), ("", ""))
+            role, content = texts.get((holder, at), ("", ""))
             entries.append(
                 {
                     **_lineage_row(visible[holder]),
                     "index": index,
                     "current": is_current,
                     "role": role,
-                    "preview": preview,
+                    "preview": content[:PREVIEW_CHARS],
                 }
             )
-        versions.append({"seq": seq, "count": len(entries), "versions": entries})
+        versions.append({"seq": at, "count": len(entries), "versions": entries})
     parent = visible.get(session.parent_id)
     return {
         "session_id": str(session.session_id),

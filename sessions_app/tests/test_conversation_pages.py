@@ -295,3 +295,17 @@ def test_staff_manage_templates_in_the_admin(staff_client, client_acme):
     assert (template.client, template.default_model) == (client_acme, "openai:gpt-4o")
     listing = staff_client.get("/admin/billing/sessiontemplate/").content.decode()
     assert "Lease" in listing and "Here is the lease:" in listing
+
+
+def test_the_summary_lists_each_messages_versions(owner_client, owner, client_acme, use_simulator, chat):
+    session = services.session_start(user=owner, client=client_acme, model="ollama:llama3.2", name="Draft")
+    chat(session, owner, "Write the intro")
+    version = services.session_regenerate(session_id=session.pk, user=owner)
+    chat(version.session, owner, version.message)
+    html = owner_client.get(f"/sessions/{version.session.pk}/summary/").content.decode()
+    assert 'data-versions="2"' in html and "Message #2 has 2 versions" in html
+    assert "<strong>2 (this one)</strong>" in html and f'href="/sessions/{session.pk}/summary/"' in html
+    assert "A regenerated answer of" in html
+    original = owner_client.get(f"/sessions/{session.pk}/summary/").content.decode()
+    assert "<strong>1 (this one)</strong>" in original
+    assert ChatSession.objects.get(pk=session.pk).status == "ended"  # the conversation moved on

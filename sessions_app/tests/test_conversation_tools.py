@@ -260,7 +260,9 @@ def test_regenerate_asks_the_question_again_as_a_new_billed_call(api, client_acm
     assert branch.messages.get(seq=1).content == "Pick a number"
     assert totals(sid) == before and branch.total_tokens == again["tokens"] > 0
     versions = call(api, "GET", f"/session/{new_sid}/versions", status=200)
-    assert [(v["seq"], v["count"]) for v in versions["versions"]] == [(1, 2)]
+    # The same question asked twice: the versions are of the answer.
+    assert [(v["seq"], v["count"]) for v in versions["versions"]] == [(2, 2)]
+    assert [v["role"] for v in versions["versions"][0]["versions"]] == ["assistant", "assistant"]
 
     # A regeneration of a regeneration is a third version of the same answer.
     third = call(api, "POST", f"/session/{new_sid}/regenerate", {"seq": 2}, status=201)
