@@ -409,6 +409,9 @@ def test_a_shared_session_bills_its_client_once_and_records_who_typed_what(
     assert (people["colin"]["role"], people["colin"]["messages"]) == ("invited", 1)
     assert sum(Decimal(row["cost_usd"]) for row in summary["by_client"]) == Decimal(summary["total_cost_usd"])
     assert ChatSession.objects.filter(user=colleague).count() == 0
+    # The colleague's own statistics do not count the owner's work; the owner's do.
+    assert call(colleague_api, "GET", "/stats", status=200, spec_path="/stats")["sessions"] == 0
+    assert call(api, "GET", "/stats", status=200)["sessions"] == 1
 
 
 def test_revoking_ends_access_at_once(api, colleague_api, client_acme, use_simulator):
