@@ -18,7 +18,21 @@ $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
 	$(VENV)/bin/pip install -q -r requirements-dev.txt
 	touch $@
 
-install: $(VENV)/.installed-dev
+# The original terminal design's commands, in the venv's bin/: wrappers that run the checkout's
+# scripts with this venv's Python (the checkout is the application; there is no package to build).
+# The .pth file puts the checkout on the venv's path, so scripts anywhere can
+# `from sessions_app import OllamaSessionManager`.
+COMMANDS := $(VENV)/bin/ollama-chat $(VENV)/bin/ollama-session
+
+$(VENV)/bin/ollama-%: scripts/ollama-% $(VENV)/.installed
+	printf '#!/bin/sh\nexec "%s" "%s" "$$@"\n' "$(abspath $(PY))" "$(abspath $<)" > $@
+	chmod +x $@
+
+$(VENV)/.on-path: $(VENV)/.installed
+	echo "$(CURDIR)" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/billable-sessions.pth"
+	touch $@
+
+install: $(VENV)/.installed-dev $(COMMANDS) $(VENV)/.on-path
 
 run: $(VENV)/.installed
 	PORT=$(PORT) VENV=$(VENV) bash scripts/run.sh

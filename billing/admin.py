@@ -29,7 +29,9 @@ from billing.models import (
     LLMUsage,
     ModelAlias,
     ModelPrice,
+    SessionTemplate,
 )
+from sessions_app.admin_layout import WideChangelist
 
 HOSTNAME = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
 CURRENCY = re.compile(r"^[A-Z]{3}$")
@@ -410,7 +412,7 @@ class ReadOnlyAdminMixin:
 
 
 @admin.register(LLMUsage)
-class LLMUsageAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+class LLMUsageAdmin(WideChangelist, ReadOnlyAdminMixin, admin.ModelAdmin):
     list_display = (
         "created_at",
         "user",
@@ -549,3 +551,48 @@ class InvoiceAdmin(admin.ModelAdmin):
             '<a href="{}">{}</a>',
             ((reverse("admin:sessions_app_chatsession_change", args=[s.pk]), str(s)) for s in sessions),
         )
+
+
+# --- Conversation templates ---------------------------------------------------------------
+
+
+class SessionTemplateForm(forms.ModelForm):
+    class Meta:
+        model = SessionTemplate
+        fields = ("name", "client", "default_model", "system_prompt", "first_message", "is_active")
+
+    def clean_default_model(self) -> str:
+        """A `provider:model` name of a known provider; a key or a price is checked when a session starts."""
+        from providers.naming import PROVIDERS, parse_model
+
+        name = (self.cleaned_data.get("default_model") or "").strip()
+        if not name:
+            return ""
+        ref = parse_model(name)
+        if ref.provider not in PROVIDERS or not ref.model or any(ch.isspace() for ch in ref.model):
+            raise forms.ValidationError(TEMPLATE_MODEL_INVALID.format(name=name))
+        return ref.name
+
+
+TEMPLATE_MODEL_INVALID = "{name!r} is not a model name: write provider:model, e.g. ollama:llama3.2 or openai:gpt-4o."
+
+
+@admin.register(SessionTemplate)
+class SessionTemplateAdmin(admin.ModelAdmin):
+    """Per-client presets consultants pick on the new-session form (no client: offered for all)."""
+
+    form = SessionTemplateForm
+    list_display = ("name", "client_name", "default_model", "opens_with", "is_active")
+    list_filter = ("is_active", "client")
+    list_select_related = ("client",)
+    search_fields = ("name", "client__name", "system_prompt", "first_message")
+    list_per_page = 50
+
+    @admin.display(description="Client", ordering="client__name")
+    def client_name(self, obj: SessionTemplate) -> str:
+        return obj.client.name if obj.client_id else "every client"
+
+    @admin.display(description="First message")
+    def opens_with(self, obj: SessionTemplate) -> str:
+        text = obj.first_message.strip()
+        return (text[:60] + "…") if len(text) > 60 else (text or "—")

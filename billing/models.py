@@ -363,3 +363,49 @@ class SessionMessageTotals(models.Model):
 
     def __str__(self) -> str:
         return f"{self.session_id} / {self.domain_id}: {self.messages} messages"
+
+
+class SessionTemplateQuerySet(models.QuerySet):
+    def for_client(self, client) -> SessionTemplateQuerySet:
+        """Active presets a session on `client` may start from: the client's own and the shared ones."""
+        return self.filter(Q(client=client) | Q(client__isnull=True), is_active=True)
+
+
+class SessionTemplate(models.Model):
+    """A conversation preset: what a session starts with when a consultant picks it."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    client = models.ForeignKey(
+        ClientDomain,
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="session_templates",
+        help_text="Empty: offered for every client.",
+    )
+    name = models.CharField(max_length=200)
+    system_prompt = models.TextField(blank=True)
+    default_model = models.CharField(
+        max_length=200, blank=True, help_text="provider:model, e.g. ollama:llama3.2. Empty: the consultant picks."
+    )
+    first_message = models.TextField(
+        blank=True, help_text="Optional: put in the message box of the new session, ready to send or edit."
+    )
+    is_active = models.BooleanField(default=True)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    objects = SessionTemplateQuerySet.as_manager()
+
+    class Meta:
+        db_table = "session_templates"
+        ordering = ["name"]
+        verbose_name = "conversation template"
+        constraints = [
+            models.UniqueConstraint(fields=["client", "name"], name="unique_template_name_per_client"),
+            models.UniqueConstraint(
+                fields=["name"], condition=Q(client__isnull=True), name="unique_shared_template_name"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.client})" if self.client_id else self.name

@@ -378,6 +378,14 @@ CHAT_MAX_MESSAGE_CHARS = env_int("CHAT_MAX_MESSAGE_CHARS", 32_000, minimum=1)
 CONTEXT_OVERFLOW = os.environ.get("CONTEXT_OVERFLOW", "truncate")
 if CONTEXT_OVERFLOW not in ("truncate", "summarize"):
     raise ImproperlyConfigured(f"CONTEXT_OVERFLOW must be 'truncate' or 'summarize', got {CONTEXT_OVERFLOW!r}")
+# The model a new session starts on unless one is picked (the new-session form, manage.py chat,
+# ollama-chat), and the client terminal sessions bill unless --client names one.
+CHAT_MODEL = os.environ.get("CHAT_MODEL", "").strip() or "ollama:llama3.2"
+if not re.fullmatch(r"[^\s\x00-\x1f]{1,200}", CHAT_MODEL):
+    raise ImproperlyConfigured(f"CHAT_MODEL must be a model name such as ollama:llama3.2, got {CHAT_MODEL!r}")
+CHAT_CLIENT = os.environ.get("CHAT_CLIENT", "").strip()
+if not re.fullmatch(r"[-a-zA-Z0-9_]{0,100}", CHAT_CLIENT):
+    raise ImproperlyConfigured(f"CHAT_CLIENT must be a client slug such as acme, got {CHAT_CLIENT!r}")
 
 
 def _signing_key() -> str:

@@ -20,10 +20,12 @@ from django.utils.safestring import mark_safe
 from billing.admin import ChoiceFilter, ReadOnlyAdminMixin, money
 from billing.admin_actions import end_sessions, export_sessions_csv, verify_integrity
 from billing.models import ClientDomain, Provider
+from sessions_app.admin_layout import WideChangelist
 from sessions_app.models import (
     ApiToken,
     ChatSession,
     ContextStream,
+    SessionInvitation,
     SessionMessage,
     SessionSegment,
 )
@@ -92,13 +94,25 @@ class ReadOnlyInline(admin.TabularInline):
 
 class MessageInline(ReadOnlyInline):
     model = SessionMessage
-    fields = ("seq", "role", "text", "model", "domain", "tokens", "token_source", "cost", "status", "timestamp")
+    fields = (
+        "seq",
+        "role",
+        "author",
+        "text",
+        "model",
+        "domain",
+        "tokens",
+        "token_source",
+        "cost",
+        "status",
+        "timestamp",
+    )
     readonly_fields = fields
     ordering = ("seq",)
     verbose_name_plural = "messages"
 
     def get_queryset(self, request):
-        return super().get_queryset(request).select_related("domain")
+        return super().get_queryset(request).select_related("domain", "author")
 
     @admin.display(description="Content")
     def text(self, obj: SessionMessage) -> str:
@@ -109,6 +123,19 @@ class MessageInline(ReadOnlyInline):
         if obj.cost_usd is None and obj.role == "assistant":
             return format_html('<strong style="color:#b42318">{}</strong>', "price unknown")
         return money(obj.cost_usd)
+
+
+class InvitationInline(ReadOnlyInline):
+    """Who the owner shared the session with (consultants revoke and invite from the session's pages)."""
+
+    model = SessionInvitation
+    fields = ("user", "invited_by", "created_at", "revoked_at")
+    readonly_fields = fields
+    ordering = ("created_at",)
+    verbose_name_plural = "shared with"
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).select_related("user", "invited_by")
 
 
 class SegmentInline(ReadOnlyInline):
@@ -170,7 +197,7 @@ class LineageFilter(ChoiceFilter):
 
 
 @admin.register(ChatSession)
-class ChatSessionAdmin(admin.ModelAdmin):
+class ChatSessionAdmin(WideChangelist, admin.ModelAdmin):
     list_display = (
         "title",
         "consultant",
@@ -208,7 +235,7 @@ class ChatSessionAdmin(admin.ModelAdmin):
     date_hierarchy = "started_at"
     list_per_page = 50
     show_full_result_count = False
-    inlines = [SegmentInline, ContextStreamInline, MessageInline]
+    inlines = [SegmentInline, ContextStreamInline, InvitationInline, MessageInline]
     readonly_fields = (
         "session_id",
         "user",
@@ -233,6 +260,9 @@ class ChatSessionAdmin(admin.ModelAdmin):
         "api_token",
         "seal",
         "archived_at",
+        "continued_from",
+        "template",
+        "hidden_at",
     )
     fieldsets = (
         (None, {"fields": ("name", "user", "domain", "brand", "status", "end_reason", "source")}),
@@ -242,7 +272,20 @@ class ChatSessionAdmin(admin.ModelAdmin):
         ("Prompt", {"fields": ("system_prompt",)}),
         (
             "Lineage and billing",
-            {"fields": ("session_id", "parent", "branched_at_seq", "branches", "invoice", "api_token", "archived_at")},
+            {
+                "fields": (
+                    "session_id",
+                    "parent",
+                    "branched_at_seq",
+                    "branches",
+                    "continued_from",
+                    "template",
+                    "hidden_at",
+                    "invoice",
+                    "api_token",
+                    "archived_at",
+                )
+            },
         ),
         ("Integrity seal", {"fields": ("seal",), "classes": ("collapse",)}),
     )
@@ -308,8 +351,11 @@ class ChatSessionAdmin(admin.ModelAdmin):
         return obj.current_model
 
     @admin.display(description="Started", ordering="started_at")
-    def started(self, obj: ChatSession):
-        return obj.started_at
+    def started(self, obj: ChatSession) -> str:
+        # Short, in the admin's time zone: the list is wide enough without "p.m." and the year.
+        when = timezone.localtime(obj.started_at)
+        year = "" if when.year == timezone.localtime().year else f" {when.year}"
+        return f"{when:%b} {when.day}{year}, {when:%H:%M}"
 
     @admin.display(description="Messages", ordering="total_messages")
     def messages_count(self, obj: ChatSession) -> int:
@@ -331,7 +377,7 @@ class ChatSessionAdmin(admin.ModelAdmin):
 
 
 @admin.register(SessionMessage)
-class SessionMessageAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+class SessionMessageAdmin(WideChangelist, ReadOnlyAdminMixin, admin.ModelAdmin):
     list_display = ("session", "seq", "role", "snippet", "model", "domain", "tokens", "cost", "status", "timestamp")
     list_filter = ("role", "status", "provider", "token_source", "domain", "is_imported", "timestamp")
     search_fields = ("content", "session__name", "model")

@@ -162,7 +162,11 @@ def async_api_view(*methods: str):
 def session_start(request, user):
     data = _body(request)
     token = getattr(request, "api_token", None)
-    session = services.session_start(
+    start = services.session_start
+    extra = {}
+    if data.get("template") not in (None, ""):
+        start, extra = services.session_start_from_template, {"template": data["template"]}
+    session = start(
         user=user,
         client=data.get("client"),
         model=data.get("model"),
@@ -171,6 +175,7 @@ def session_start(request, user):
         system_prompt=data.get("system_prompt") or "",
         source="api" if token is not None else "web",
         api_token=token,
+        **extra,
     )
     return JsonResponse(
         selectors.session_as_dict(selectors.session_get_for_user(session_id=session.pk, user=user)), status=201
@@ -296,8 +301,14 @@ def session_list(request, user):
     offset = _int_param(request, "offset", 0, low=0, high=MAX_OFFSET)
     client = request.GET.get("client", "").strip() or None
     status = request.GET.get("status", "").strip() or None
+    hidden = request.GET.get("hidden", "").strip() or "exclude"
     sessions = selectors.session_list(
-        user=user, client=client, status=status, start=_when(request, "from"), end=_when(request, "to", end=True)
+        user=user,
+        client=client,
+        status=status,
+        start=_when(request, "from"),
+        end=_when(request, "to", end=True),
+        hidden=hidden,
     )
     token = getattr(request, "api_token", None)
     if token is not None and token.client_id:

@@ -2,7 +2,7 @@
 
 from django.urls import path, re_path
 
-from sessions_app import api, toolkit_views
+from sessions_app import api, api_conversation, toolkit_views
 
 app_name = "api"
 
@@ -18,6 +18,19 @@ urlpatterns = [
     path("session/import", toolkit_views.session_import_api, name="session-import"),
     path("session/<str:session_id>/export", toolkit_views.session_export_api, name="session-export"),
     path("search", toolkit_views.search_api, name="search"),
+    path("session/<str:session_id>/branch", api_conversation.session_branch, name="session-branch"),
+    path("session/<str:session_id>/continue", api_conversation.session_continue, name="session-continue"),
+    path("session/<str:session_id>/edit", api_conversation.session_edit, name="session-edit"),
+    path("session/<str:session_id>/regenerate", api_conversation.session_regenerate, name="session-regenerate"),
+    path("session/<str:session_id>/versions", api_conversation.session_versions, name="session-versions"),
+    path("session/<str:session_id>/transcript", api_conversation.session_transcript, name="session-transcript"),
+    path("session/<str:session_id>/invitations", api_conversation.session_invitations, name="session-invitations"),
+    path(
+        "session/<str:session_id>/invitations/<str:username>",
+        api_conversation.session_invitation_revoke,
+        name="session-invitation",
+    ),
+    path("session/<str:session_id>", api_conversation.session_detail, name="session-detail"),
     path("stats", toolkit_views.stats_api, name="stats"),
     re_path(r"^.*$", api.not_found),
 ]

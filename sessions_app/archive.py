@@ -60,8 +60,11 @@ _FIELDS = (
     "copied_from_id",
     "is_imported",
     "context_omitted",
+    "author_id",
 )
 _UUIDS = {"message_id", "domain_id", "copied_from_id"}
+# Fields added after archives were first written: an older archive has none (read as None).
+_LATER_FIELDS = {"author_id"}
 
 
 def parse_age(raw: str) -> timedelta:
@@ -146,7 +149,7 @@ def archived_state(session: ChatSession) -> tuple[list[SessionMessage], list[LLM
 def _message_from_record(session: ChatSession, record: dict) -> SessionMessage:
     values = {}
     for name in _FIELDS:
-        value = record[name]
+        value = record.get(name) if name in _LATER_FIELDS else record[name]
         if name == "timestamp":
             value = parse_datetime(value)
         elif name == "cost_usd" and value is not None:

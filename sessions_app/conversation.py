@@ -302,11 +302,12 @@ def _session_brief(session: ChatSession | None) -> dict | None:
 def sessions_stats(*, user, client: str | None = None) -> dict:
     """Sessions, messages, averages, oldest and most active session, and a per-client table.
 
-    Counted over the sessions the user may see (staff: all). Tokens and cost are the
-    billable totals (branch copies and imports are not billed again); per-client rows group
-    sessions by the client they are billed to now.
+    Counted over the user's own sessions (staff: all): a session shared with them is its
+    owner's work, counted once. Tokens and cost are the billable totals (branch copies and
+    imports are not billed again); per-client rows group sessions by the client they are
+    billed to now.
     """
-    sessions = ChatSession.objects.for_user(user).select_related("domain")
+    sessions = ChatSession.objects.owned_by(user).select_related("domain")
     if client is not None:
         if not sessions.filter(domain__slug=client).exists() and not _client_exists(client):
             raise NotFound(f"Unknown client {client!r}.")

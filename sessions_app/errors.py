@@ -14,6 +14,7 @@ MESSAGE_TOO_LARGE = "The message is {size} characters; the limit is {limit}."
 UNKNOWN_CLIENT = "Unknown client {slug!r}."
 CLIENT_NOT_ALLOWED = "You may not bill client {slug!r}."
 UNKNOWN_MODEL = "Unknown model {model!r}."
+NOT_OWNER = "Only the consultant who started this session can do that."
 
 
 class SessionError(Exception):
@@ -41,6 +42,12 @@ class BadInput(SessionError):
 
 class NotFound(SessionError):
     code, status = "not_found", 404
+
+
+class NotOwner(SessionError):
+    """An invited consultant asked for what only the session's owner may do."""
+
+    code, status = "not_owner", 403
 
 
 class SessionEnded(SessionError):

@@ -32,14 +32,39 @@ class SessionSource(models.TextChoices):
     GATEWAY = "gateway", "Gateway"
     IMPORT = "import", "Import"
     BRANCH = "branch", "Branch"
+    CONTINUE = "continue", "Continuation"
+    EDIT = "edit", "Edited message"
+    REGENERATE = "regenerate", "Regenerated answer"
 
 
 class ChatSessionQuerySet(models.QuerySet):
     def for_user(self, user) -> ChatSessionQuerySet:
-        """Sessions the user may see: their own; staff see all."""
+        """Sessions the user may see: their own and those they are invited to; staff see all.
+
+        The one access rule of every front end (pages, REST, CLI, WebSocket, gateway).
+        """
+        if user.is_staff:
+            return self
+        return self.participating(user)
+
+    def participating(self, user) -> ChatSessionQuerySet:
+        """Sessions the user takes part in: their own and those with a live invitation for them.
+
+        Staff get no blanket access here: they review others' sessions, they do not join them.
+        """
+        invited = SessionInvitation.objects.live().filter(session=models.OuterRef("pk"), user=user)
+        return self.filter(Q(user=user) | Q(models.Exists(invited)))
+
+    def owned_by(self, user) -> ChatSessionQuerySet:
+        """Sessions the user started (staff: all). A cheaper query than `for_user` (no subquery to
+        build), for hot paths that try the common case first and fall back to `for_user`."""
         if user.is_staff:
             return self
         return self.filter(user=user)
+
+    def listed(self) -> ChatSessionQuerySet:
+        """Sessions shown in lists: not hidden (hidden ones stay billed and reachable by id)."""
+        return self.filter(hidden_at__isnull=True)
 
     def active(self) -> ChatSessionQuerySet:
         return self.filter(status=SessionStatus.ACTIVE)
@@ -82,6 +107,25 @@ class ChatSession(models.Model):
         help_text="The gateway token whose automatic session this is.",
     )
     imported_seal = models.JSONField(null=True, blank=True, help_text="The seal an imported file carried.")
+    continued_from = models.ForeignKey(
+        "self",
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="continuations",
+        help_text="The ended session whose history this one carries on.",
+    )
+    template = models.ForeignKey(
+        "billing.SessionTemplate",
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="sessions",
+        help_text="The conversation template it started from.",
+    )
+    hidden_at = models.DateTimeField(
+        null=True, blank=True, help_text="Hidden from the consultant's lists; still billed and reported."
+    )
     turn_started_at = models.DateTimeField(null=True, blank=True, help_text="Set while an answer is streaming.")
     archived_at = models.DateTimeField(null=True, blank=True)
     archive_blob = models.BinaryField(null=True, blank=True, editable=False)
@@ -178,6 +222,14 @@ class SessionMessage(models.Model):
     is_imported = models.BooleanField(default=False)
     context_omitted = models.PositiveIntegerField(
         default=0, help_text="Older messages left out of this call's context to fit the model's window."
+    )
+    author = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="authored_messages",
+        help_text="Who typed it (a user message in a shared session may be an invited consultant's).",
     )
 
     objects = SessionMessageQuerySet.as_manager()
@@ -276,6 +328,47 @@ class ContextStream(models.Model):
 
     def __str__(self) -> str:
         return f"{self.source_model} → {self.target_model} ({self.get_reason_display()})"
+
+
+class SessionInvitationQuerySet(models.QuerySet):
+    def live(self) -> SessionInvitationQuerySet:
+        return self.filter(revoked_at__isnull=True)
+
+
+class SessionInvitation(models.Model):
+    """The owner shares a session with another consultant; revoking ends their access at once."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    session = models.ForeignKey(ChatSession, on_delete=models.CASCADE, related_name="invitations")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="session_invitations")
+    invited_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    objects = SessionInvitationQuerySet.as_manager()
+
+    class Meta:
+        db_table = "session_invitations"
+        ordering = ["session", "created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["session", "user"], condition=Q(revoked_at__isnull=True), name="one_live_invitation_per_user"
+            ),
+            models.CheckConstraint(
+                condition=Q(revoked_at__isnull=True) | Q(revoked_at__gte=models.F("created_at")),
+                name="invitation_revoked_after_created",
+            ),
+        ]
+        indexes = [models.Index(fields=["user", "session"], name="invitation_user_session_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.user} in {self.session}"
+
+    @property
+    def is_live(self) -> bool:
+        return self.revoked_at is None
 
 
 class ApiTokenQuerySet(models.QuerySet):

@@ -14,8 +14,11 @@ from django.utils import timezone
 
 from billing.models import ClientDomain
 from sessions_app import integrity
-from sessions_app.errors import SESSION_NOT_FOUND, BadInput, NotFound
+from sessions_app.errors import NOT_OWNER, SESSION_NOT_FOUND, BadInput, NotFound, NotOwner
 from sessions_app.models import ChatSession, ContextStream, SessionMessage, SessionSegment, SessionStatus
+
+HIDDEN_CHOICES = ("exclude", "include", "only")
+BAD_HIDDEN = "'hidden' must be one of exclude, include, only."
 
 ZERO = Decimal("0")
 
@@ -45,15 +48,60 @@ def session_get_for_user(*, session_id, user) -> ChatSession:
     pk = parse_session_id(session_id)
     if user is None or not getattr(user, "is_authenticated", False):
         raise NotFound(SESSION_NOT_FOUND)
+    sessions = ChatSession.objects.select_related("domain", "brand")
+    # The owner's (or staff's) own query first: it is the common case and builds no subquery
+    # (bench/access.py); a session shared with the user is found by the full rule.
     try:
-        return ChatSession.objects.for_user(user).select_related("domain", "brand").get(pk=pk)
+        return sessions.owned_by(user).get(pk=pk)
+    except ChatSession.DoesNotExist:
+        if user.is_staff:
+            raise NotFound(SESSION_NOT_FOUND) from None
+    try:
+        return sessions.participating(user).get(pk=pk)
     except ChatSession.DoesNotExist:
         raise NotFound(SESSION_NOT_FOUND) from None
 
 
-def session_list(*, user, client=None, status=None, start=None, end=None) -> QuerySet[ChatSession]:
-    """The user's sessions (staff: everyone's), newest first; `client` matches any client billed."""
+def session_get_for_owner(*, session_id, user) -> ChatSession:
+    """The session if the user owns it (or is staff); NotOwner for an invited consultant.
+
+    What only the owner may do (end, rename, hide, share) loads the session through here; the
+    uninvited still get NotFound, so ids cannot be probed.
+    """
+    session = session_get_for_user(session_id=session_id, user=user)
+    if session.user_id != user.pk and not user.is_staff:
+        raise NotOwner(NOT_OWNER)
+    return session
+
+
+def session_get_for_participant(*, session_id, user) -> ChatSession:
+    """The session if the user takes part in it (owner or invited); staff who are neither get NotFound.
+
+    For the live chat socket: staff review others' sessions in the admin, they do not join them.
+    """
+    pk = parse_session_id(session_id)
+    if user is None or not getattr(user, "is_authenticated", False):
+        raise NotFound(SESSION_NOT_FOUND)
+    try:
+        return ChatSession.objects.participating(user).select_related("domain", "brand").get(pk=pk)
+    except ChatSession.DoesNotExist:
+        raise NotFound(SESSION_NOT_FOUND) from None
+
+
+def session_list(
+    *, user, client=None, status=None, start=None, end=None, hidden: str = "exclude"
+) -> QuerySet[ChatSession]:
+    """The user's sessions (staff: everyone's), newest first; `client` matches any client billed.
+
+    Hidden sessions are left out unless `hidden` is "include" (all) or "only" (just those).
+    """
+    if hidden not in HIDDEN_CHOICES:
+        raise BadInput(BAD_HIDDEN)
     qs = ChatSession.objects.for_user(user).select_related("domain", "brand")
+    if hidden == "exclude":
+        qs = qs.listed()
+    elif hidden == "only":
+        qs = qs.filter(hidden_at__isnull=False)
     if client is not None:
         if not isinstance(client, ClientDomain):
             client = ClientDomain.objects.filter(slug=str(client)).first()
@@ -86,7 +134,16 @@ def session_as_dict(session: ChatSession) -> dict[str, Any]:
         "total_messages": session.total_messages,
         "total_tokens": session.total_tokens,
         "total_cost_usd": money(session.estimated_cost_usd),
+        "hidden": session.hidden_at is not None,
+        "parent": str(session.parent_id) if session.parent_id else None,
+        "branched_at_seq": session.branched_at_seq,
+        "continued_from": str(session.continued_from_id) if session.continued_from_id else None,
     }
+
+
+def author_name(message: SessionMessage) -> str | None:
+    """Who typed the message (a username), or None for answers and for messages from before authors."""
+    return message.author.get_username() if message.author_id else None
 
 
 def message_as_dict(message: SessionMessage) -> dict[str, Any]:
@@ -107,6 +164,7 @@ def message_as_dict(message: SessionMessage) -> dict[str, Any]:
         "cost_usd": money(message.cost_usd),
         "context_omitted": message.context_omitted,
         "error": message.error_text,
+        "author": author_name(message),
     }
 
 
@@ -233,8 +291,192 @@ def session_summary(*, session: ChatSession, rows: SessionRows | None = None) ->
         ],
         "context_streams": [stream_as_dict(stream) for stream in rows.streams],
         "integrity": {"valid": valid, "detail": detail},
+        "participants": session_participants(session=session),
     }
 
 
 def session_messages(*, session: ChatSession) -> QuerySet[SessionMessage]:
-    return session.messages.select_related("domain").order_by("seq")
+    return session.messages.select_related("domain", "author").order_by("seq")
+
+
+# --- Conversation tools: lineage, versions, participants ------------------------------------
+
+PREVIEW_CHARS = 120
+
+
+def _lineage_row(session: ChatSession) -> dict[str, Any]:
+    return {
+        "session_id": str(session.session_id),
+        "name": str(session),
+        "status": session.status,
+        "source": session.source,
+        "client": session.domain.slug,
+        "started_at": iso(session.started_at),
+        "branched_at_seq": session.branched_at_seq,
+        "total_messages": session.total_messages,
+    }
+
+
+def _family(session: ChatSession) -> dict:
+    """Every session linked to this one by branching (ancestors and all their descendants), by pk."""
+    fields = ("pk", "parent_id", "branched_at_seq", "total_messages", "started_at")
+    root = session.pk
+    parent = session.parent_id
+    seen = {root}
+    while parent is not None and parent not in seen:  # walk up (a cycle cannot be made, but never loop)
+        seen.add(parent)
+        root = parent
+        parent = ChatSession.objects.filter(pk=parent).values_list("parent_id", flat=True).first()
+    nodes = {row[0]: row for row in ChatSession.objects.filter(pk=root).values_list(*fields)}
+    frontier = [root]
+    while frontier:
+        children = list(ChatSession.objects.filter(parent_id__in=frontier).values_list(*fields))
+        frontier = [row[0] for row in children if row[0] not in nodes]
+        nodes.update((row[0], row) for row in children)
+    return nodes
+
+
+def _origin(nodes: dict, pk, seq: int):
+    """The session that wrote message `seq` of session `pk` (a copy's original, up the branches)."""
+    node = nodes[pk]
+    while node[1] is not None and node[1] in nodes and node[2] is not None and seq <= node[2]:
+        node = nodes[node[1]]
+    return node[0]
+
+
+def session_versions(*, session: ChatSession, user) -> dict[str, Any]:
+    """Where this conversation forks: its parent, branches, continuations, and per message the versions.
+
+    A version of message N is another session the user may see that shares messages 1..N-1
+    with this one and differs at N (an edit, a regeneration, or a branch that went on
+    differently). Each version is named by the session that first wrote it.
+    """
+    nodes = _family(session)
+    visible_qs = ChatSession.objects.for_user(user).filter(pk__in=list(nodes)).select_related("domain")
+    visible = {s.pk: s for s in visible_qs}
+    points = sorted({row[2] + 1 for row in nodes.values() if row[2] is not None})
+    last = session.total_messages
+    positions = []
+    wanted: dict[tuple, int] = {}
+    for seq in (p for p in points if 1 <= p <= last):
+        prefix = _origin(nodes, session.pk, seq - 1) if seq > 1 else None
+        groups: dict = {}
+        for pk, row in nodes.items():
+            if row[3] < seq or (seq > 1 and _origin(nodes, pk, seq - 1) != prefix):
+                continue
+            groups.setdefault(_origin(nodes, pk, seq), []).append(pk)
+        shown = []
+        current = _origin(nodes, session.pk, seq)
+        for origin, members in groups.items():
+            seen = [pk for pk in members if pk in visible]
+            if not seen:
+                continue
+            # The session that wrote this version, else the earliest one the user may see.
+            holder = origin if origin in visible else min(seen, key=lambda pk: nodes[pk][4])
+            if origin == current:
+                holder = session.pk
+            shown.append((nodes[origin][4], origin == current, holder))
+        if len(shown) > 1:
+            shown.sort(key=lambda item: (item[0], str(item[2])))
+            positions.append((seq, shown))
+            for _, _, holder in shown:
+                wanted[(holder, seq)] = 0
+    texts: dict[tuple, tuple[str, str]] = {}
+    if wanted:
+        condition = Q()
+        for holder, seq in wanted:
+            condition |= Q(session_id=holder, seq__in=(seq, seq + 1))
+        for sid, seq, role, content in SessionMessage.objects.filter(condition).values_list(
+            "session_id", "seq", "role", "content"
+        ):
+            texts[(sid, seq)] = (role, content)
+    versions = []
+    for seq, shown in positions:
+        at = seq
+        asked = {texts.get((holder, seq)) for _, _, holder in shown}
+        if len(asked) == 1 and next(iter(asked), ("", ""))[0] == "user":
+            # The same question asked again (a regeneration): the versions differ in the answer.
+            at = seq + 1
+        entries = []
+        for index, (_, is_current, holder) in enumerate(shown, start=1):
+            role, content = texts.get((holder, at), ("", ""))
+            entries.append(
+                {
+                    **_lineage_row(visible[holder]),
+                    "index": index,
+                    "current": is_current,
+                    "role": role,
+                    "preview": content[:PREVIEW_CHARS],
+                }
+            )
+        versions.append({"seq": at, "count": len(entries), "versions": entries})
+    parent = visible.get(session.parent_id)
+    return {
+        "session_id": str(session.session_id),
+        "parent": _lineage_row(parent) if parent else None,
+        "branches": [
+            _lineage_row(s) for s in sorted(visible.values(), key=lambda s: s.started_at) if s.parent_id == session.pk
+        ],
+        "continued_from": _lineage_row(session.continued_from)
+        if session.continued_from_id
+        and ChatSession.objects.for_user(user).filter(pk=session.continued_from_id).exists()
+        else None,
+        "continuations": [
+            _lineage_row(s)
+            for s in ChatSession.objects.for_user(user)
+            .filter(continued_from=session)
+            .select_related("domain")
+            .order_by("started_at")
+        ],
+        "versions": versions,
+    }
+
+
+def session_participants(*, session: ChatSession) -> list[dict[str, Any]]:
+    """Who took part: the owner, then each invited consultant (their latest invitation), with messages typed."""
+    from django.contrib.auth import get_user_model
+    from django.db.models import Count
+
+    from sessions_app.models import SessionInvitation
+
+    typed = dict(
+        session.messages.filter(role="user", copied_from__isnull=True)
+        .order_by()
+        .values("author_id")
+        .annotate(n=Count("pk"))
+        .values_list("author_id", "n")
+    )
+    # Messages from before authors were recorded were the owner's.
+    owner_typed = typed.pop(None, 0) + typed.pop(session.user_id, 0)
+    owner = session.user
+    rows = [_participant(owner, "owner", None, owner_typed)]
+    latest: dict = {}
+    for invitation in SessionInvitation.objects.filter(session=session).select_related("user").order_by("created_at"):
+        latest[invitation.user_id] = invitation
+    for user_id, invitation in latest.items():
+        rows.append(_participant(invitation.user, "invited", invitation, typed.pop(user_id, 0)))
+    if typed:  # staff, who may write in any session without an invitation
+        for other in get_user_model().objects.filter(pk__in=list(typed)):
+            rows.append(_participant(other, "staff", None, typed[other.pk]))
+    return rows
+
+
+def _participant(user, role: str, invitation, messages: int) -> dict[str, Any]:
+    return {
+        "user": user.get_username(),
+        "name": user.get_full_name() or user.get_username(),
+        "role": role,
+        "invited_at": iso(invitation.created_at) if invitation else None,
+        "revoked_at": iso(invitation.revoked_at) if invitation else None,
+        "messages": messages,
+    }
+
+
+def invitation_as_dict(invitation) -> dict[str, Any]:
+    return {
+        "user": invitation.user.get_username(),
+        "invited_by": invitation.invited_by.get_username() if invitation.invited_by_id else None,
+        "invited_at": iso(invitation.created_at),
+        "revoked_at": iso(invitation.revoked_at),
+        "live": invitation.revoked_at is None,
+    }

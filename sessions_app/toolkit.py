@@ -13,7 +13,7 @@
     result = sm.import_(document)    # a new session, marked imported; result.valid
 
 Everything goes through the same services as the web pages, so it is billed and sealed the
-same way. `chat` is synchronous; it works from plain scripts and from Jupyter (which already
+same way. `OllamaSessionManager` (at the end) is the original design's spelling of the same. `chat` is synchronous; it works from plain scripts and from Jupyter (which already
 runs an event loop) alike.
 """
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import os
 import threading
 from collections.abc import Callable
 from contextlib import aclosing
@@ -211,3 +212,137 @@ class SessionManager:
     @_sync_safe
     def stats(self) -> dict:
         return conversation.sessions_stats(user=self.user, client=self.client)
+
+
+# --- The original design's Python API ---------------------------------------------------------
+
+NO_USER = "Name the consultant: OllamaSessionManager(user='name') or set CHAT_USER."
+NO_CLIENT = "Name the client: OllamaSessionManager(client='slug'), create_session(client='slug') or set CHAT_CLIENT."
+
+
+class ChatReply(str):
+    """The answer's text (what the original `chat` returned), with the stored message behind it."""
+
+    message: SessionMessage
+
+    def __new__(cls, message: SessionMessage) -> ChatReply:
+        reply = super().__new__(cls, message.content)
+        reply.message = message
+        return reply
+
+    @property
+    def session_id(self) -> str:
+        return str(self.message.session_id)
+
+    @property
+    def tokens(self) -> int:
+        return self.message.tokens
+
+    @property
+    def cost_usd(self):
+        return self.message.cost_usd
+
+
+class OllamaSessionManager:
+    """The original design's session manager, over the same billed, sealed sessions.
+
+        from sessions_app import OllamaSessionManager
+
+        manager = OllamaSessionManager()                       # CHAT_USER, CHAT_CLIENT, CHAT_MODEL
+        session_id = manager.create_session("Code review", "You are a careful reviewer.")
+        print(manager.chat(session_id, "What should I check first?"))
+        manager.get_conversation_history(session_id)           # [{"role", "content", ...}, ...]
+
+    Sessions are named by their id (a string; a unique prefix of 8+ characters works too).
+    """
+
+    def __init__(self, user=None, client: str | None = None, model: str | None = None) -> None:
+        from django.conf import settings
+
+        user = user or os.environ.get("CHAT_USER")
+        if not user:
+            raise BadInput(NO_USER)
+        self.client = client or os.environ.get("CHAT_CLIENT") or settings.CHAT_CLIENT or None
+        self.model = model or os.environ.get("CHAT_MODEL") or settings.CHAT_MODEL
+        self._manager = SessionManager(user, client=self.client, model=self.model)
+        self.user = self._manager.user
+
+    def __repr__(self) -> str:
+        return f"<OllamaSessionManager user={self.user.get_username()} client={self.client} model={self.model}>"
+
+    @_sync_safe
+    def _default_client(self) -> str:
+        from billing.models import ClientDomain
+
+        clients = list(ClientDomain.objects.active().open_to(self.user).values_list("slug", flat=True)[:2])
+        if len(clients) != 1:
+            raise BadInput(NO_CLIENT)
+        return clients[0]
+
+    def create_session(self, name: str | None = None, system_prompt: str | None = None, **kw) -> str:
+        """Start a session; return its id. `client=`, `model=` and `template=` may be given too."""
+        template = kw.pop("template", None)
+        client = kw.pop("client", None)
+        model = kw.pop("model", None)
+        if kw:
+            raise BadInput(f"create_session() got unknown arguments: {', '.join(sorted(kw))}.")
+        if template is not None:
+            # The template's own client wins over the manager's default, not over an explicit client=.
+            session = _start_from_template(
+                user=self.user,
+                template=template,
+                client=client,
+                default_client=self.client,
+                model=model,
+                name=name or "",
+                prompt=system_prompt,
+            )
+        else:
+            session = self._manager.create_session(
+                name=name or "",
+                system_prompt=system_prompt or "",
+                client=client or self.client or self._default_client(),
+                model=model or self.model,
+            )
+        self._manager.session = session
+        return str(session.session_id)
+
+    def chat(self, session_id, text: str, *, model: str | None = None, on_token=None) -> ChatReply:
+        """Send `text` in the session and return the answer (a str, with `.tokens`, `.cost_usd`, `.message`).
+
+        `model=` switches the session to that model first (recorded as a context stream).
+        """
+        session = self._manager.use(str(session_id))
+        if model and model != session.current_model:
+            _switch(session=session, user=self.user, model=model)
+        return ChatReply(self._manager.chat(text, session=session, on_token=on_token))
+
+    def get_conversation_history(self, session_id) -> list[dict]:
+        """The messages in order, as dicts: role, content, timestamp, model, tokens, cost_usd, author, ..."""
+        return self._manager.history(str(session_id))
+
+    def list_sessions(self, *, status: str | None = None) -> list[dict]:
+        return [selectors.session_as_dict(s) for s in self._manager.sessions(status=status)]
+
+    def end_session(self, session_id) -> dict:
+        """End the session and return its summary (time, cost, per client)."""
+        return self._manager.end(str(session_id))
+
+
+@_sync_safe
+def _start_from_template(*, user, template, client, default_client, model, name: str, prompt) -> ChatSession:
+    preset = services.template_resolve(template=template, user=user, client=client)
+    return services.session_start_from_template(
+        user=user,
+        template=preset,
+        client=client or (None if preset.client_id else default_client),
+        model=model,
+        name=name,
+        system_prompt=prompt or "",
+        source=SessionSource.CLI,
+    )
+
+
+@_sync_safe
+def _switch(*, session: ChatSession, user, model: str) -> None:
+    services.session_switch(session_id=session.pk, user=user, model=model)

@@ -16,7 +16,7 @@ from django.views.decorators.http import require_GET
 from billing.models import ClientDomain
 from sessions_app import selectors, services
 from sessions_app.errors import SESSION_NOT_FOUND, NotFound, SessionError
-from sessions_app.forms import NewSessionForm, SessionFilterForm, SignInForm, load_models
+from sessions_app.forms import NewSessionForm, SessionFilterForm, SignInForm, client_for_host, load_models
 from sessions_app.live import chat_page_config, session_brand_style
 from sessions_app.models import ChatSession, StreamReason
 
@@ -27,7 +27,12 @@ HOME_PAGE_SIZE = 25
 @login_required
 def home(request: HttpRequest) -> HttpResponse:
     """The signed-in consultant's own sessions, newest first (staff review others in the admin)."""
-    sessions = ChatSession.objects.filter(user=request.user).select_related("domain").order_by("-started_at")
+    sessions = (
+        ChatSession.objects.participating(request.user)
+        .listed()
+        .select_related("domain", "user")
+        .order_by("-started_at")
+    )
     page = Paginator(sessions, HOME_PAGE_SIZE).get_page(request.GET.get("page"))
     rows = list(page.object_list)
     context = {
@@ -57,6 +62,7 @@ def _get_session_for_user(request: HttpRequest, session_id) -> ChatSession:
 @login_required
 def session_list_page(request: HttpRequest) -> HttpResponse:
     """Sessions filtered by client, status and dates; active ones show a live timer."""
+    hidden = "only" if request.GET.get("hidden") == "only" else "exclude"
     form = SessionFilterForm(request.GET or None, user=request.user)
     sessions = ChatSession.objects.none()
     if not form.is_bound:
@@ -65,8 +71,14 @@ def session_list_page(request: HttpRequest) -> HttpResponse:
         start, end = form.period()
         data = form.cleaned_data
         sessions = selectors.session_list(
-            user=request.user, client=data["client"] or None, status=data["status"] or None, start=start, end=end
+            user=request.user,
+            client=data["client"] or None,
+            status=data["status"] or None,
+            start=start,
+            end=end,
+            hidden=hidden,
         )
+    sessions = sessions.select_related("user")
     page = Paginator(sessions, SESSION_PAGE_SIZE).get_page(request.GET.get("page"))
     query = request.GET.copy()
     query.pop("page", None)
@@ -77,6 +89,8 @@ def session_list_page(request: HttpRequest) -> HttpResponse:
         "query": query.urlencode(),
         "filtered": any(request.GET.get(k) for k in ("client", "status", "start", "end")),
         "server_now": timezone.now(),
+        "showing_hidden": hidden == "only",
+        "hidden_count": selectors.session_list(user=request.user, hidden="only").count(),
     }
     return render(request, "sessions_app/session_list.html", context, status=200 if not form.errors else 400)
 
@@ -87,12 +101,20 @@ def session_new_page(request: HttpRequest) -> HttpResponse:
     models, models_error = load_models()
     initial = {"client": request.GET.get("client", "")}
     form = NewSessionForm(
-        request.POST or None, user=request.user, models=models, models_error=models_error, initial=initial
+        request.POST or None,
+        user=request.user,
+        models=models,
+        models_error=models_error,
+        initial=initial,
+        host_client=client_for_host(request.get_host()),
     )
     if request.method == "POST" and form.is_valid():
         data = form.cleaned_data
+        start, extra = services.session_start, {}
+        if data["template_obj"] is not None:
+            start, extra = services.session_start_from_template, {"template": data["template_obj"]}
         try:
-            session = services.session_start(
+            session = start(
                 user=request.user,
                 client=data["client"],
                 model=data["model"],
@@ -100,13 +122,15 @@ def session_new_page(request: HttpRequest) -> HttpResponse:
                 name=data["name"],
                 system_prompt=data["system_prompt"],
                 source="web",
+                **extra,
             )
         except SessionError as exc:
             form.add_error(None, exc.message)
         else:
             return redirect("session-chat", session_id=session.session_id)
     status = 400 if form.is_bound and form.errors else 200
-    return render(request, "sessions_app/session_new.html", {"form": form}, status=status)
+    context = {"form": form, "templates": form.template_data()}
+    return render(request, "sessions_app/session_new.html", context, status=status)
 
 
 @require_GET
@@ -117,6 +141,8 @@ def session_chat_page(request: HttpRequest, session_id) -> HttpResponse:
     request.brand_style = session_brand_style(session)
     can_chat = session.is_active and session.user_id == request.user.pk
     messages = list(selectors.session_messages(session=session))
+    # A template's first message waits in the composer of a session that has none yet.
+    first_message = session.template.first_message if can_chat and session.template_id and not messages else ""
     streams = list(session.context_streams.select_related("source_domain", "target_domain").order_by("streamed_at"))
     history = sorted(
         [("message", m.timestamp, m) for m in messages] + [("switch", s.streamed_at, s) for s in streams],
@@ -128,7 +154,15 @@ def session_chat_page(request: HttpRequest, session_id) -> HttpResponse:
         c.slug: c.name
         for c in [*clients, session.domain, *(m.domain for m in messages), *(s.target_domain for s in streams)]
     }
-    context = {"session": session, "history": history, "clients": clients, "can_chat": can_chat, "config": config}
+    context = {
+        "session": session,
+        "history": history,
+        "clients": clients,
+        "can_chat": can_chat,
+        "config": config,
+        "first_message": first_message,
+        "shared": session.user_id != request.user.pk and not request.user.is_staff,
+    }
     return render(request, "sessions_app/session_chat.html", context)
 
 
@@ -168,7 +202,15 @@ def session_summary_page(request: HttpRequest, session_id) -> HttpResponse:
         "by_client": by_client,
         "streams": streams,
         "duration": duration,
-        "export_url": f"/api/ollama/session/{session.session_id}/summary",
+        "transcript_url": f"/api/ollama/session/{session.session_id}/transcript",
+        "can_manage": session.user_id == request.user.pk or request.user.is_staff,
+        "lineage": selectors.session_versions(session=session, user=request.user),
+        "branch_points": range(1, (session.messages.order_by("-seq").values_list("seq", flat=True).first() or 0) + 1)
+        if session.archived_at is None
+        else [],
+        "continue_clients": []
+        if session.is_active
+        else list(ClientDomain.objects.open_to(request.user).active().order_by("name")),
     }
     return render(request, "sessions_app/session_summary.html", context)
 

@@ -96,7 +96,9 @@ def _quick_claim(pk, user, now: datetime, **still) -> bool:
 
     `still` adds conditions on what the caller read (see `_claim_known`).
     """
-    sessions = ChatSession.objects.for_user(user).filter(
+    # Owners (and staff) only: a consultant the session is shared with takes `_claim_turn`'s
+    # general path, which goes through the full access rule.
+    sessions = ChatSession.objects.owned_by(user).filter(
         _no_live_turn(now), pk=pk, status=SessionStatus.ACTIVE, invoice__isnull=True, **still
     )
     return bool(sessions.update(**_claim_fields(now)))

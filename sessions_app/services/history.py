@@ -71,51 +71,81 @@ def session_branch(*, session_id, user, at_seq=None, name: str = "") -> ChatSess
     if not ClientDomain.objects.open_to(user).filter(pk=domain.pk).exists():
         raise BadInput(CLIENT_NOT_ALLOWED.format(slug=domain.slug))
     name = name or f"{parent} (branch at #{at_seq})"[:NAME_LIMIT]
+    return _copy_session(
+        parent,
+        user=user,
+        upto=at_seq,
+        name=name,
+        source=SessionSource.BRANCH,
+        domain=domain,
+        brand=parent.brand,
+        model=parent.current_model,
+        branched=True,
+    )
+
+
+def _copy_session(
+    original: ChatSession,
+    *,
+    user,
+    upto: int,
+    name: str,
+    source: str,
+    domain: ClientDomain,
+    brand,
+    model: str,
+    branched: bool,
+) -> ChatSession:
+    """A new active session holding copies of `original`'s messages 1..upto (never billed again).
+
+    `branched` links it as a branch (`parent`, `branched_at_seq`); otherwise it continues the
+    original (`continued_from`). Its time starts now, in its own first segment.
+    """
     now = timezone.now()
     with transaction.atomic():
-        branch = ChatSession.objects.create(
+        copy_session = ChatSession.objects.create(
             user=user,
             domain=domain,
-            brand=parent.brand,
+            brand=brand,
             name=name,
-            system_prompt=parent.system_prompt,
+            system_prompt=original.system_prompt,
             started_at=now,
             last_activity_at=now,
-            primary_model=parent.current_model,
-            current_model=parent.current_model,
-            source=SessionSource.BRANCH,
-            parent=parent,
-            branched_at_seq=at_seq,
+            primary_model=model,
+            current_model=model,
+            source=source,
+            parent=original if branched else None,
+            branched_at_seq=upto if branched else None,
+            continued_from=None if branched else original,
         )
-        SessionSegment.objects.create(
-            session=branch, domain=domain, brand=parent.brand, model=parent.current_model, started_at=now
-        )
+        SessionSegment.objects.create(session=copy_session, domain=domain, brand=brand, model=model, started_at=now)
         previous = integrity.GENESIS
         count = 0
-        for original in parent.messages.filter(seq__lte=at_seq).order_by("seq"):
+        for message in original.messages.filter(seq__lte=upto).order_by("seq"):
             count += 1
             copy = SessionMessage(
-                session=branch,
+                session=copy_session,
                 seq=count,
-                role=original.role,
-                content=original.content,
-                timestamp=original.timestamp,
-                model=original.model,
-                provider=original.provider,
-                domain_id=original.domain_id,
-                prompt_tokens=original.prompt_tokens,
-                completion_tokens=original.completion_tokens,
-                tokens=original.tokens,
-                token_source=original.token_source,
-                cost_usd=original.cost_usd,
-                status=original.status,
-                error_text=original.error_text,
-                copied_from=original,
+                role=message.role,
+                content=message.content,
+                timestamp=message.timestamp,
+                model=message.model,
+                provider=message.provider,
+                domain_id=message.domain_id,
+                prompt_tokens=message.prompt_tokens,
+                completion_tokens=message.completion_tokens,
+                tokens=message.tokens,
+                token_source=message.token_source,
+                cost_usd=message.cost_usd,
+                status=message.status,
+                error_text=message.error_text,
+                copied_from=message,
+                author_id=message.author_id,
             )
             previous = _store_linked(copy, previous)
-        branch.total_messages = count
-        branch.save(update_fields=["total_messages"])
-    return _load(branch.pk)
+        copy_session.total_messages = count
+        copy_session.save(update_fields=["total_messages"])
+    return _load(copy_session.pk)
 
 
 def session_append_history(*, session_id, user, messages: list[ChatMessage], allow_during_turn: bool = False) -> None:
@@ -164,6 +194,7 @@ def session_append_history(*, session_id, user, messages: list[ChatMessage], all
                 domain=session.domain,
                 cost_usd=Decimal("0"),
                 is_imported=True,
+                author=user if role == MessageRole.USER else None,
             )
             previous = _store_linked(message, previous)
         ChatSession.objects.filter(pk=session.pk).update(

@@ -27,7 +27,7 @@ from sessions_app.models import (
     SessionSource,
     SessionStatus,
 )
-from sessions_app.selectors import session_get_for_user, session_summary
+from sessions_app.selectors import session_get_for_owner, session_summary
 from sessions_app.services.claims import (
     _no_live_turn,
     turn_is_live,
@@ -176,8 +176,11 @@ def _end(session: ChatSession, *, reason: str, at: datetime | None = None, wait_
 
 
 def session_end(*, session_id, user, reason: str = EndReason.USER) -> dict:
-    """Stop the timer, close the last segment, seal, and return the summary (idempotent)."""
-    session = session_get_for_user(session_id=session_id, user=user)
+    """Stop the timer, close the last segment, seal, and return the summary (idempotent).
+
+    Only the owner (or staff) ends a session; an invited consultant gets `NotOwner`.
+    """
+    session = session_get_for_owner(session_id=session_id, user=user)
     if reason not in EndReason.values:
         raise BadInput(UNKNOWN_END_REASON.format(reason=reason, choices=", ".join(EndReason.values)))
     return _end(session, reason=reason)
@@ -187,7 +190,7 @@ async def asession_end(*, session_id, user, reason: str = EndReason.USER) -> dic
     """`session_end` for async callers: waits for an answer in another process without a thread."""
     if reason not in EndReason.values:
         raise BadInput(UNKNOWN_END_REASON.format(reason=reason, choices=", ".join(EndReason.values)))
-    session = await db_sync_to_async(session_get_for_user)(session_id=session_id, user=user)
+    session = await db_sync_to_async(session_get_for_owner)(session_id=session_id, user=user)
     with _TURNS_LOCK:
         local = str(session.pk) in _TURNS
     if not local and session.status == SessionStatus.ACTIVE and turn_is_live(session):
@@ -200,7 +203,7 @@ async def asession_end(*, session_id, user, reason: str = EndReason.USER) -> dic
         await wait_for_turn(session.pk, limit=REMOTE_STOP_WAIT_SECONDS)
 
     def end() -> dict:
-        fresh = session_get_for_user(session_id=session.pk, user=user)
+        fresh = session_get_for_owner(session_id=session.pk, user=user)
         return _end(fresh, reason=reason, wait_remote=False)
 
     return await db_sync_to_async(end)()

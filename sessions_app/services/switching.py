@@ -40,6 +40,7 @@ from sessions_app.services.inputs import (
     _resolve_client,
     _resolve_model,
 )
+from sessions_app.services.sharing import invitations_revoke_unbillable, session_check_client_switch
 from sessions_app.services.store import _load
 
 SWITCH_NOTHING = "Name a client and/or a model to switch to."
@@ -84,6 +85,8 @@ def session_switch(*, session_id, user, client=None, model=None, reason: str = "
         raise BadInput(SWITCH_NOTHING)
     _check_writable(session)
     domain = _resolve_client(client, user) if client not in (None, "") else session.domain
+    if domain.pk != session.domain_id:
+        session_check_client_switch(session=session, user=user)
     model_name = _resolve_model(model) if model not in (None, "") else session.current_model
     if domain.pk == session.domain_id and model_name == session.current_model:
         raise BadInput(SWITCH_SAME.format(slug=domain.slug, model=model_name))
@@ -137,6 +140,8 @@ def session_switch(*, session_id, user, client=None, model=None, reason: str = "
         ChatSession.objects.filter(pk=session.pk).update(
             domain=domain, brand=brand, current_model=model_name, last_activity_at=now
         )
+        if domain.pk != session.domain_id:
+            invitations_revoke_unbillable(session=session, client=domain)
     stream.source_domain = session.domain
     stream.target_domain = domain
     return stream

@@ -207,6 +207,7 @@ def begin_turn(*, session_id, user, message, known: KnownSession | None = None) 
             domain=session.domain,
             cost_usd=Decimal("0"),
             status=MessageStatus.COMPLETE,
+            author=user,  # in a shared session, who typed it
         )
         _store_linked(user_message, previous)
     try:
@@ -344,7 +345,7 @@ def _store_answer(turn: _Turn, *, now: datetime | None = None) -> SessionMessage
 
     elapsed_ms = int((time.monotonic() - turn.began) * 1000)
     LLMUsage.objects.create(
-        user_id=session.user_id,
+        user_id=start.user_message.author_id or session.user_id,  # who asked (shared sessions)
         session_id=session_id,
         message=message,
         client_id=session.domain_id,

@@ -199,7 +199,8 @@ def test_summary_shows_time_and_cost_per_client_and_the_integrity_badge(
     assert '<tr data-client="acme">' in html
     assert '<tr data-client="globex">' in html
     assert "Integrity verified" in html
-    assert f'href="/api/ollama/session/{acme_session.pk}/summary"' in html
+    # The JSON export is the transcript under a meaningful name now, not the bare summary.json (issue 15).
+    assert f'href="/api/ollama/session/{acme_session.pk}/transcript"' in html
     assert "Context carried at switches" in html
     assert "Client switch" in html
     assert "--brand-primary: #c92a2a;" in html  # the session now wears Globex's brand

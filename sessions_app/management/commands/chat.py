@@ -19,6 +19,7 @@ from decimal import Decimal
 from pathlib import Path
 
 from asgiref.sync import async_to_sync
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
@@ -34,11 +35,13 @@ DEFAULT_MODEL = "ollama:llama3.2"
 USAGE, FAILED, INTERRUPTED, BROKEN_PIPE = 2, 1, 130, 141
 
 ACTIONS = ("new", "send", "list", "history", "clean", "branch", "search", "export", "import_file", "stats")
+BARE = "bare"  # a MESSAGE and no action: the original design's `ollama-chat MESSAGE`
 # The options each action accepts besides itself; anything else is a usage error.
 COMPANIONS = {
-    "new": {"model", "client", "user", "system", "name"},
+    "new": {"model", "client", "user", "system", "name", "template"},
     "send": {"model", "client", "user"},
-    "list": {"client", "user", "limit"},
+    BARE: {"model", "client", "user", "system", "name", "template"},
+    "list": {"client", "user", "limit", "hidden"},
     "history": {"user"},
     "clean": {"user", "dry_run"},
     "branch": {"user", "at", "name"},
@@ -67,12 +70,19 @@ FLAG_NAMES = {
     "output": "-o",
     "dry_run": "--dry-run",
     "limit": "--limit",
+    "template": "--template",
+    "hidden": "--hidden",
+    BARE: "MESSAGE",
 }
 NO_ACTION = (
-    "Say what to do: -n MESSAGE, -s ID MESSAGE, -l, --history ID, --clean HOURS, --branch ID, "
+    "Say what to do: MESSAGE, -n MESSAGE, -s ID MESSAGE, -l, --history ID, --clean HOURS, --branch ID, "
     "--search TEXT, --export ID, --import FILE or --stats (see --help)."
 )
 NO_USER = "Name the user with --user NAME or set CHAT_USER."
+NO_CLIENT = "Name the client to bill with --client SLUG or set CHAT_CLIENT."
+SEND_NEEDS_MESSAGE = "-s needs a session ID and a MESSAGE: -s ID [-m MODEL] MESSAGE."
+ONE_MESSAGE = 'Give one MESSAGE (quote it: ollama-chat "two words"); got {count}: {words}.'
+MESSAGE_WITH_ACTION = "A MESSAGE cannot be used with {flag}; to send one, use -n MESSAGE or -s ID MESSAGE."
 
 
 def _positive_hours(raw: str) -> float:
@@ -151,9 +161,10 @@ class Command(BaseCommand):
             "-s",
             "--continue",
             dest="send",
-            nargs=2,
+            nargs="+",
             metavar=("ID", "MESSAGE"),
-            help="send MESSAGE in session ID (UUID or unique prefix of 8+ characters)",
+            help="send MESSAGE in session ID (UUID or unique prefix of 8+ characters); -m MODEL may come before or "
+            "after the ID",
         )
         action.add_argument("-l", "--list", action="store_true", help="list sessions as a table")
         action.add_argument("--history", metavar="ID", help="print a session's messages with times, tokens, cost")
@@ -179,18 +190,30 @@ class Command(BaseCommand):
         parser.add_argument("-o", "--output", metavar="FILE", help="with --export: write to FILE")
         parser.add_argument("--dry-run", action="store_true", help="with --clean: show what would happen")
         parser.add_argument("--limit", metavar="N", type=_positive_int, help="rows for -l (50) and --search (20)")
+        parser.add_argument("--template", metavar="NAME", help="start a new session from a conversation template")
+        parser.add_argument("--hidden", action="store_true", help="with -l: list your hidden sessions")
+        parser.add_argument(
+            "message",
+            nargs="*",
+            metavar="MESSAGE",
+            help="alone: continue your newest active session (on --client, if given) or start one, and send MESSAGE",
+        )
 
     # --- dispatch -------------------------------------------------------------------------
 
     def handle(self, *args, **options):
         chosen = [name for name in ACTIONS if options.get(name) not in (None, False)]
-        if not chosen:
+        words = options.get("message") or []
+        if not chosen and not words:
             raise CommandError(NO_ACTION, returncode=USAGE)
-        action = chosen[0]
+        action = chosen[0] if chosen else BARE
+        options[BARE] = self._bare_message(action, words, options)
         stray = [
             FLAG_NAMES[name]
             for name in FLAG_NAMES
-            if name not in ACTIONS and name not in COMPANIONS[action] and options.get(name) not in (None, False)
+            if name not in (*ACTIONS, BARE)
+            and name not in COMPANIONS[action]
+            and options.get(name) not in (None, False)
         ]
         if stray:
             raise CommandError(
@@ -210,6 +233,25 @@ class Command(BaseCommand):
             raise SystemExit(BROKEN_PIPE) from None
         except SessionError as exc:
             raise CommandError(exc.message, returncode=FAILED) from None
+
+    def _bare_message(self, action: str, words: list[str], options: dict) -> str | None:
+        """The positional MESSAGE: alone (bare), or the message of `-s ID -m MODEL MESSAGE`."""
+        if action == "send":
+            pair = options["send"]
+            if len(pair) + len(words) != 2:
+                if len(pair) + len(words) < 2:
+                    raise CommandError(SEND_NEEDS_MESSAGE, returncode=USAGE)
+                extra = [*pair[1:], *words]
+                raise CommandError(ONE_MESSAGE.format(count=len(extra), words=extra), returncode=USAGE)
+            options["send"] = [pair[0], pair[1] if len(pair) == 2 else words[0]]
+            return None
+        if action != BARE:
+            if words:
+                raise CommandError(MESSAGE_WITH_ACTION.format(flag=FLAG_NAMES[action]), returncode=USAGE)
+            return None
+        if len(words) != 1:
+            raise CommandError(ONE_MESSAGE.format(count=len(words), words=words), returncode=USAGE)
+        return words[0]
 
     # --- resolving users and sessions ---------------------------------------------------------
 
@@ -240,36 +282,79 @@ class Command(BaseCommand):
 
     def _new(self, message: str) -> None:
         user = self._user()
-        client = self.options.get("client") or self._default_client(user)
-        model = self.options.get("model") or os.environ.get("CHAT_MODEL") or DEFAULT_MODEL
-        session = services.session_start(
-            user=user,
-            client=client,
-            model=model,
-            name=self.options.get("name") or "",
-            system_prompt=self.options.get("system") or "",
-            source=SessionSource.CLI,
-        )
+        self._turn(self._start(user), user, message)
+
+    def _start(self, user) -> ChatSession:
+        template = self.options.get("template")
+        client = self.options.get("client")
+        model = self.options.get("model")
+        common = {
+            "user": user,
+            "name": self.options.get("name") or "",
+            "system_prompt": self.options.get("system") or "",
+            "source": SessionSource.CLI,
+        }
+        if template:
+            # A template's own client and model apply unless the command line names others; CHAT_CLIENT
+            # is only a default, for templates offered to every client.
+            preset = services.template_resolve(template=template, user=user, client=client)
+            if not client and not preset.client_id:
+                client = self._configured_client() or self._default_client(user)
+            session = services.session_start_from_template(template=preset, client=client, model=model, **common)
+        else:
+            client = client or self._configured_client() or self._default_client(user)
+            session = services.session_start(client=client, model=model or self._default_model(), **common)
         self.stderr.write(f"Session {session.session_id} · {session.domain.slug} · {session.current_model}")
-        self._turn(session, user, message)
+        return session
+
+    def _configured_client(self) -> str | None:
+        return os.environ.get("CHAT_CLIENT") or settings.CHAT_CLIENT or None
+
+    def _default_model(self) -> str:
+        return os.environ.get("CHAT_MODEL") or settings.CHAT_MODEL or DEFAULT_MODEL
 
     def _default_client(self, user) -> str:
         clients = list(ClientDomain.objects.active().open_to(user).values_list("slug", flat=True)[:2])
         if len(clients) == 1:
             return clients[0]
-        raise CommandError("Name the client to bill with --client SLUG.", returncode=USAGE)
+        raise CommandError(NO_CLIENT, returncode=USAGE)
+
+    def _bare(self, message: str) -> None:
+        """Continue the user's newest active session (on --client/CHAT_CLIENT, if set), or start one."""
+        user = self._user()
+        client = self.options.get("client") or self._configured_client()
+        sessions = ChatSession.objects.filter(user=user, status=SessionStatus.ACTIVE, api_token__isnull=True)
+        if client:
+            sessions = sessions.filter(domain__slug=client)
+        session = sessions.select_related("domain").order_by("-started_at").first()
+        if session is None:
+            self._turn(self._start(user), user, message)
+            return
+        stray = [FLAG_NAMES[name] for name in ("system", "name", "template") if self.options.get(name)]
+        if stray:
+            raise CommandError(
+                f"{', '.join(stray)} only apply to a new session; session {session.session_id} is still running "
+                "(end it, or use -n MESSAGE for a new one).",
+                returncode=USAGE,
+            )
+        self.stderr.write(f"Session {session.session_id} · {session.domain.slug} · {session.current_model} (continued)")
+        self._switch_if_asked(session, user, client=None)
+        self._turn(session, user, message)
 
     def _send(self, pair: list[str]) -> None:
         ident, message = pair
         session, user = self._session(ident)
-        model, client = self.options.get("model"), self.options.get("client")
+        self._switch_if_asked(session, user, client=self.options.get("client"))
+        self._turn(session, user, message)
+
+    def _switch_if_asked(self, session: ChatSession, user, *, client: str | None) -> None:
+        model = self.options.get("model")
         if (model and model != session.current_model) or (client and client != session.domain.slug):
             stream = services.session_switch(session_id=session.pk, user=user, client=client, model=model)
             session.refresh_from_db()
             self.stderr.write(
                 f"Switched to {session.domain.slug} · {session.current_model} (carried {stream.message_count} messages)"
             )
-        self._turn(session, user, message)
 
     def _turn(self, session: ChatSession, user, message: str) -> None:
         """Stream one answer to stdout as it arrives; store everything through the service."""
@@ -322,7 +407,8 @@ class Command(BaseCommand):
     def _list(self, _flag) -> None:
         user = self._user()
         limit = self.options.get("limit") or 50
-        qs = selectors.session_list(user=user, client=self.options.get("client"))
+        hidden = "only" if self.options.get("hidden") else "exclude"
+        qs = selectors.session_list(user=user, client=self.options.get("client"), hidden=hidden).select_related("user")
         total = qs.count()
         rows = [
             [
@@ -334,7 +420,10 @@ class Command(BaseCommand):
                 str(s.total_messages),
                 f"{s.total_tokens:,}",
                 dollars(s.estimated_cost_usd),
-                (s.name or "") + (f"  ↳ branch of {short(s.parent_id)}" if s.parent_id else ""),
+                (s.name or "")
+                + (f"  ↳ branch of {short(s.parent_id)}" if s.parent_id else "")
+                + (f"  ↳ continues {short(s.continued_from_id)}" if s.continued_from_id else "")
+                + (f"  (shared by {s.user.get_username()})" if s.user_id != user.pk else ""),
             ]
             for s in qs[:limit]
         ]
@@ -367,7 +456,7 @@ class Command(BaseCommand):
 
             messages = archived_messages(session)
         else:
-            messages = list(session.messages.order_by("seq"))
+            messages = list(session.messages.select_related("author").order_by("seq"))
         w = self.stdout.write
         w(f"Session {session.session_id}" + (f" “{session.name}”" if session.name else ""))
         w(
@@ -386,6 +475,10 @@ class Command(BaseCommand):
         branches = list(session.branches.values_list("session_id", "branched_at_seq"))
         for branch_id, at in branches:
             w(f"branched into {branch_id} at message #{at}")
+        if session.continued_from_id:
+            w(f"continues {session.continued_from_id}")
+        for next_id in session.continuations.order_by("started_at").values_list("session_id", flat=True):
+            w(f"continued in {next_id}")
         if session.system_prompt:
             w(f"system prompt: {session.system_prompt}")
         for m in messages:
@@ -399,8 +492,9 @@ class Command(BaseCommand):
                 flags.append("imported")
             # A question's tokens are billed on its answer, as the answer's prompt.
             meta = f" · {m.tokens} tokens · {dollars(m.cost_usd)}" if m.role != "user" else ""
+            who = f" ({m.author.get_username()})" if m.author_id and m.author_id != session.user_id else ""
             w(
-                f"#{m.seq} {m.role.upper()} · {local(m.timestamp)} · {m.model or '—'}{meta}"
+                f"#{m.seq} {m.role.upper()}{who} · {local(m.timestamp)} · {m.model or '—'}{meta}"
                 + (f" · {', '.join(flags)}" if flags else "")
             )
             for text_line in (m.content or "").splitlines() or [""]:
