@@ -9,13 +9,21 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+from django.contrib.auth import get_user_model
 from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from billing.models import ClientDomain
 from sessions_app import integrity
 from sessions_app.errors import NOT_OWNER, SESSION_NOT_FOUND, BadInput, NotFound, NotOwner
-from sessions_app.models import ChatSession, ContextStream, SessionMessage, SessionSegment, SessionStatus
+from sessions_app.models import (
+    ChatSession,
+    ContextStream,
+    SessionInvitation,
+    SessionMessage,
+    SessionSegment,
+    SessionStatus,
+)
 
 HIDDEN_CHOICES = ("exclude", "include", "only")
 BAD_HIDDEN = "'hidden' must be one of exclude, include, only."
@@ -291,7 +299,7 @@ def session_summary(*, session: ChatSession, rows: SessionRows | None = None) ->
         ],
         "context_streams": [stream_as_dict(stream) for stream in rows.streams],
         "integrity": {"valid": valid, "detail": detail},
-        "participants": session_participants(session=session),
+        "participants": session_participants(session=session, messages=rows.messages),
     }
 
 
@@ -432,32 +440,35 @@ def session_versions(*, session: ChatSession, user) -> dict[str, Any]:
     }
 
 
-def session_participants(*, session: ChatSession) -> list[dict[str, Any]]:
-    """Who took part: the owner, then each invited consultant (their latest invitation), with messages typed."""
-    from django.contrib.auth import get_user_model
-    from django.db.models import Count
+def session_participants(*, session: ChatSession, messages: list[SessionMessage] | None = None) -> list[dict[str, Any]]:
+    """Who took part: the owner, then each invited consultant (their latest invitation), with messages typed.
 
-    from sessions_app.models import SessionInvitation
-
-    typed = dict(
-        session.messages.filter(role="user", copied_from__isnull=True)
-        .order_by()
-        .values("author_id")
-        .annotate(n=Count("pk"))
-        .values_list("author_id", "n")
-    )
+    Counts from `messages` when the caller has read them (a summary has), so an archived
+    session counts too; then one query for the invitations and at most one for the people.
+    """
+    if messages is None:
+        messages = session_rows(session).messages
+    typed: dict[int | None, int] = {}
+    for message in messages:
+        if message.role == "user" and message.copied_from_id is None:
+            typed[message.author_id] = typed.get(message.author_id, 0) + 1
     # Messages from before authors were recorded were the owner's.
     owner_typed = typed.pop(None, 0) + typed.pop(session.user_id, 0)
-    owner = session.user
-    rows = [_participant(owner, "owner", None, owner_typed)]
     latest: dict = {}
     for invitation in SessionInvitation.objects.filter(session=session).select_related("user").order_by("created_at"):
         latest[invitation.user_id] = invitation
+    others = [pk for pk in typed if pk not in latest]  # staff, who may write without an invitation
+    wanted = {pk for pk in [session.user_id, *others] if pk is not None}
+    if "user" in session._state.fields_cache:
+        wanted.discard(session.user_id)
+    people = get_user_model().objects.in_bulk(wanted) if wanted else {}
+    owner = people.get(session.user_id) or session.user
+    rows = [_participant(owner, "owner", None, owner_typed)]
     for user_id, invitation in latest.items():
         rows.append(_participant(invitation.user, "invited", invitation, typed.pop(user_id, 0)))
-    if typed:  # staff, who may write in any session without an invitation
-        for other in get_user_model().objects.filter(pk__in=list(typed)):
-            rows.append(_participant(other, "staff", None, typed[other.pk]))
+    for pk in others:
+        if pk in people:
+            rows.append(_participant(people[pk], "staff", None, typed[pk]))
     return rows
 
 

@@ -21,8 +21,14 @@ pytestmark = pytest.mark.django_db
 
 # The tables a session owns rows in: reaching any of them other than by the session's index
 # is a scan of every client's history.
-SESSION_TABLES = ("ollama_session_messages", "session_segments", "ollama_context_streams", "user_llm_usage")
-SUMMARY_QUERIES = 4  # messages, segments, context streams, and the clients they name by key
+SESSION_TABLES = (
+    "ollama_session_messages",
+    "session_segments",
+    "ollama_context_streams",
+    "user_llm_usage",
+)
+# messages, segments, context streams, the clients they name by key, the invitations, the people
+SUMMARY_QUERIES = 6
 
 
 def _client_history(user, client, *, sessions: int, segments_each: int, messages_each: int) -> None:
