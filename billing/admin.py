@@ -30,6 +30,7 @@ from billing.models import (
     ModelAlias,
     ModelPrice,
 )
+from billing.money import format_ledger, format_money
 
 HOSTNAME = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
 CURRENCY = re.compile(r"^[A-Z]{3}$")
@@ -53,10 +54,11 @@ def swatch(color: str, label: str = "") -> str:
     )
 
 
-def money(value, places: int = 6) -> str:
+def money(value) -> str:
+    """A cost in the admin's USD columns, as stored (six decimals); "—" for none."""
     if value is None:
         return "—"
-    return f"{value:,.{places}f}"
+    return format_ledger(value, "USD")
 
 
 class ColorInput(forms.TextInput):
@@ -165,7 +167,7 @@ class ClientDomainAdmin(admin.ModelAdmin):
 
     @admin.display(description="Hourly rate", ordering="hourly_rate")
     def rate(self, obj: ClientDomain) -> str:
-        return f"{obj.hourly_rate:,.2f} {obj.currency}"
+        return format_money(obj.hourly_rate, obj.currency)
 
     @admin.display(description="Default brand")
     def default_brand(self, obj: ClientDomain) -> str:
@@ -524,7 +526,7 @@ class InvoiceAdmin(admin.ModelAdmin):
 
     @admin.display(description="Total", ordering="total")
     def total_display(self, obj: Invoice) -> str:
-        return f"{obj.total:,.2f} {obj.currency}"
+        return format_money(obj.total, obj.currency)
 
     @admin.display(description="Lines", ordering="line_total")
     def line_count(self, obj: Invoice) -> int:

@@ -6,13 +6,13 @@ import csv
 import datetime as dt
 import itertools
 from collections.abc import AsyncIterator, Iterable, Iterator
-from decimal import Decimal
 
 from asgiref.sync import sync_to_async
 from django.core.handlers.asgi import ASGIRequest
 from django.http import StreamingHttpResponse
 
-from billing.reports import BillingLine, Period, money_str
+from billing.money import amount_text
+from billing.reports import BillingLine, Period
 
 # A cell a spreadsheet would run as a formula starts with one of these (tab and CR too:
 # some programs strip them and then see the "=").
@@ -157,8 +157,8 @@ def report_rows(lines: Iterable[BillingLine], period: Period) -> Iterator[list]:
             cells = client_cells[t.client_id] = (
                 escape_cell(t.slug),
                 escape_cell(t.name),
-                money_str(t.hourly_rate),
-                f"{Decimal(t.llm_markup_percent):.2f}",
+                amount_text(t.hourly_rate),
+                amount_text(t.llm_markup_percent),
                 escape_cell(t.currency),
             )
         yield [
@@ -173,16 +173,16 @@ def report_rows(lines: Iterable[BillingLine], period: Period) -> Iterator[list]:
             period_end,
             ln.seconds,
             ln.billable_minutes,
-            f"{ln.billable_hours:.4f}",
+            amount_text(ln.billable_hours, 4),
             cells[2],
-            f"{ln.time_amount:.2f}",
+            amount_text(ln.time_amount),
             ln.messages,
             ln.tokens,
             ln.unpriced,
-            f"{ln.llm_cost:.2f}",
+            amount_text(ln.llm_cost),
             cells[3],
-            f"{ln.markup:.2f}",
-            f"{ln.total:.2f}",
+            amount_text(ln.markup),
+            amount_text(ln.total),
             cells[4],
             escape_cell(ln.invoice_number or ""),
         ]
@@ -203,9 +203,9 @@ def invoice_rows(invoice, tz) -> Iterator[list]:
             line.kind,
             str(line.session_id or ""),
             escape_cell(line.description),
-            f"{line.quantity:.4f}",
+            amount_text(line.quantity, 4),
             escape_cell(line.unit),
-            money_str(line.unit_price),
-            money_str(line.amount),
+            amount_text(line.unit_price),
+            amount_text(line.amount),
             escape_cell(invoice.currency),
         ]

@@ -26,10 +26,11 @@ import functools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import Decimal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-CENT = Decimal("0.01")
+from billing.money import quantize, quantize_cents
+
 ZERO = Decimal("0")
 MAX_PERIOD_DAYS = 400
 
@@ -63,14 +64,7 @@ class PeriodError(ValueError):
     """The period asked for cannot be built; the message says why."""
 
 
-def money(value: Decimal) -> Decimal:
-    """Round money where it leaves the system: two decimals, half up."""
-    return value.quantize(CENT, rounding=ROUND_HALF_UP)
-
-
-def money_str(value: Decimal) -> str:
-    """Fixed two-decimal text ("1234.50"), never scientific notation."""
-    return f"{money(value):.2f}"
+money = quantize_cents  # rounded where money leaves the system (`billing.money`)
 
 
 def billable_minutes(seconds: int, increment_minutes: int) -> int:
@@ -83,7 +77,7 @@ def billable_minutes(seconds: int, increment_minutes: int) -> int:
 
 def hours(minutes: int) -> Decimal:
     """Minutes as decimal hours, four places (display and invoice quantity only)."""
-    return (Decimal(minutes) / Decimal(60)).quantize(Decimal("0.0001"), rounding=ROUND_HALF_UP)
+    return quantize(Decimal(minutes) / Decimal(60), 4)
 
 
 # --- Periods ------------------------------------------------------------------------------
@@ -298,7 +292,7 @@ class Totals:
 
     @property
     def actual_hours(self) -> Decimal:
-        return (Decimal(self.seconds) / Decimal(3600)).quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)
+        return quantize(Decimal(self.seconds) / Decimal(3600), 2)
 
 
 @dataclass

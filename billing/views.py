@@ -23,6 +23,7 @@ from django.views.decorators.http import require_GET, require_POST
 
 from billing import charts, csv_export, selectors
 from billing.models import ClientDomain, Invoice, InvoiceStatus
+from billing.money import format_money, format_plain
 from billing.reports import PERIOD_CHOICES, ROUNDING_RULE, PeriodError, parse_tz, period_from
 from billing.services import ERR_NOT_ISSUED, BillingError, billing_tz, invoice_create_draft
 
@@ -94,11 +95,11 @@ def _client_charts(rows) -> dict:
         charts.Bar(
             r.label,
             r.totals.llm_cost + r.totals.markup,
-            f"{r.terms.currency} {r.totals.llm_cost + r.totals.markup:.2f}",
+            format_money(r.totals.llm_cost + r.totals.markup, r.terms.currency),
         )
         for r in rows
     ]
-    hours = [charts.Bar(r.label, r.totals.billable_hours, f"{r.totals.billable_hours:.2f} h") for r in rows]
+    hours = [charts.Bar(r.label, r.totals.billable_hours, f"{format_plain(r.totals.billable_hours)} h") for r in rows]
     return {
         "cost_chart": charts.bar_chart(
             title="LLM cost per client",
@@ -244,7 +245,7 @@ def monitoring(request):
             title="LLM cost per client (raw, before markup)",
             desc="Horizontal bars: the summed cost of billable messages per client in the period.",
             bars=[
-                charts.Bar(r["domain__name"], r["cost"] or Decimal(0), f"{(r['cost'] or Decimal(0)):.2f}")
+                charts.Bar(r["domain__name"], r["cost"] or Decimal(0), format_money(r["cost"] or Decimal(0), "USD"))
                 for r in per_client
             ],
         ),

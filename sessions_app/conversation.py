@@ -18,6 +18,7 @@ from django.db.models import Avg, Count, F, Func, Min, Q, QuerySet, Sum
 from django.utils.html import escape
 from django.utils.safestring import SafeString, mark_safe
 
+from billing.money import api_amount
 from sessions_app.errors import BadInput, NotFound
 from sessions_app.models import ChatSession, SessionMessage
 
@@ -36,11 +37,7 @@ _START, _STOP = "\ue000", "\ue001"
 _SNIPPET_BEFORE, _SNIPPET_AFTER = 60, 140
 
 
-def money(value: Decimal | None) -> str | None:
-    """Money leaves the system as a string with six decimals."""
-    if value is None:
-        return None
-    return f"{Decimal(value):.6f}"
+money = api_amount  # six decimals, as every API shape
 
 
 # --- Short ids ------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from billing.models import ClientDomain
+from billing.money import api_amount
 from sessions_app import integrity
 from sessions_app.errors import SESSION_NOT_FOUND, BadInput, NotFound
 from sessions_app.models import ChatSession, ContextStream, SessionMessage, SessionStatus
@@ -19,11 +20,8 @@ from sessions_app.models import ChatSession, ContextStream, SessionMessage, Sess
 ZERO = Decimal("0")
 
 
-def money(value: Decimal | None) -> str | None:
-    """Money leaves the system as a string with six decimals (no rounding beyond storage)."""
-    if value is None:
-        return None
-    return f"{Decimal(value):.6f}"
+# Money leaves the API as a string with six decimals (no rounding beyond storage).
+money = api_amount
 
 
 def iso(value: datetime | None) -> str | None:
