@@ -127,7 +127,11 @@ def refuse_issued_invoice_change(sender, instance: Invoice, raw=False, update_fi
     )
     if old is None or old["status"] != InvoiceStatus.ISSUED:
         return
-    for name in ("status", "number", "client_id", "period_start", "period_end", "total"):
+    # Voiding (issued → void) is the one change of state an issued invoice has; its figures stay.
+    fields = ("number", "client_id", "period_start", "period_end", "total")
+    if instance.status not in (InvoiceStatus.ISSUED, InvoiceStatus.VOID):
+        fields = ("status", *fields)
+    for name in fields:
         if old[name] != getattr(instance, name):
             raise SessionLocked(f"Invoice {old['number']} is issued; it can no longer change.")
 
@@ -138,7 +142,7 @@ def refuse_issued_line_change(sender, instance: InvoiceLine, raw=False, **kwargs
     if raw or instance.invoice_id is None:
         return
     number = (
-        Invoice.objects.filter(pk=instance.invoice_id, status=InvoiceStatus.ISSUED)
+        Invoice.objects.filter(pk=instance.invoice_id, status__in=(InvoiceStatus.ISSUED, InvoiceStatus.VOID))
         .values_list("number", flat=True)
         .first()
     )

@@ -78,6 +78,9 @@ def test_report_csv_has_the_exact_header_and_one_row_per_line(staff_client, owne
         "messages": "2",
         "tokens": "200",
         "unpriced_calls": "0",
+        "provider_cost_usd": "0.130100",  # issue 14: the USD cost and the rate it was converted at
+        "exchange_rate": "1.000000",
+        "unconverted_calls": "0",
         "llm_cost": "0.13",
         "markup_percent": "0.00",
         "llm_markup": "0.00",
