@@ -11,7 +11,8 @@ from django.db.models.signals import post_delete, post_save, pre_save
 from django.dispatch import receiver
 
 from billing.branding import forget_hosts
-from billing.models import Brand, ClientDomain, Invoice, InvoiceStatus
+from billing.budgets import budgets_changed
+from billing.models import Brand, ClientBudget, ClientDomain, ClientTerms, ExchangeRate, Invoice, InvoiceStatus
 from billing.rates import TERMS_FIELDS, RecordLocked, client_terms_record
 
 ERR_CURRENCY_FIXED = (
@@ -66,3 +67,10 @@ def brand_changed(sender, instance: Brand, **kwargs) -> None:
     client_ids = {instance.client_id, getattr(instance, "_previous_client_id", None)} - {None}
     hosts = ClientDomain.objects.filter(pk__in=client_ids).exclude(hostname=None).values_list("hostname", flat=True)
     forget_hosts(*hosts)
+
+
+# The budget check caches budgets, clients, terms and rates per process: any change to them
+# bumps the shared version, so every process reloads before its next check.
+for _model in (ClientBudget, ClientDomain, ClientTerms, ExchangeRate):
+    post_save.connect(budgets_changed, sender=_model, dispatch_uid=f"billing.budgets_changed_save_{_model.__name__}")
+    post_delete.connect(budgets_changed, sender=_model, dispatch_uid=f"billing.budgets_changed_del_{_model.__name__}")
