@@ -451,6 +451,16 @@ class InvoiceSequence(models.Model):
         return f"{self.year}: {self.last}"
 
 
+class InvoiceLineQuerySet(models.QuerySet):
+    def billed(self) -> InvoiceLineQuerySet:
+        """Lines that bill a part: on an issued invoice (not a credit note, not a voided one), not pending."""
+        return self.filter(
+            invoice__status=InvoiceStatus.ISSUED,
+            invoice__kind=InvoiceKind.INVOICE,
+            kind__in=InvoiceLine.BILLED_KINDS,
+        )
+
+
 class InvoiceLine(models.Model):
     class Kind(models.TextChoices):
         TIME = "time", "Billable time"
@@ -489,6 +499,8 @@ class InvoiceLine(models.Model):
     first_call_at = models.DateTimeField(null=True, blank=True)
     last_call_at = models.DateTimeField(null=True, blank=True)
     part_ended_at = models.DateTimeField(null=True, blank=True, help_text="When the billed session ended.")
+
+    objects = InvoiceLineQuerySet.as_manager()
 
     class Meta:
         db_table = "invoice_lines"

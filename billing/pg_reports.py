@@ -287,7 +287,7 @@ def csv_lines(*, period: Period, now: dt.datetime, client=None, user=None) -> It
     ), billed AS (
         SELECT DISTINCT ON (l.session_id, l.client_id) l.session_id, l.client_id, i.number
         FROM invoice_lines l JOIN invoices i ON i.id = l.invoice_id
-        WHERE i.status = 'issued' AND l.kind IN ('time', 'llm', 'markup')
+        WHERE i.status = 'issued' AND i.kind = 'invoice' AND l.kind IN ('time', 'llm', 'markup')
           AND l.session_id IN (SELECT session_id FROM sess)
         ORDER BY l.session_id, l.client_id, i.number
     )

@@ -26,7 +26,6 @@ from billing.models import (
     ClientDomain,
     ExchangeRate,
     InvoiceLine,
-    InvoiceStatus,
     LLMUsage,
 )
 from billing.models import (
@@ -99,14 +98,7 @@ def sessions_billing(client: ClientDomain) -> Q:
 
 def billed_on_issued(session_ref, client_ref) -> Exists:
     """An issued invoice bills this (session, client) part."""
-    return Exists(
-        InvoiceLine.objects.filter(
-            invoice__status=InvoiceStatus.ISSUED,
-            kind__in=InvoiceLine.BILLED_KINDS,
-            session_id=session_ref,
-            client_id=client_ref,
-        )
-    )
+    return Exists(InvoiceLine.objects.billed().filter(session_id=session_ref, client_id=client_ref))
 
 
 def with_totals(qs: QuerySet, *group_by: str) -> QuerySet:
@@ -211,9 +203,8 @@ def price_books(client_ids) -> tuple[dict, TermsBook, RateBook]:
 def billed_numbers(session_ids) -> dict[tuple, str]:
     """(session, client) → the number of the issued invoice that billed that part."""
     rows = (
-        InvoiceLine.objects.filter(
-            invoice__status=InvoiceStatus.ISSUED, kind__in=InvoiceLine.BILLED_KINDS, session_id__in=session_ids
-        )
+        InvoiceLine.objects.billed()
+        .filter(session_id__in=session_ids)
         .values_list("session_id", "client_id", "invoice__number")
         .distinct()
         .order_by("invoice__number")
@@ -457,8 +448,7 @@ def client_drilldown(*, period: Period, client: ClientDomain, user, mine: bool =
             slot["cost"] += to_decimal(agg["cost"]) or ZERO
             slot["unpriced"] += agg["n_unpriced"]
     models = [
-        {"model": name, **slot}
-        for name, slot in sorted(by_model.items(), key=lambda kv: (-kv[1]["cost"], kv[0]))
+        {"model": name, **slot} for name, slot in sorted(by_model.items(), key=lambda kv: (-kv[1]["cost"], kv[0]))
     ]
     return ClientDrilldown(report=report, consultants=consultant_rows(lines), models=models)
 

@@ -98,9 +98,7 @@ def last_month(now: dt.datetime | None = None) -> tuple[dt.date, dt.date]:
 
 def billed_sessions(client: ClientDomain):
     """Sessions whose part for `client` is on an issued invoice (a subquery)."""
-    return InvoiceLine.objects.filter(
-        invoice__status=InvoiceStatus.ISSUED, kind__in=InvoiceLine.BILLED_KINDS, client=client
-    ).values("session_id")
+    return InvoiceLine.objects.billed().filter(client=client).values("session_id")
 
 
 def draft_contents(
@@ -394,12 +392,8 @@ def _issue_once(*, invoice: Invoice, user, now: dt.datetime) -> Invoice:
         if session.status != SessionStatus.ENDED:
             raise BillingError(ERR_SESSION_ACTIVE.format(session=session))
     clash = (
-        InvoiceLine.objects.filter(
-            invoice__status=InvoiceStatus.ISSUED,
-            kind__in=InvoiceLine.BILLED_KINDS,
-            client=locked.client,
-            session_id__in=session_ids,
-        )
+        InvoiceLine.objects.billed()
+        .filter(client=locked.client, session_id__in=session_ids)
         .select_related("invoice", "session")
         .first()
     )
@@ -486,9 +480,8 @@ def _relink_sessions(voided: Invoice) -> None:
     """Sessions that pointed at a voided invoice point at another issued one billing them, or none (unlocked)."""
     for session in ChatSession.objects.filter(invoice=voided):
         other = (
-            InvoiceLine.objects.filter(
-                session=session, invoice__status=InvoiceStatus.ISSUED, kind__in=InvoiceLine.BILLED_KINDS
-            )
+            InvoiceLine.objects.billed()
+            .filter(session=session)
             .order_by("invoice__issued_at")
             .values_list("invoice_id", flat=True)
             .first()

@@ -22,10 +22,10 @@ from django.utils.http import urlencode
 from django.views.decorators.http import require_GET, require_POST
 
 from billing import charts, csv_export, selectors
-from billing.models import ClientDomain, Invoice, InvoiceStatus
+from billing.models import ClientDomain, Invoice
 from billing.money import format_money, format_plain
 from billing.reports import PERIOD_CHOICES, ROUNDING_RULE, PeriodError, parse_tz, period_from
-from billing.services import ERR_NOT_ISSUED, BillingError, billing_tz, invoice_create_draft
+from billing.services import ERR_NOT_ISSUED, BillingError, billing_tz, invoice_create_draft, invoice_summary_text
 
 DRILLDOWN_SESSION_LIMIT = 500
 
@@ -213,8 +213,8 @@ def client_invoice_draft(request, slug: str):
         return redirect(
             f"{back}?{urlencode({'period': 'custom', 'start': request.POST.get('start', ''), 'end': request.POST.get('end', '')})}"
         )
-    messages.success(request, f"Draft invoice created for {client.name}: {invoice.total} {invoice.currency}.")
-    return redirect(reverse("admin:billing_invoice_change", args=[invoice.pk]))
+    messages.success(request, f"Drafted {invoice_summary_text(invoice)}. Check it, then issue it.")
+    return redirect(reverse("billing:invoice", args=[invoice.pk]))
 
 
 @require_GET
@@ -286,7 +286,7 @@ def my_report(request):
 def invoice_csv(request, pk):
     """An issued invoice as CSV: one row per invoice line."""
     invoice = get_object_or_404(Invoice.objects.select_related("client"), pk=pk)
-    if invoice.status != InvoiceStatus.ISSUED:
+    if invoice.number is None:  # a draft; issued, void and credit notes export
         return HttpResponse(ERR_NOT_ISSUED, status=409, content_type="text/plain; charset=utf-8")
     return csv_export.csv_response(
         request, f"{invoice.number}.csv", csv_export.INVOICE_HEADER, csv_export.invoice_rows(invoice, billing_tz())

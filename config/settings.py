@@ -295,6 +295,8 @@ try:
 except (KeyError, ValueError):
     raise ImproperlyConfigured(f"EMAIL_URL must look like smtp://host:port or consolemail://, got {_redacted(EMAIL_URL)!r}") from None
 DEFAULT_FROM_EMAIL = os.environ.get("DEFAULT_FROM_EMAIL", "").strip() or "billing@localhost"
+# The firm that sends invoices, printed at their head: lines separated by ";".
+INVOICE_ISSUER = os.environ.get("INVOICE_ISSUER", "").strip() or "Billable Sessions"
 # Who gets the budget warnings (80 % and 100 % of a client's monthly budget); empty: every
 # active staff member with an email address.
 BUDGET_ALERT_EMAILS = env.list("BUDGET_ALERT_EMAILS", default=[])

@@ -7,7 +7,7 @@ import datetime as dt
 from django import template
 from django.utils.http import urlencode
 
-from billing.money import format_cost, format_money, format_plain
+from billing.money import format_cost, format_money, format_plain, format_rate
 from sessions_app.models import StreamReason
 
 register = template.Library()
@@ -33,6 +33,12 @@ def cost(value, currency: str = "USD") -> str:
 def figure(value) -> str:
     """A plain two-decimal figure for a column whose header names the currency ("1,234.50")."""
     return format_plain(value, 2)
+
+
+@register.filter
+def rate_text(value) -> str:
+    """An exchange rate as stored, trailing zeros dropped ("0.9231")."""
+    return format_rate(value)
 
 
 @register.filter
