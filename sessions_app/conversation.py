@@ -318,6 +318,16 @@ def sessions_stats(*, user, client: str | None = None) -> dict:
         average=Avg("total_messages"),
     )
     count = totals["sessions"] or 0
+    # Calls with no known price are left out of the cost: counted, so a total never reads as complete.
+    unpriced = dict(
+        SessionMessage.objects.billable()
+        .filter(session__in=sessions.values("pk"), cost_usd__isnull=True)
+        .exclude(role="user")
+        .values("session__domain__slug")
+        .annotate(n=Count("pk"))
+        .values_list("session__domain__slug", "n")
+        .order_by()
+    )
     per_client = (
         sessions.values("domain__slug", "domain__name")
         .annotate(
@@ -337,6 +347,7 @@ def sessions_stats(*, user, client: str | None = None) -> dict:
         "average_messages_per_session": round(float(totals["average"] or 0), 2),
         "tokens": totals["tokens"] or 0,
         "cost_usd": money(totals["cost"] or Decimal(0)),
+        "unpriced_calls": sum(unpriced.values()),
         "oldest_session": _session_brief(sessions.order_by("started_at").first()),
         "most_active_session": _session_brief(
             sessions.filter(total_messages__gt=0).order_by("-total_messages", "-last_activity_at").first()
@@ -350,6 +361,7 @@ def sessions_stats(*, user, client: str | None = None) -> dict:
                 "average_messages_per_session": round((row["messages"] or 0) / row["sessions"], 2),
                 "tokens": row["tokens"] or 0,
                 "cost_usd": money(row["cost"] or Decimal(0)),
+                "unpriced_calls": unpriced.get(row["domain__slug"], 0),
                 "first_session_at": row["first"].isoformat(),
             }
             for row in per_client

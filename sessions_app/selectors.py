@@ -11,8 +11,9 @@ from typing import Any
 from django.db.models import Q, QuerySet
 from django.utils import timezone
 
-from billing.models import ClientDomain
+from billing.models import ClientDomain, InvoiceLine
 from billing.money import api_amount
+from billing.reports import allocate_seconds  # one rule: the reports cut seconds the same way
 from sessions_app import integrity
 from sessions_app.errors import SESSION_NOT_FOUND, BadInput, NotFound
 from sessions_app.models import ChatSession, ContextStream, SessionMessage, SessionStatus
@@ -129,22 +130,6 @@ def stream_as_dict(stream: ContextStream) -> dict[str, Any]:
     }
 
 
-def allocate_seconds(boundaries: list[tuple[datetime, datetime]], origin: datetime) -> list[int]:
-    """Whole seconds per span, cut at cumulative boundaries so they sum to the floor of the total.
-
-    Rounding each span alone can gain or lose a second; flooring the running total at each
-    boundary and taking differences cannot.
-    """
-    out: list[int] = []
-    previous = 0
-    for _start, stop in boundaries:
-        cumulative = int((stop - origin).total_seconds() // 1)
-        cumulative = max(cumulative, previous)
-        out.append(cumulative - previous)
-        previous = cumulative
-    return out
-
-
 def _client_seconds(session: ChatSession, clients: dict) -> OrderedDict:
     segments = list(session.segments.order_by("started_at", "id"))
     until = session.ended_at or timezone.now()
@@ -162,13 +147,13 @@ def session_summary(*, session: ChatSession) -> dict[str, Any]:
         from sessions_app.archive import archived_messages
 
         messages = [
-            (m.domain_id, m.model, m.tokens, m.cost_usd, m.copied_from_id, m.is_imported)
+            (m.domain_id, m.model, m.tokens, m.cost_usd, m.copied_from_id, m.is_imported, m.role)
             for m in archived_messages(session)
         ]
     else:
         messages = list(
             session.messages.order_by("seq").values_list(
-                "domain_id", "model", "tokens", "cost_usd", "copied_from_id", "is_imported"
+                "domain_id", "model", "tokens", "cost_usd", "copied_from_id", "is_imported", "role"
             )
         )
     clients = {
@@ -183,18 +168,24 @@ def session_summary(*, session: ChatSession) -> dict[str, Any]:
     seconds = _client_seconds(session, clients)
 
     by_client: OrderedDict = OrderedDict(
-        (pk, {"seconds": s, "messages": 0, "tokens": 0, "cost": ZERO}) for pk, s in seconds.items()
+        (pk, {"seconds": s, "messages": 0, "tokens": 0, "cost": ZERO, "unpriced": 0}) for pk, s in seconds.items()
     )
     by_model: OrderedDict = OrderedDict()
-    for domain_id, model, tokens, cost, copied_from, imported in messages:
+    for domain_id, model, tokens, cost, copied_from, imported, role in messages:
         billable = copied_from is None and not imported
-        row = by_client.setdefault(domain_id, {"seconds": 0, "messages": 0, "tokens": 0, "cost": ZERO})
-        model_row = by_model.setdefault(model or session.current_model, {"messages": 0, "tokens": 0, "cost": ZERO})
+        row = by_client.setdefault(domain_id, {"seconds": 0, "messages": 0, "tokens": 0, "cost": ZERO, "unpriced": 0})
+        model_row = by_model.setdefault(
+            model or session.current_model, {"messages": 0, "tokens": 0, "cost": ZERO, "unpriced": 0}
+        )
         for bucket in (row, model_row):
             bucket["messages"] += 1
             if billable:
                 bucket["tokens"] += tokens
                 bucket["cost"] += cost or ZERO
+                # A call with no known price is never shown as free: counted and flagged.
+                bucket["unpriced"] += int(cost is None and role != "user")
+    # Each client's part names the invoice that billed it (issued, not voided), if any.
+    invoices = dict(InvoiceLine.objects.billed().filter(session=session).values_list("client_id", "invoice__number"))
 
     streams = list(session.context_streams.select_related("source_domain", "target_domain").order_by("streamed_at"))
     valid, detail = integrity.verify_session(session)
@@ -207,13 +198,22 @@ def session_summary(*, session: ChatSession) -> dict[str, Any]:
                 "messages": row["messages"],
                 "tokens": row["tokens"],
                 "cost_usd": money(row["cost"]),
+                "unpriced_calls": row["unpriced"],
+                "invoice": invoices.get(pk),
             }
             for pk, row in by_client.items()
         ],
         "by_model": [
-            {"model": model, "messages": row["messages"], "tokens": row["tokens"], "cost_usd": money(row["cost"])}
+            {
+                "model": model,
+                "messages": row["messages"],
+                "tokens": row["tokens"],
+                "cost_usd": money(row["cost"]),
+                "unpriced_calls": row["unpriced"],
+            }
             for model, row in by_model.items()
         ],
+        "unpriced_calls": sum(row["unpriced"] for row in by_client.values()),
         "context_streams": [stream_as_dict(stream) for stream in streams],
         "integrity": {"valid": valid, "detail": detail},
     }
