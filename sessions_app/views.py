@@ -11,6 +11,7 @@ from django.shortcuts import redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_GET
 
+from billing import selectors as billing_selectors
 from billing.models import ClientDomain
 from sessions_app import selectors, services
 from sessions_app.errors import SESSION_NOT_FOUND, NotFound, SessionError
@@ -127,6 +128,7 @@ def session_chat_page(request: HttpRequest, session_id) -> HttpResponse:
         for c in [*clients, session.domain, *(m.domain for m in messages), *(s.target_domain for s in streams)]
     }
     context = {"session": session, "history": history, "clients": clients, "can_chat": can_chat, "config": config}
+    context["billing"] = billing_selectors.chat_billing(session=session, clients=clients)  # budget, increments
     return render(request, "sessions_app/session_chat.html", context)
 
 

@@ -449,6 +449,8 @@ function onFrame(event) {
   }
   const handler = frame && Object.hasOwn(handlers, frame.type) ? handlers[frame.type] : null;
   if (handler) handler(frame);
+  // Other modules on the page (billing.js: budget and billing panel) follow the frames too.
+  if (handler) document.dispatchEvent(new CustomEvent("chat:frame", { detail: frame }));
 }
 
 // --- Connection --------------------------------------------------------------------------
