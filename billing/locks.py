@@ -16,7 +16,7 @@ from django.db.models.signals import pre_delete, pre_save
 from django.dispatch import receiver
 
 from billing.models import ClientTerms, ExchangeRate, Invoice, InvoiceLine, InvoiceStatus
-from billing.rates import client_terms_guard, exchange_rate_guard
+from billing.rates import client_terms_guard, ensure_terms_start, exchange_rate_guard
 from sessions_app.errors import SESSION_LOCKED, SessionLocked
 from sessions_app.models import ChatSession, SessionMessage, SessionSegment
 
@@ -170,6 +170,7 @@ def refuse_rate_delete(sender, instance: ExchangeRate, **kwargs) -> None:
 def refuse_terms_change(sender, instance: ClientTerms, raw=False, **kwargs) -> None:
     """Terms that would re-price a part an issued invoice billed are refused (RecordLocked)."""
     if not raw:
+        ensure_terms_start(instance)
         client_terms_guard(instance)
 
 

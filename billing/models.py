@@ -397,9 +397,6 @@ class Invoice(models.Model):
             models.CheckConstraint(condition=Q(period_end__gte=models.F("period_start")), name="invoice_period_order"),
             models.CheckConstraint(condition=Q(total__gte=0), name="invoice_total_non_negative"),
             models.CheckConstraint(
-                condition=Q(total=models.F("subtotal") + models.F("tax_total")), name="invoice_total_is_subtotal_and_tax"
-            ),
-            models.CheckConstraint(
                 condition=Q(kind="invoice", credit_for__isnull=True) | Q(kind="credit_note", credit_for__isnull=False),
                 name="credit_note_references_invoice",
             ),

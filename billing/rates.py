@@ -155,6 +155,20 @@ def client_terms_guard(terms: ClientTerms, *, deleting: bool = False) -> None:
             )
 
 
+def ensure_terms_start(terms: ClientTerms) -> None:
+    """Before a client's first dated row, record the terms it had until then, from the beginning.
+
+    So a client with dated terms always has a row in force at any time: work done before a
+    scheduled change keeps the client's terms as they were, whatever its fields say later.
+    """
+    if terms.effective_from <= TERMS_EPOCH or ClientTerms.objects.filter(client_id=terms.client_id).exists():
+        return
+    client = ClientDomain.objects.get(pk=terms.client_id)
+    ClientTerms(
+        client=client, effective_from=TERMS_EPOCH, **{name: getattr(client, name) for name in TERMS_FIELDS}
+    ).save_base(raw=True)
+
+
 # --- Recording a client's new terms -------------------------------------------------------
 
 

@@ -256,10 +256,6 @@ class Migration(migrations.Migration):
         ),
         migrations.AddConstraint(
             model_name='invoice',
-            constraint=models.CheckConstraint(condition=models.Q(('total', django.db.models.expressions.CombinedExpression(models.F('subtotal'), '+', models.F('tax_total')))), name='invoice_total_is_subtotal_and_tax'),
-        ),
-        migrations.AddConstraint(
-            model_name='invoice',
             constraint=models.CheckConstraint(condition=models.Q(models.Q(('credit_for__isnull', True), ('kind', 'invoice')), models.Q(('credit_for__isnull', False), ('kind', 'credit_note')), _connector='OR'), name='credit_note_references_invoice'),
         ),
         migrations.AddField(
