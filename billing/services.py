@@ -521,5 +521,8 @@ def invoices_draft_for_clients(*, clients, period_start: dt.date, period_end: dt
 
 
 def invoice_summary_text(invoice: Invoice) -> str:
-    """One line for messages: "INV-2026-0004 for Acme: 1,234.50 EUR"."""
-    return f"{invoice} for {invoice.client}: {format_money(invoice.total, invoice.currency, sign=invoice.sign)}"
+    """One line for messages: "INV-2026-0004 for Acme: 1,234.50 EUR" (a draft: "a draft for Acme (dates): …")."""
+    total = format_money(invoice.total, invoice.currency, sign=invoice.sign)
+    if invoice.number is None:
+        return f"a draft for {invoice.client} ({invoice.period_start} – {invoice.period_end}): {total}"
+    return f"{invoice.number} for {invoice.client}: {total}"
