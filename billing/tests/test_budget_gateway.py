@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from decimal import Decimal
 
-import httpx
 import pytest
 from django.utils import timezone
 
 from billing import budgets
 from billing.models import ClientBudget
 from sessions_app.models import ApiToken
-from sessions_app.tests.test_gateway import gateway_url, reads_never_lock_the_server_out  # noqa: F401  (fixtures)
-
-pytestmark = pytest.mark.django_db(transaction=True)
 
 
 @pytest.fixture
@@ -23,12 +20,13 @@ def spent(owner, client_acme, use_simulator):
     return ApiToken.issue(user=owner, client=client_acme, name="Editor")[1]
 
 
-def test_openai_protocol_answers_402_insufficient_quota(gateway_url, spent):  # noqa: F811
-    response = httpx.post(
-        f"{gateway_url}/v1/chat/completions",
-        headers={"Authorization": f"Bearer {spent}"},
-        json={"model": "openai:gpt-4o", "messages": [{"role": "user", "content": "Hi"}]},
-        timeout=30,
+def post(client, path: str, token: str, body: dict):
+    return client.post(path, json.dumps(body), content_type="application/json", HTTP_AUTHORIZATION=f"Bearer {token}")
+
+
+def test_openai_protocol_answers_402_insufficient_quota(client, spent):
+    response = post(
+        client, "/v1/chat/completions", spent, {"model": "openai:gpt-4o", "messages": [{"role": "user", "content": "Hi"}]}
     )
     assert response.status_code == 402
     error = response.json()["error"]
@@ -36,20 +34,19 @@ def test_openai_protocol_answers_402_insufficient_quota(gateway_url, spent):  # 
     assert "paid models are paused" in error["message"]
 
 
-def test_ollama_protocol_answers_402_with_its_error_string_and_local_models_still_work(gateway_url, spent):  # noqa: F811
-    headers = {"Authorization": f"Bearer {spent}"}
-    refused = httpx.post(
-        f"{gateway_url}/api/chat",
-        headers=headers,
-        json={"model": "anthropic:claude-sonnet-4", "messages": [{"role": "user", "content": "Hi"}], "stream": False},
-        timeout=30,
+def test_ollama_protocol_answers_402_with_its_error_string_and_local_models_still_work(client, spent):
+    refused = post(
+        client,
+        "/api/chat",
+        spent,
+        {"model": "anthropic:claude-sonnet-4", "messages": [{"role": "user", "content": "Hi"}], "stream": False},
     )
     assert refused.status_code == 402
     assert set(refused.json()) == {"error"} and "paid models are paused" in refused.json()["error"]
-    local = httpx.post(
-        f"{gateway_url}/api/chat",
-        headers=headers,
-        json={"model": "llama3.2", "messages": [{"role": "user", "content": "Hi"}], "stream": False},
-        timeout=30,
+    local = post(
+        client,
+        "/api/chat",
+        spent,
+        {"model": "llama3.2", "messages": [{"role": "user", "content": "Hi"}], "stream": False},
     )
     assert local.status_code == 200 and local.json()["message"]["content"]
