@@ -21,7 +21,7 @@ from django.utils import timezone
 from django.utils.dateparse import parse_date, parse_datetime
 
 from billing.models import TERMS_EPOCH, ClientDomain, ClientTerms, ExchangeRate, InvoiceLine, InvoiceStatus
-from billing.money import format_rate
+from billing.money import format_rate, quantize_micro
 
 TERMS_FIELDS = ("hourly_rate", "llm_markup_percent", "billing_increment_minutes")
 CURRENCY = re.compile(r"^[A-Z]{3}$")
@@ -279,7 +279,7 @@ def exchange_rates_load(text: str, *, source: str = "") -> RatesLoaded:
         for row in rows:
             existing = ExchangeRate.objects.filter(currency=row.currency, effective_from=row.effective_from).first()
             if existing is not None:
-                if existing.usd_rate == row.usd_rate.quantize(Decimal("0.000001")):
+                if existing.usd_rate == quantize_micro(row.usd_rate):
                     result.unchanged += 1
                     continue
                 result.errors.append(

@@ -96,6 +96,12 @@ def sessions_billing(client: ClientDomain) -> Q:
     )
 
 
+def with_unpriced_flag(sessions: QuerySet) -> QuerySet:
+    """Sessions annotated `has_unpriced`: a call with no known price is missing from their total."""
+    unpriced = billable_messages().filter(UNPRICED, session=OuterRef("pk"))
+    return sessions.annotate(has_unpriced=Exists(unpriced))
+
+
 def billed_on_issued(session_ref, client_ref) -> Exists:
     """An issued invoice bills this (session, client) part."""
     return Exists(InvoiceLine.objects.billed().filter(session_id=session_ref, client_id=client_ref))

@@ -27,6 +27,7 @@ HOME_PAGE_SIZE = 25
 def home(request: HttpRequest) -> HttpResponse:
     """The signed-in consultant's own sessions, newest first (staff review others in the admin)."""
     sessions = ChatSession.objects.filter(user=request.user).select_related("domain").order_by("-started_at")
+    sessions = billing_selectors.with_unpriced_flag(sessions)  # a total missing unknown prices says so
     page = Paginator(sessions, HOME_PAGE_SIZE).get_page(request.GET.get("page"))
     rows = list(page.object_list)
     context = {
@@ -66,7 +67,7 @@ def session_list_page(request: HttpRequest) -> HttpResponse:
         sessions = selectors.session_list(
             user=request.user, client=data["client"] or None, status=data["status"] or None, start=start, end=end
         )
-    page = Paginator(sessions, SESSION_PAGE_SIZE).get_page(request.GET.get("page"))
+    page = Paginator(billing_selectors.with_unpriced_flag(sessions), SESSION_PAGE_SIZE).get_page(request.GET.get("page"))
     query = request.GET.copy()
     query.pop("page", None)
     context = {
