@@ -72,7 +72,7 @@ def _lines_sql(*, client_id=None, user_id=None) -> str:
     `sess` holds the sessions the period bills, `seg` their parts' seconds, `charge_raw` their
     parts' calls per exchange rate in force, `terms` each part's terms, `priced` the lines.
     """
-    sess_filter = msg_filter = tot_filter = arch_filter = part_filter = ""
+    sess_filter = tot_filter = arch_filter = part_filter = ""
     if user_id is not None:
         sess_filter += " AND s.user_id = %(user)s"
     if client_id is not None:
@@ -84,7 +84,6 @@ def _lines_sql(*, client_id=None, user_id=None) -> str:
             " OR EXISTS (SELECT 1 FROM archived_message_costs a WHERE a.session_id = s.session_id"
             " AND a.domain_id = %(client)s))"
         )
-        msg_filter = " AND m.domain_id = %(client)s"
         tot_filter = " AND t.domain_id = %(client)s"
         arch_filter = " AND a.domain_id = %(client)s"
         # Every segment counts for the cut of seconds; only the client's parts are billed.
@@ -108,39 +107,70 @@ def _lines_sql(*, client_id=None, user_id=None) -> str:
                          PARTITION BY session_id ORDER BY started_at, id), 0) AS secs
               FROM seg_run) cut
         GROUP BY session_id, domain_id
-    ), usd_parts AS (
-        SELECT t.session_id, t.domain_id, NULL::timestamptz AS rate_from, t.messages::bigint AS messages,
-               NULL::bigint AS calls, t.tokens::bigint AS tokens, t.cost AS usd, t.unpriced::bigint AS unpriced
+    ), tot AS (
+        SELECT t.session_id, t.domain_id, c.currency, t.messages, t.tokens, t.cost, t.unpriced, t.first_at, t.last_at
         FROM session_message_totals t
         JOIN sess x ON x.session_id = t.session_id
-        JOIN domain_portfolio c ON c.id = t.domain_id AND c.currency = 'USD'
+        JOIN domain_portfolio c ON c.id = t.domain_id
         WHERE t.messages > 0{tot_filter}
+    ), one_rate AS (
+        -- A part whose calls all fall under one rate (a rate is in force at its first call and no
+        -- other takes effect until its last: a session is short, rates change daily) is taken
+        -- whole from the trigger-kept totals; USD needs no rate at all.
+        SELECT t.session_id, t.domain_id,
+               CASE WHEN t.currency = 'USD' THEN NULL ELSE (
+                   SELECT e.effective_from FROM exchange_rates e
+                   WHERE e.currency = t.currency AND e.effective_from <= t.first_at
+                   ORDER BY e.effective_from DESC LIMIT 1) END AS rate_from,
+               t.messages::bigint AS messages, NULL::bigint AS calls, t.tokens::bigint AS tokens, t.cost AS usd,
+               t.unpriced::bigint AS unpriced
+        FROM tot t
+        WHERE t.currency = 'USD' OR (
+            EXISTS (SELECT 1 FROM exchange_rates e WHERE e.currency = t.currency AND e.effective_from <= t.first_at)
+            AND NOT EXISTS (SELECT 1 FROM exchange_rates e WHERE e.currency = t.currency
+                            AND e.effective_from > t.first_at AND e.effective_from <= t.last_at))
     ), msg_rows AS (
-        SELECT m.session_id, m.domain_id, m."timestamp" AS at, m.role, m.tokens, m.cost_usd
-        FROM ollama_session_messages m
-        JOIN sess x ON x.session_id = m.session_id
-        JOIN domain_portfolio c ON c.id = m.domain_id AND c.currency <> 'USD'
-        WHERE m.copied_from_id IS NULL AND NOT m.is_imported{msg_filter}
+        -- The other parts (across a rate change, or with no rate at all) call by call.
+        SELECT m.session_id, m.domain_id, m.at, m.role, m.tokens, m.cost_usd
+        FROM (SELECT session_id, domain_id FROM tot EXCEPT SELECT session_id, domain_id FROM one_rate) r
+        CROSS JOIN LATERAL (
+            SELECT m.session_id, m.domain_id, m."timestamp" AS at, m.role, m.tokens, m.cost_usd
+            FROM ollama_session_messages m
+            WHERE m.session_id = r.session_id AND m.domain_id = r.domain_id
+              AND m.copied_from_id IS NULL AND NOT m.is_imported
+            OFFSET 0  -- a few parts through the (session, seq) index, never a scan of every message
+        ) m
         UNION ALL
         SELECT a.session_id, a.domain_id, a."timestamp", a.role, a.tokens, a.cost_usd
         FROM archived_message_costs a
         JOIN sess x ON x.session_id = a.session_id AND x.archived_at IS NOT NULL
         WHERE TRUE{arch_filter}
+    ), other_calls AS (
+        SELECT r.session_id, r.domain_id, c.currency, r.at, r.role, r.tokens, r.cost_usd
+        FROM msg_rows r JOIN domain_portfolio c ON c.id = r.domain_id
+    ), tagged AS (
+        -- Each call's rate in force is the newest rate at or before it: sort the calls and the
+        -- rates of their currencies together and carry the last rate forward, instead of one
+        -- index lookup per call. A rate sorts before a call at the same instant (it is in force).
+        SELECT session_id, domain_id, currency, at, role, tokens, cost_usd, NULL::timestamptz AS rate_at, 1 AS kind
+        FROM other_calls
+        UNION ALL
+        SELECT NULL, NULL, e.currency, e.effective_from, NULL, NULL, NULL, e.effective_from, 0
+        FROM exchange_rates e WHERE e.currency IN (SELECT DISTINCT currency FROM other_calls)
+    ), carried AS (
+        SELECT tagged.*,
+               CASE WHEN currency = 'USD' THEN NULL ELSE MAX(rate_at) OVER (
+                   PARTITION BY currency ORDER BY at, kind ROWS UNBOUNDED PRECEDING) END AS rate_from
+        FROM tagged
     ), other_parts AS (
-        SELECT r.session_id, r.domain_id, er.effective_from AS rate_from, COUNT(*) AS messages,
-               COUNT(*) FILTER (WHERE r.role <> 'user') AS calls, COALESCE(SUM(r.tokens), 0)::bigint AS tokens,
-               COALESCE(SUM(r.cost_usd), 0) AS usd,
-               COUNT(*) FILTER (WHERE r.cost_usd IS NULL AND r.role <> 'user') AS unpriced
-        FROM msg_rows r
-        JOIN domain_portfolio c ON c.id = r.domain_id
-        LEFT JOIN LATERAL (
-            SELECT e.effective_from FROM exchange_rates e
-            WHERE e.currency = c.currency AND e.effective_from <= r.at
-            ORDER BY e.effective_from DESC LIMIT 1
-        ) er ON TRUE
-        GROUP BY r.session_id, r.domain_id, er.effective_from
+        SELECT session_id, domain_id, rate_from, COUNT(*) AS messages,
+               COUNT(*) FILTER (WHERE role <> 'user') AS calls, COALESCE(SUM(tokens), 0)::bigint AS tokens,
+               COALESCE(SUM(cost_usd), 0) AS usd,
+               COUNT(*) FILTER (WHERE cost_usd IS NULL AND role <> 'user') AS unpriced
+        FROM carried WHERE kind = 1
+        GROUP BY session_id, domain_id, rate_from
     ), charge_raw AS (
-        SELECT * FROM usd_parts UNION ALL SELECT * FROM other_parts
+        SELECT * FROM one_rate UNION ALL SELECT * FROM other_parts
     ), parts AS (
         SELECT session_id, domain_id FROM (
             SELECT session_id, domain_id FROM seg

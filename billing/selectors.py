@@ -16,7 +16,21 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from django.conf import settings
-from django.db.models import Count, Exists, Max, Min, OuterRef, Q, QuerySet, Subquery, Sum
+from django.db.models import (
+    Case,
+    Count,
+    DateTimeField,
+    Exists,
+    Max,
+    Min,
+    OuterRef,
+    Q,
+    QuerySet,
+    Subquery,
+    Sum,
+    Value,
+    When,
+)
 from django.db.models.functions import TruncDate
 from django.utils import timezone
 
@@ -117,13 +131,18 @@ def with_totals(qs: QuerySet, *group_by: str) -> QuerySet:
     )
 
 
-def rate_in_force(timestamp: str = "timestamp") -> Subquery:
-    """SQL for the `effective_from` of the client's exchange rate in force at the message's time."""
-    return Subquery(
+def rate_in_force(timestamp: str = "timestamp") -> Case:
+    """SQL for the `effective_from` of the client's exchange rate in force at the message's time.
+
+    NULL for a USD client without running the lookup (CASE evaluates only the branch it takes):
+    most calls need no rate at all.
+    """
+    lookup = Subquery(
         ExchangeRate.objects.filter(currency=OuterRef("domain__currency"), effective_from__lte=OuterRef(timestamp))
         .order_by("-effective_from")
         .values("effective_from")[:1]
     )
+    return Case(When(domain__currency="USD", then=Value(None)), default=lookup, output_field=DateTimeField())
 
 
 def charge_totals(qs: QuerySet) -> QuerySet:
