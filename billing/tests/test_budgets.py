@@ -74,7 +74,6 @@ def test_at_80_percent_staff_get_one_email_per_month_and_threshold(
     spend(budgeted, "0.01")  # 8.00 of 10.00
     with django_capture_on_commit_callbacks(execute=True):  # the email goes once the turn commits
         services.begin_turn(session_id=budgeted.pk, user=owner, message="Still fine?")
-    services.session_end(session_id=budgeted.pk, user=owner)
     assert [m.subject for m in mail.outbox] == [
         f"[Budget] Acme Corp: 80% of the paid-model cost budget for {month():%B %Y}"
     ]
