@@ -4,7 +4,8 @@
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/bench_reports \\
         .venv/bin/python bench/reports.py [--messages 1000000] [--sessions 100000] [--clients 100]
 
-Loads (with COPY) `--clients` clients, `--consultants` users, `--sessions` sessions spread over
+Loads (with COPY) `--clients` clients (`--eur-share` of them billed in EUR, with a rate per
+day), `--consultants` users, `--sessions` sessions spread over
 the last `--days` days (10 % of them switch client half-way, so they have two segments) and
 `--messages` messages (half user, half assistant; assistant costs from three price levels,
 1 % of assistant calls with an unknown price). Then times, with the real selectors and view:
@@ -52,7 +53,7 @@ from django.test import RequestFactory  # noqa: E402
 from django.utils import timezone  # noqa: E402
 
 from billing import pg_reports, views  # noqa: E402
-from billing.models import ClientDomain  # noqa: E402
+from billing.models import ClientDomain, ExchangeRate  # noqa: E402
 from billing.reports import PERIOD_CUSTOM, Period, parse_tz  # noqa: E402
 from billing.selectors import client_drilldown, report_for_period  # noqa: E402
 from sessions_app.models import ChatSession, SessionMessage  # noqa: E402
@@ -102,7 +103,7 @@ def load(args, rng: random.Random) -> dict:
     with connection.cursor() as cur:
         cur.execute(
             "TRUNCATE invoice_lines, invoices, user_llm_usage, ollama_context_streams, session_segments, "
-            "session_message_totals, "
+            "session_message_totals, exchange_rates, invoice_sequences, "
             "ollama_session_messages, ollama_streaming_sessions, user_brands, domain_portfolio CASCADE"
         )
     User = get_user_model()
@@ -121,10 +122,23 @@ def load(args, rng: random.Random) -> dict:
                 hourly_rate=Decimal(100 + (i % 7) * 25),
                 llm_markup_percent=Decimal(i % 4 * 5),
                 billing_increment_minutes=(6, 10, 15)[i % 3],
+                # A share of clients bill in EUR: their calls are converted at daily rates.
+                currency="EUR" if i < round(args.clients * args.eur_share) else "USD",
             )
             for i in range(args.clients)
         ]
     )
+    start_day = (timezone.now() - dt.timedelta(days=args.days + 2)).replace(hour=0, minute=0, second=0, microsecond=0)
+    if args.eur_share > 0:
+        ExchangeRate.objects.bulk_create(
+            ExchangeRate(
+                currency="EUR",
+                usd_rate=Decimal("0.9") + Decimal(rng.randrange(0, 5000)) / Decimal(100000),
+                effective_from=start_day + dt.timedelta(days=d),
+                source="bench",
+            )
+            for d in range(args.days + 4)
+        )
     now = timezone.now().replace(microsecond=0)
     span = dt.timedelta(days=args.days)
     per_session = max(args.messages // args.sessions, 1)
@@ -277,6 +291,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--reuse", action="store_true", help="skip the load if the data is already there")
+    parser.add_argument(
+        "--eur-share", type=float, default=0.2, help="share of clients billed in EUR, converted at daily rates"
+    )
     args = parser.parse_args()
     args.sessions = args.sessions or max(args.messages // 10, 1)
     rng = random.Random(args.seed)
@@ -372,8 +389,8 @@ def main() -> None:
             **all_clients,
             "python_reference_path": all_clients_python,
             "rows": len(sample.rows),
-            "sessions": sample.total.sessions,
-            "messages": sample.total.messages,
+            "sessions": sum(t.sessions for t in sample.totals),  # one total per currency
+            "messages": sum(t.messages for t in sample.totals),
         },
         "csv_export": csv_figures,
         "targets": {"report_p95_ms": 100, "csv_rows_per_second": 50_000, "csv_memory_growth_mb": 100},

@@ -10,19 +10,25 @@ import re
 from typing import Any
 
 from django import forms
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.core.exceptions import NON_FIELD_ERRORS
 from django.db import transaction
-from django.db.models import Count, Exists, OuterRef, Prefetch, Q
+from django.db.models import Count, Exists, OuterRef, Prefetch, Q, Subquery
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
+from django.utils.safestring import mark_safe
 
+from billing import budgets
 from billing.admin_actions import draft_last_month, issue_invoices
 from billing.branding import safe_color
 from billing.models import (
+    TERMS_EPOCH,
     Brand,
+    ClientBudget,
     ClientDomain,
+    ClientTerms,
+    ExchangeRate,
     Invoice,
     InvoiceLine,
     InvoiceStatus,
@@ -31,6 +37,8 @@ from billing.models import (
     ModelPrice,
     SessionTemplate,
 )
+from billing.money import format_cost, format_ledger, format_money, format_rate
+from billing.rates import RecordLocked, client_terms_guard, exchange_rate_guard
 from sessions_app.admin_layout import WideChangelist
 
 HOSTNAME = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
@@ -39,6 +47,13 @@ CURRENCY = re.compile(r"^[A-Z]{3}$")
 DUPLICATE_SLUG = "Another client already uses the slug “%(slug)s”."
 BAD_HOSTNAME = "Enter a bare hostname such as acme.example.com (no scheme, port or path)."
 BAD_CURRENCY = "Enter a three-letter ISO 4217 currency code, for example USD."
+CURRENCY_FIXED = "This client has issued invoices in %(currency)s; its currency can no longer change."
+TERMS_IN_PAST = "Terms take effect now or later: past work keeps the terms it was done at."
+TERMS_HISTORY = "Terms that have taken effect are history and stay as they were; add a new row from now on."
+MISSING_RATES = (
+    "No exchange rate in force for: {clients}. Their USD costs are flagged and not billed until a rate "
+    "is added (Exchange rates, or manage.py load_exchange_rates)."
+)
 SECOND_DEFAULT_BRAND = (
     "%(client)s already has a default brand (%(brand)s). Untick it there first, "
     "or use the “Make default” action on the brand list."
@@ -55,10 +70,66 @@ def swatch(color: str, label: str = "") -> str:
     )
 
 
-def money(value, places: int = 6) -> str:
+def money(value) -> str:
+    """A cost in the admin's USD columns, as stored (six decimals); "—" for none."""
     if value is None:
         return "—"
-    return f"{value:,.{places}f}"
+    return format_ledger(value, "USD")
+
+
+def cost_with_flag(value, unpriced: bool) -> str:
+    """A total cost that is flagged when some of its calls have no known price (never read as complete)."""
+    if not unpriced:
+        return money(value)
+    return format_html(
+        '{} <strong style="color:#b42318" title="calls with unknown price are not in this total">+ price unknown</strong>',
+        money(value),
+    )
+
+
+class SessionBilling:
+    """For the work-session admin: which invoice billed each client's part, and unknown prices."""
+
+    def annotate(self, queryset):
+        from sessions_app.models import SessionMessage
+
+        unpriced = SessionMessage.objects.filter(session=OuterRef("pk"), cost_usd__isnull=True).exclude(role="user")
+        billed = (
+            InvoiceLine.objects.billed()
+            .select_related("invoice", "client")
+            .only("session_id", "client__name", "invoice__number")
+        )
+        return queryset.annotate(has_unpriced=Exists(unpriced)).prefetch_related(
+            Prefetch("invoice_lines", queryset=billed, to_attr="billed_lines")
+        )
+
+    def has_unpriced(self, session) -> bool:
+        found = getattr(session, "has_unpriced", None)
+        if found is None:
+            found = session.messages.filter(cost_usd__isnull=True).exclude(role="user").exists()
+        return bool(found)
+
+    def column(self, session) -> str:
+        lines = getattr(session, "billed_lines", None)
+        if lines is None:
+            lines = list(InvoiceLine.objects.billed().filter(session=session).select_related("invoice", "client"))
+        parts = sorted({(line.client.name, line.invoice.number) for line in lines})
+        if not parts:
+            return "unbilled"
+        if len(parts) == 1:
+            return format_html("🔒 {}", parts[0][1])
+        return format_html_join(", ", "🔒 {} ({})", ((number, client) for client, number in parts))
+
+
+session_billing = SessionBilling()
+
+
+def guarded(form, check, instance) -> None:
+    """Run a billing guard in a form's clean(): its refusal becomes the form's error, not a 500."""
+    try:
+        check(instance)
+    except RecordLocked as exc:
+        raise forms.ValidationError(str(exc)) from None
 
 
 class ColorInput(forms.TextInput):
@@ -82,8 +153,28 @@ class ClientDomainForm(forms.ModelForm):
             "currency",
             "llm_markup_percent",
             "billing_increment_minutes",
+            "tax_rate_percent",
+            "payment_terms_days",
             "members",
         )
+        help_texts = {
+            "hourly_rate": "A change takes effect now; work done before keeps the rate it was done at.",
+            "currency": "Amounts are billed in it; USD costs are converted at the exchange rates. Fixed once invoiced.",
+        }
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # Left empty, tax and payment terms keep their defaults (no tax, 30 days).
+        for name in ("tax_rate_percent", "payment_terms_days"):
+            self.fields[name].required = False
+
+    def clean_tax_rate_percent(self):
+        value = self.cleaned_data.get("tax_rate_percent")
+        return ClientDomain._meta.get_field("tax_rate_percent").default if value is None else value
+
+    def clean_payment_terms_days(self):
+        value = self.cleaned_data.get("payment_terms_days")
+        return ClientDomain._meta.get_field("payment_terms_days").default if value is None else value
 
     def clean_slug(self) -> str:
         slug = self.cleaned_data["slug"].strip().lower()
@@ -106,6 +197,10 @@ class ClientDomainForm(forms.ModelForm):
         currency = (self.cleaned_data.get("currency") or "").strip().upper()
         if not CURRENCY.fullmatch(currency):
             raise forms.ValidationError(BAD_CURRENCY, code="invalid")
+        if self.instance.pk and currency != self.instance.currency:
+            issued = Invoice.objects.filter(client=self.instance).exclude(status=InvoiceStatus.DRAFT)
+            if issued.exists():
+                raise forms.ValidationError(CURRENCY_FIXED, code="locked", params={"currency": self.instance.currency})
         return currency
 
 
@@ -138,6 +233,8 @@ class ClientDomainAdmin(admin.ModelAdmin):
         "rate",
         "llm_markup_percent",
         "billing_increment_minutes",
+        "exchange_rate",
+        "budget",
         "default_brand",
         "member_count",
         "is_active",
@@ -148,11 +245,24 @@ class ClientDomainAdmin(admin.ModelAdmin):
     search_fields = ("name", "slug", "hostname")
     prepopulated_fields = {"slug": ("name",)}
     filter_horizontal = ("members",)
-    readonly_fields = ("id", "created_at")
+    readonly_fields = ("id", "created_at", "terms_history")
     inlines = [BrandInline]
     fieldsets = (
         (None, {"fields": ("name", "slug", "hostname", "is_active")}),
-        ("Billing", {"fields": ("hourly_rate", "currency", "llm_markup_percent", "billing_increment_minutes")}),
+        (
+            "Billing",
+            {
+                "fields": (
+                    "hourly_rate",
+                    "currency",
+                    "llm_markup_percent",
+                    "billing_increment_minutes",
+                    "tax_rate_percent",
+                    "payment_terms_days",
+                    "terms_history",
+                )
+            },
+        ),
         ("Who may bill this client", {"fields": ("members",)}),
         ("Record", {"fields": ("id", "created_at"), "classes": ("collapse",)}),
     )
@@ -161,13 +271,75 @@ class ClientDomainAdmin(admin.ModelAdmin):
         return (
             super()
             .get_queryset(request)
-            .annotate(member_total=Count("members", distinct=True))
+            .annotate(
+                member_total=Count("members", distinct=True),
+                rate_now=Subquery(
+                    ExchangeRate.objects.filter(currency=OuterRef("currency"), effective_from__lte=timezone.now())
+                    .order_by("-effective_from")
+                    .values("usd_rate")[:1]
+                ),
+            )
             .prefetch_related(Prefetch("brands", queryset=Brand.objects.filter(is_default=True), to_attr="defaults"))
         )
 
     @admin.display(description="Hourly rate", ordering="hourly_rate")
     def rate(self, obj: ClientDomain) -> str:
-        return f"{obj.hourly_rate:,.2f} {obj.currency}"
+        return format_money(obj.hourly_rate, obj.currency)
+
+    def changelist_view(self, request, extra_context=None):
+        # A client whose currency has no exchange rate cannot have its USD costs billed: say so.
+        missing = rates_missing()
+        if missing:
+            messages.warning(request, MISSING_RATES.format(clients=", ".join(missing)))
+        return super().changelist_view(request, extra_context)
+
+    @admin.display(description="Dated terms")
+    def terms_history(self, obj: ClientDomain) -> str:
+        """Each part is billed at the terms in force when its session ended; a change takes effect now."""
+        if obj.pk is None:
+            return "—"
+        rows = list(obj.terms.order_by("-effective_from")[:20])
+        add = reverse("admin:billing_clientterms_add") + f"?client={obj.pk}"
+        if not rows:
+            return format_html('Never changed: the fields above. <a href="{}">Schedule a change</a>', add)
+        return format_html(
+            '{}<br><a href="{}">Schedule a change</a>',
+            format_html_join(
+                mark_safe("<br>"),
+                "from {}: {}/h, {}% markup, {}-minute increments",
+                (
+                    (
+                        "the start"
+                        if r.effective_from == TERMS_EPOCH
+                        else f"{timezone.localtime(r.effective_from):%Y-%m-%d %H:%M}",
+                        format_money(r.hourly_rate, obj.currency),
+                        r.llm_markup_percent,
+                        r.billing_increment_minutes,
+                    )
+                    for r in rows
+                ),
+            ),
+            add,
+        )
+
+    @admin.display(description="Exchange rate")
+    def exchange_rate(self, obj: ClientDomain) -> str:
+        if obj.currency == "USD":
+            return "—"
+        rate = getattr(obj, "rate_now", None)
+        if rate is None:
+            return format_html('<strong style="color:#b42318">{} rate missing</strong>', obj.currency)
+        return f"1 USD = {format_rate(rate)} {obj.currency}"
+
+    @admin.display(description="Budget this month")
+    def budget(self, obj: ClientDomain) -> str:
+        state = budgets.budget_state(client_id=obj.pk)
+        if state is None:
+            return "—"
+        text = f"{state.used_text()} of {state.limit_text()} ({state.percent}%)"
+        if state.level == "ok":
+            return text
+        return format_html('<strong style="color:#b42318">{}</strong>', text)
 
     @admin.display(description="Default brand")
     def default_brand(self, obj: ClientDomain) -> str:
@@ -185,6 +357,43 @@ class ClientDomainAdmin(admin.ModelAdmin):
         if total is None:
             total = obj.members.count()
         return str(total) if total else "open to all"
+
+
+class ClientTermsForm(forms.ModelForm):
+    class Meta:
+        model = ClientTerms
+        fields = ("client", "effective_from", "hourly_rate", "llm_markup_percent", "billing_increment_minutes")
+
+    def clean(self):
+        cleaned = super().clean()
+        when = cleaned.get("effective_from")
+        held = not self.instance._state.adding and self.instance.effective_from <= timezone.now()
+        if held and self.changed_data:
+            raise forms.ValidationError(TERMS_HISTORY)
+        if when is not None and (self.instance._state.adding or "effective_from" in self.changed_data):
+            if when < timezone.now() - timezone.timedelta(minutes=1):
+                raise forms.ValidationError(TERMS_IN_PAST)
+        if cleaned.get("client") is not None and not self.errors:
+            for name, value in cleaned.items():
+                setattr(self.instance, name, value)
+            guarded(self, client_terms_guard, self.instance)
+        return cleaned
+
+
+@admin.register(ClientTerms)
+class ClientTermsAdmin(admin.ModelAdmin):
+    """A client's dated terms: history stays as it was; a change is scheduled from now on."""
+
+    form = ClientTermsForm
+    list_display = ("client", "effective_from", "hourly_rate", "llm_markup_percent", "billing_increment_minutes")
+    list_filter = ("client",)
+    list_select_related = ("client",)
+    autocomplete_fields = ("client",)
+    ordering = ("client__name", "-effective_from")
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        # A dated row is history: terms that held are never taken back.
+        return obj is not None and obj.effective_from > timezone.now()
 
 
 # --- Brands -------------------------------------------------------------------------------
@@ -386,6 +595,140 @@ class ModelAliasAdmin(admin.ModelAdmin):
         return f"{obj.provider}:{obj.alias}"
 
 
+# --- Exchange rates and budgets -----------------------------------------------------------
+
+
+def rates_missing() -> list[str]:
+    """Active non-USD clients with no exchange rate in force now (a problem to fix)."""
+    now = timezone.now()
+    found = ExchangeRate.objects.filter(currency=OuterRef("currency"), effective_from__lte=now)
+    return [
+        f"{name} ({currency})"
+        for name, currency in ClientDomain.objects.active()
+        .exclude(currency="USD")
+        .exclude(Exists(found))
+        .values_list("name", "currency")
+    ]
+
+
+class ExchangeRateForm(forms.ModelForm):
+    class Meta:
+        model = ExchangeRate
+        fields = ("currency", "usd_rate", "effective_from", "source")
+
+    def clean_currency(self) -> str:
+        currency = (self.cleaned_data.get("currency") or "").strip().upper()
+        if not CURRENCY.fullmatch(currency):
+            raise forms.ValidationError(BAD_CURRENCY, code="invalid")
+        return currency
+
+    def clean(self):
+        cleaned = super().clean()
+        if not self.errors:
+            for name, value in cleaned.items():
+                setattr(self.instance, name, value)
+            guarded(self, exchange_rate_guard, self.instance)
+        return cleaned
+
+
+@admin.register(ExchangeRate)
+class ExchangeRateAdmin(admin.ModelAdmin):
+    form = ExchangeRateForm
+    list_display = ("currency", "rate_text", "effective_from", "state", "used_by", "source")
+    list_filter = ("currency",)
+    search_fields = ("currency", "source")
+    date_hierarchy = "effective_from"
+
+    def get_queryset(self, request):
+        newer = ExchangeRate.objects.filter(
+            currency=OuterRef("currency"),
+            effective_from__gt=OuterRef("effective_from"),
+            effective_from__lte=timezone.now(),
+        )
+        used = InvoiceLine.objects.filter(
+            invoice__status__in=(InvoiceStatus.ISSUED, InvoiceStatus.VOID),
+            invoice__currency=OuterRef("currency"),
+            exchange_rate_from=OuterRef("effective_from"),
+        )
+        return super().get_queryset(request).annotate(superseded=Exists(newer), used=Exists(used))
+
+    def changelist_view(self, request, extra_context=None):
+        missing = rates_missing()
+        if missing:
+            messages.warning(request, MISSING_RATES.format(clients=", ".join(missing)))
+        return super().changelist_view(request, extra_context)
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        if obj is not None and getattr(obj, "used", None) is None:
+            obj.used = InvoiceLine.objects.filter(
+                invoice__status__in=(InvoiceStatus.ISSUED, InvoiceStatus.VOID),
+                invoice__currency=obj.currency,
+                exchange_rate_from=obj.effective_from,
+            ).exists()
+        if obj is not None and obj.used:
+            return False
+        return super().has_delete_permission(request, obj)
+
+    @admin.display(description="1 USD =", ordering="usd_rate")
+    def rate_text(self, obj: ExchangeRate) -> str:
+        return f"{format_rate(obj.usd_rate)} {obj.currency}"
+
+    @admin.display(description="State")
+    def state(self, obj: ExchangeRate) -> str:
+        if obj.effective_from > timezone.now():
+            return "scheduled"
+        return "superseded" if getattr(obj, "superseded", False) else "in force"
+
+    @admin.display(description="Issued invoices", boolean=True)
+    def used_by(self, obj: ExchangeRate) -> bool:
+        return bool(getattr(obj, "used", False))
+
+
+class ClientBudgetForm(forms.ModelForm):
+    class Meta:
+        model = ClientBudget
+        fields = ("client", "month", "llm_limit", "hours_limit")
+        help_texts = {"month": "Any day of the first month it applies to; it holds until a later month's budget."}
+
+    def clean_month(self):
+        month = self.cleaned_data["month"]
+        return month.replace(day=1) if month else month
+
+
+@admin.register(ClientBudget)
+class ClientBudgetAdmin(admin.ModelAdmin):
+    form = ClientBudgetForm
+    list_display = ("client", "month_label", "limit_text", "hours_limit", "use_now")
+    list_filter = ("client",)
+    list_select_related = ("client",)
+    autocomplete_fields = ("client",)
+    ordering = ("client__name", "-month")
+
+    def save_model(self, request, obj, form, change) -> None:
+        obj.updated_by = request.user
+        super().save_model(request, obj, form, change)
+
+    @admin.display(description="From", ordering="month")
+    def month_label(self, obj: ClientBudget) -> str:
+        return f"{obj.month:%B %Y}"
+
+    @admin.display(description="Paid-model budget", ordering="llm_limit")
+    def limit_text(self, obj: ClientBudget) -> str:
+        return format_money(obj.llm_limit, obj.client.currency)
+
+    @admin.display(description="Used this month")
+    def use_now(self, obj: ClientBudget) -> str:
+        state = budgets.budget_state(client_id=obj.client_id, with_hours=True)
+        if state is None or state.month < obj.month:
+            return "—"
+        text = f"{state.used_text()} ({state.percent}%)"
+        if state.hours_percent is not None:
+            text += f", {state.hours_used} h ({state.hours_percent}%)"
+        if state.level == "ok":
+            return text
+        return format_html('<strong style="color:#b42318">{}</strong>', text)
+
+
 # --- Usage ledger -------------------------------------------------------------------------
 
 
@@ -441,7 +784,7 @@ class LLMUsageAdmin(WideChangelist, ReadOnlyAdminMixin, admin.ModelAdmin):
     def cost_display(self, obj: LLMUsage) -> str:
         if obj.cost is None:
             return format_html('<strong style="color:#b42318">{}</strong>', "price unknown")
-        return money(obj.cost)
+        return format_cost(obj.cost, "USD")  # the decimals it needs; the record view keeps all six
 
 
 # --- Invoices -----------------------------------------------------------------------------
@@ -470,13 +813,14 @@ class InvoiceAdmin(admin.ModelAdmin):
         "period_start",
         "period_end",
         "status",
-        "time_total",
-        "llm_total",
+        "kind",
         "total_display",
+        "due_date",
+        "paid_at",
         "line_count",
-        "issued_at",
+        "desk",
     )
-    list_filter = ("status", "client", "currency")
+    list_filter = ("status", "kind", "client", "currency")
     search_fields = ("number", "client__name", "client__slug", "lines__description")
     actions = [issue_invoices]
     list_select_related = ("client",)
@@ -494,11 +838,15 @@ class InvoiceAdmin(admin.ModelAdmin):
         "issued_at",
         "sessions_billed",
         "csv_export",
+        "desk",
     )
     fieldsets = (
         (None, {"fields": ("client", "period_start", "period_end", "currency", "number", "status")}),
         ("Totals", {"fields": ("time_total", "llm_total", "total")}),
-        ("Record", {"fields": ("id", "created_by", "created_at", "issued_at", "sessions_billed", "csv_export")}),
+        (
+            "Record",
+            {"fields": ("id", "created_by", "created_at", "issued_at", "sessions_billed", "csv_export", "desk")},
+        ),
     )
 
     def get_queryset(self, request):
@@ -515,10 +863,21 @@ class InvoiceAdmin(admin.ModelAdmin):
             fields += ["client", "period_start", "period_end", "currency"]
         return fields
 
+    def has_change_permission(self, request, obj=None) -> bool:
+        # An invoice is drawn up and changed by the billing desk's services, never typed in here:
+        # the admin shows it (no Save buttons); issued ones are final anyway.
+        if obj is not None:
+            return False
+        return super().has_change_permission(request, obj)
+
     def has_delete_permission(self, request, obj=None) -> bool:
-        if obj is not None and obj.status == InvoiceStatus.ISSUED:
+        if obj is not None and obj.status != InvoiceStatus.DRAFT:
             return False
         return super().has_delete_permission(request, obj)
+
+    @admin.display(description="Billing desk")
+    def desk(self, obj: Invoice) -> str:
+        return format_html('<a href="{}">Open</a>', reverse("billing:invoice", args=[obj.pk]))
 
     @admin.display(description="Invoice", ordering="number")
     def label(self, obj: Invoice) -> str:
@@ -526,7 +885,7 @@ class InvoiceAdmin(admin.ModelAdmin):
 
     @admin.display(description="Total", ordering="total")
     def total_display(self, obj: Invoice) -> str:
-        return f"{obj.total:,.2f} {obj.currency}"
+        return format_money(obj.total, obj.currency, sign=obj.sign)
 
     @admin.display(description="Lines", ordering="line_total")
     def line_count(self, obj: Invoice) -> int:
@@ -535,7 +894,7 @@ class InvoiceAdmin(admin.ModelAdmin):
 
     @admin.display(description="CSV")
     def csv_export(self, obj: Invoice) -> str:
-        if obj.status != InvoiceStatus.ISSUED:
+        if obj.number is None:
             return "available once issued"
         return format_html(
             '<a href="{}">Download {}.csv</a>', reverse("billing:invoice_csv", args=[obj.pk]), obj.number

@@ -12,7 +12,7 @@ from django.contrib import admin, messages
 from django.utils import timezone
 
 from billing.csv_export import csv_response, escape_cell, iso
-from billing.reports import money_str
+from billing.money import amount_text, format_money
 from billing.services import (
     BillingError,
     billing_tz,
@@ -51,7 +51,7 @@ def draft_last_month(modeladmin, request, queryset):
     for invoice in drafts:
         modeladmin.message_user(
             request,
-            f"Drafted an invoice for {invoice.client} ({start} – {end}): {invoice.total:.2f} {invoice.currency}.",
+            f"Drafted an invoice for {invoice.client} ({start} – {end}): {format_money(invoice.total, invoice.currency)}.",
             messages.SUCCESS,
         )
     for client, reason in skipped:
@@ -93,8 +93,8 @@ def _session_rows(queryset):
             escape_cell(s.primary_model),
             s.total_messages,
             s.total_tokens,
-            money_str(cost),
-            f"{cost:.6f}",
+            amount_text(cost),
+            amount_text(cost, 6),
             escape_cell(s.invoice.number if s.invoice_id and s.invoice.number else ""),
             "yes" if s.soulfra_hash else "no",
         ]

@@ -14,6 +14,8 @@ from decimal import Decimal
 from django.utils.html import escape
 from django.utils.safestring import SafeString, mark_safe
 
+from billing.money import format_money
+
 # Colour-blind-safe palette (Okabe–Ito), then greys for the rest.
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000"]
 OTHER_COLOUR = "#999999"
@@ -24,15 +26,11 @@ _ids = itertools.count(1)
 class Bar:
     label: str
     value: Decimal
-    text: str  # the value as shown ("$12.30", "3.5 h")
+    text: str  # the value as shown ("12.30 EUR", "3.5 h"), formatted by `billing.money`
 
 
 def _chart_id(prefix: str) -> str:
     return f"{prefix}-{next(_ids)}"
-
-
-def _fmt(value: Decimal) -> str:
-    return f"{value:.2f}"
 
 
 def bar_chart(*, title: str, desc: str, bars: list[Bar], colour: str = PALETTE[0], width: int = 640) -> SafeString:
@@ -70,11 +68,11 @@ def stacked_daily_chart(
     desc: str,
     days: list,
     series: list[tuple[str, dict]],
-    unit: str = "$",
+    currency: str = "USD",
     width: int = 720,
     height: int = 260,
 ) -> SafeString:
-    """One column per day, stacked by series (`[(name, {day: Decimal})]`), with a legend."""
+    """One column per day, stacked by series (`[(name, {day: Decimal})]`) of one currency, with a legend."""
     cid = _chart_id("stack")
     pad_l, pad_r, pad_t, pad_b = 56, 12, 12, 40
     legend_h = 22 * ((len(series) + 3) // 4)
@@ -88,14 +86,14 @@ def stacked_daily_chart(
         f'<title id="{cid}-t">{escape(title)}</title>',
         f'<desc id="{cid}-d">{escape(desc)}</desc>',
         f'<line x1="{pad_l}" y1="{pad_t + plot_h}" x2="{width - pad_r}" y2="{pad_t + plot_h}" class="chart__axis" stroke="#888"></line>',
-        f'<text x="{pad_l - 6}" y="{pad_t + 10}" text-anchor="end" class="chart__tick">{escape(unit)}{_fmt(top)}</text>',
+        f'<text x="{pad_l - 6}" y="{pad_t + 10}" text-anchor="end" class="chart__tick">{escape(format_money(top, currency))}</text>',
         f'<text x="{pad_l - 6}" y="{pad_t + plot_h}" text-anchor="end" class="chart__tick">0</text>',
     ]
     label_every = max(1, len(days) // 10)
     for i, day in enumerate(days):
         x = pad_l + i * col_w
         y = pad_t + plot_h
-        tip = [f"{day:%Y-%m-%d}: {unit}{_fmt(totals[i])}"]
+        tip = [f"{day:%Y-%m-%d}: {format_money(totals[i], currency)}"]
         bars = []
         for j, (name, values) in enumerate(series):
             value = values.get(day) or Decimal(0)
@@ -107,7 +105,7 @@ def stacked_daily_chart(
             bars.append(
                 f'<rect x="{x + 1:.1f}" y="{y:.1f}" width="{max(col_w - 2, 1):.1f}" height="{h:.1f}" fill="{colour}"></rect>'
             )
-            tip.append(f"{name} {unit}{_fmt(value)}")
+            tip.append(f"{name} {format_money(value, currency)}")
         parts.append(f"<g><title>{escape(', '.join(tip))}</title>{''.join(bars)}</g>")
         if i % label_every == 0:
             parts.append(

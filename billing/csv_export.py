@@ -6,13 +6,13 @@ import csv
 import datetime as dt
 import itertools
 from collections.abc import AsyncIterator, Iterable, Iterator
-from decimal import Decimal
 
 from asgiref.sync import sync_to_async
 from django.core.handlers.asgi import ASGIRequest
 from django.http import StreamingHttpResponse
 
-from billing.reports import BillingLine, Period, money_str
+from billing.money import amount_text
+from billing.reports import BillingLine, Period
 
 # A cell a spreadsheet would run as a formula starts with one of these (tab and CR too:
 # some programs strip them and then see the "=").
@@ -37,6 +37,9 @@ REPORT_HEADER = [
     "messages",
     "tokens",
     "unpriced_calls",
+    "provider_cost_usd",
+    "exchange_rate",
+    "unconverted_calls",
     "llm_cost",
     "markup_percent",
     "llm_markup",
@@ -47,6 +50,8 @@ REPORT_HEADER = [
 
 INVOICE_HEADER = [
     "invoice",
+    "document",
+    "credits_invoice",
     "status",
     "issued_at",
     "client",
@@ -62,6 +67,9 @@ INVOICE_HEADER = [
     "unit_price",
     "amount",
     "currency",
+    "usd_cost",
+    "exchange_rate",
+    "exchange_rate_from",
 ]
 
 
@@ -146,7 +154,11 @@ def header_line(header: list[str]) -> str:
 
 
 def report_rows(lines: Iterable[BillingLine], period: Period) -> Iterator[list]:
-    """One row per billing line (a session's part for one client), as on the report page."""
+    """One row per billing line (a session's part for one client), as on the report page.
+
+    Amounts are in the client's currency (the `currency` column); `provider_cost_usd` is what
+    the providers charged, `exchange_rate` the rate(s) it was converted at (";" between several).
+    """
     tz = period.tz
     period_start, period_end = iso(period.start, tz), iso(period.end, tz)
     client_cells: dict = {}  # the client's columns, escaped once per client
@@ -154,13 +166,7 @@ def report_rows(lines: Iterable[BillingLine], period: Period) -> Iterator[list]:
         t = ln.terms
         cells = client_cells.get(t.client_id)
         if cells is None:
-            cells = client_cells[t.client_id] = (
-                escape_cell(t.slug),
-                escape_cell(t.name),
-                money_str(t.hourly_rate),
-                f"{Decimal(t.llm_markup_percent):.2f}",
-                escape_cell(t.currency),
-            )
+            cells = client_cells[t.client_id] = (escape_cell(t.slug), escape_cell(t.name), escape_cell(t.currency))
         yield [
             cells[0],
             cells[1],
@@ -173,39 +179,74 @@ def report_rows(lines: Iterable[BillingLine], period: Period) -> Iterator[list]:
             period_end,
             ln.seconds,
             ln.billable_minutes,
-            f"{ln.billable_hours:.4f}",
-            cells[2],
-            f"{ln.time_amount:.2f}",
+            amount_text(ln.billable_hours, 4),
+            amount_text(t.hourly_rate),
+            amount_text(ln.time_amount),
             ln.messages,
             ln.tokens,
             ln.unpriced,
-            f"{ln.llm_cost:.2f}",
-            cells[3],
-            f"{ln.markup:.2f}",
-            f"{ln.total:.2f}",
-            cells[4],
+            amount_text(ln.llm_cost_raw, 6),
+            ";".join(amount_text(rate, 6) for rate in ln.rates_used),
+            ln.unconverted,
+            amount_text(ln.llm_cost),
+            amount_text(t.llm_markup_percent),
+            amount_text(ln.markup),
+            amount_text(ln.total),
+            cells[2],
             escape_cell(ln.invoice_number or ""),
         ]
 
 
 def invoice_rows(invoice, tz) -> Iterator[list]:
+    """One row per invoice line, then the tax line when there is tax: the amounts add up to the total.
+
+    A credit note's amounts are negative here (it is stored positive), so an export of invoices
+    and their credit notes nets out.
+    """
     client = invoice.client
+    sign = invoice.sign
+    head = [
+        escape_cell(invoice.number or ""),
+        invoice.kind,
+        escape_cell(invoice.credit_for.number if invoice.credit_for_id else ""),
+        invoice.status,
+        iso(invoice.issued_at, tz),
+        escape_cell(client.slug),
+        escape_cell(client.name),
+        invoice.period_start.isoformat(),
+        invoice.period_end.isoformat(),
+    ]
+    position = 0
     for line in invoice.lines.all().order_by("position").iterator(chunk_size=2000):
+        position = line.position
         yield [
-            escape_cell(invoice.number or ""),
-            invoice.status,
-            iso(invoice.issued_at, tz),
-            escape_cell(client.slug),
-            escape_cell(client.name),
-            invoice.period_start.isoformat(),
-            invoice.period_end.isoformat(),
+            *head,
             line.position,
             line.kind,
             str(line.session_id or ""),
             escape_cell(line.description),
-            f"{line.quantity:.4f}",
+            amount_text(line.quantity, 6 if line.kind == "llm" else 4 if line.unit == "hours" else 2),
             escape_cell(line.unit),
-            money_str(line.unit_price),
-            money_str(line.amount),
+            amount_text(line.unit_price, 6 if line.kind in ("llm", "markup") else 2),
+            amount_text(sign * line.amount),
             escape_cell(invoice.currency),
+            "" if line.usd_cost is None else amount_text(line.usd_cost, 6),
+            "" if line.exchange_rate is None else amount_text(line.exchange_rate, 6),
+            iso(line.exchange_rate_from, tz),
+        ]
+    if invoice.tax_total:
+        yield [
+            *head,
+            position + 1,
+            "tax",
+            "",
+            escape_cell(f"Tax {amount_text(invoice.tax_rate_percent)}% on {amount_text(invoice.subtotal)}"),
+            amount_text(invoice.subtotal),
+            escape_cell(invoice.currency),
+            amount_text(invoice.tax_rate_percent / 100, 6),
+            amount_text(sign * invoice.tax_total),
+            escape_cell(invoice.currency),
+            "",
+            "",
+            "",
         ]

@@ -1,5 +1,8 @@
 """The invoice lock, enforced in the model layer: a billed session's billed fields never change.
 
+What an issued invoice was computed from is guarded too: exchange rates and client terms
+(`billing.rates` says when a change would alter an issued invoice and refuses it).
+
 Issuing an invoice sets `ChatSession.invoice`; from then on saving a changed billed field
 of the session, of one of its messages or segments, adding a message or segment to it, or
 deleting one raises `SessionLocked`, whoever tries (a service, the admin, a shell). Bulk
@@ -12,7 +15,8 @@ from __future__ import annotations
 from django.db.models.signals import pre_delete, pre_save
 from django.dispatch import receiver
 
-from billing.models import Invoice, InvoiceLine, InvoiceStatus
+from billing.models import ClientTerms, ExchangeRate, Invoice, InvoiceLine, InvoiceStatus
+from billing.rates import client_terms_guard, ensure_terms_start, exchange_rate_guard
 from sessions_app.errors import SESSION_LOCKED, SessionLocked
 from sessions_app.models import ChatSession, SessionMessage, SessionSegment
 
@@ -127,7 +131,11 @@ def refuse_issued_invoice_change(sender, instance: Invoice, raw=False, update_fi
     )
     if old is None or old["status"] != InvoiceStatus.ISSUED:
         return
-    for name in ("status", "number", "client_id", "period_start", "period_end", "total"):
+    # Voiding (issued → void) is the one change of state an issued invoice has; its figures stay.
+    fields = ("number", "client_id", "period_start", "period_end", "total")
+    if instance.status not in (InvoiceStatus.ISSUED, InvoiceStatus.VOID):
+        fields = ("status", *fields)
+    for name in fields:
         if old[name] != getattr(instance, name):
             raise SessionLocked(f"Invoice {old['number']} is issued; it can no longer change.")
 
@@ -138,9 +146,34 @@ def refuse_issued_line_change(sender, instance: InvoiceLine, raw=False, **kwargs
     if raw or instance.invoice_id is None:
         return
     number = (
-        Invoice.objects.filter(pk=instance.invoice_id, status=InvoiceStatus.ISSUED)
+        Invoice.objects.filter(pk=instance.invoice_id, status__in=(InvoiceStatus.ISSUED, InvoiceStatus.VOID))
         .values_list("number", flat=True)
         .first()
     )
     if number:
         raise SessionLocked(f"Invoice {number} is issued; its lines can no longer change.")
+
+
+@receiver(pre_save, sender=ExchangeRate, dispatch_uid="billing.lock_rate")
+def refuse_rate_change(sender, instance: ExchangeRate, raw=False, **kwargs) -> None:
+    """A rate an issued invoice used, or one that would take over its calls, is refused (RecordLocked)."""
+    if not raw:
+        exchange_rate_guard(instance)
+
+
+@receiver(pre_delete, sender=ExchangeRate, dispatch_uid="billing.lock_rate_delete")
+def refuse_rate_delete(sender, instance: ExchangeRate, **kwargs) -> None:
+    exchange_rate_guard(instance, deleting=True)
+
+
+@receiver(pre_save, sender=ClientTerms, dispatch_uid="billing.lock_terms")
+def refuse_terms_change(sender, instance: ClientTerms, raw=False, **kwargs) -> None:
+    """Terms that would re-price a part an issued invoice billed are refused (RecordLocked)."""
+    if not raw:
+        ensure_terms_start(instance)
+        client_terms_guard(instance)
+
+
+@receiver(pre_delete, sender=ClientTerms, dispatch_uid="billing.lock_terms_delete")
+def refuse_terms_delete(sender, instance: ClientTerms, **kwargs) -> None:
+    client_terms_guard(instance, deleting=True)

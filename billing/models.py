@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 from decimal import Decimal
 
 from django.conf import settings
-from django.core.validators import MinValueValidator, RegexValidator
+from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
 MONEY = {"max_digits": 12, "decimal_places": 6}
+RATE = {"max_digits": 14, "decimal_places": 6}
+# The beginning of a client's terms when they were never changed: they cover all earlier work.
+TERMS_EPOCH = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
 HEX_COLOR = RegexValidator(r"^#[0-9a-fA-F]{6}$", "Enter a colour as #rrggbb, for example #1f6feb.")
 LOGO_URL = RegexValidator(
     r"^(https?://[^\s\"'<>]+|/[^\s\"'<>]*)?$",
@@ -64,6 +68,16 @@ class ClientDomain(models.Model):
     billing_increment_minutes = models.PositiveSmallIntegerField(
         default=6, validators=[MinValueValidator(1)], help_text="Billable time is rounded up to this increment."
     )
+    tax_rate_percent = models.DecimalField(
+        max_digits=5,
+        decimal_places=2,
+        default=Decimal("0"),
+        validators=[MinValueValidator(0), MaxValueValidator(100)],
+        help_text="Applied to the invoice total (VAT, sales tax); 0 for none.",
+    )
+    payment_terms_days = models.PositiveSmallIntegerField(
+        default=30, validators=[MaxValueValidator(365)], help_text="An issued invoice is due this many days later."
+    )
     is_active = models.BooleanField(default=True)
     members = models.ManyToManyField(
         settings.AUTH_USER_MODEL,
@@ -83,6 +97,9 @@ class ClientDomain(models.Model):
             models.CheckConstraint(condition=Q(hourly_rate__gte=0), name="client_rate_non_negative"),
             models.CheckConstraint(condition=Q(llm_markup_percent__gte=0), name="client_markup_non_negative"),
             models.CheckConstraint(condition=Q(billing_increment_minutes__gte=1), name="client_increment_positive"),
+            models.CheckConstraint(
+                condition=Q(tax_rate_percent__gte=0, tax_rate_percent__lte=100), name="client_tax_rate_range"
+            ),
         ]
 
     def __str__(self) -> str:
@@ -95,6 +112,67 @@ class ClientDomain(models.Model):
         else:
             self.hostname = self.hostname.strip().lower()
         super().save(*args, **kwargs)
+
+
+class ClientTerms(models.Model):
+    """A client's rate, markup and increment from `effective_from` on: dated, like prices.
+
+    A session–client part is billed at the terms in force when its session ended (or now, for
+    one still running), so a change never rewrites a period already worked. Saving a client
+    whose rate, markup or increment changed records the change here, effective from then.
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    client = models.ForeignKey(ClientDomain, on_delete=models.CASCADE, related_name="terms")
+    effective_from = models.DateTimeField(default=timezone.now)
+    hourly_rate = models.DecimalField(max_digits=10, decimal_places=2, validators=[MinValueValidator(0)])
+    llm_markup_percent = models.DecimalField(max_digits=6, decimal_places=2, validators=[MinValueValidator(0)])
+    billing_increment_minutes = models.PositiveSmallIntegerField(validators=[MinValueValidator(1)])
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    class Meta:
+        db_table = "client_terms"
+        ordering = ["client", "-effective_from"]
+        verbose_name = "client terms"
+        verbose_name_plural = "client terms"
+        constraints = [
+            models.UniqueConstraint(fields=["client", "effective_from"], name="one_terms_per_instant"),
+            models.CheckConstraint(condition=Q(hourly_rate__gte=0), name="terms_rate_non_negative"),
+            models.CheckConstraint(condition=Q(llm_markup_percent__gte=0), name="terms_markup_non_negative"),
+            models.CheckConstraint(condition=Q(billing_increment_minutes__gte=1), name="terms_increment_positive"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.client}: {self.hourly_rate}/h, {self.llm_markup_percent}%, {self.billing_increment_minutes} min from {self.effective_from:%Y-%m-%d %H:%M}"
+
+
+class ExchangeRate(models.Model):
+    """Units of `currency` per US dollar from `effective_from` on.
+
+    Provider costs are stored in USD; a client's amounts are converted at the rate in force at
+    each call's time. A rate an issued invoice used is never edited or deleted, and no rate may
+    be added that would take over calls an issued invoice already billed.
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    currency = models.CharField(max_length=3, help_text="ISO 4217 code, for example EUR.")
+    usd_rate = models.DecimalField(**RATE, help_text="Units of the currency for one US dollar.")
+    effective_from = models.DateTimeField(default=timezone.now)
+    source = models.CharField(max_length=200, blank=True)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    class Meta:
+        db_table = "exchange_rates"
+        ordering = ["currency", "-effective_from"]
+        constraints = [
+            models.UniqueConstraint(fields=["currency", "effective_from"], name="one_rate_per_instant"),
+            models.CheckConstraint(condition=Q(usd_rate__gt=0), name="rate_positive"),
+            models.CheckConstraint(condition=~Q(currency="USD"), name="rate_not_for_usd"),
+        ]
+        indexes = [models.Index(fields=["currency", "effective_from"], name="rate_lookup_idx")]
+
+    def __str__(self) -> str:
+        return f"1 USD = {self.usd_rate} {self.currency} from {self.effective_from:%Y-%m-%d %H:%M}"
 
 
 class Brand(models.Model):
@@ -270,6 +348,12 @@ class LLMUsage(models.Model):
 class InvoiceStatus(models.TextChoices):
     DRAFT = "draft", "Draft"
     ISSUED = "issued", "Issued"
+    VOID = "void", "Void"
+
+
+class InvoiceKind(models.TextChoices):
+    INVOICE = "invoice", "Invoice"
+    CREDIT_NOTE = "credit_note", "Credit note"
 
 
 class Invoice(models.Model):
@@ -279,10 +363,27 @@ class Invoice(models.Model):
     period_end = models.DateField(help_text="Inclusive.")
     number = models.CharField(max_length=40, unique=True, null=True, blank=True, help_text="Assigned on issue.")
     status = models.CharField(max_length=10, choices=InvoiceStatus.choices, default=InvoiceStatus.DRAFT)
+    kind = models.CharField(max_length=12, choices=InvoiceKind.choices, default=InvoiceKind.INVOICE)
+    credit_for = models.ForeignKey(
+        "self",
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="credit_notes",
+        help_text="The voided invoice this credit note cancels.",
+    )
     currency = models.CharField(max_length=3, default="USD")
     time_total = models.DecimalField(max_digits=12, decimal_places=2, default=Decimal("0"))
     llm_total = models.DecimalField(max_digits=12, decimal_places=2, default=Decimal("0"))
+    subtotal = models.DecimalField(max_digits=12, decimal_places=2, default=Decimal("0"))
+    tax_rate_percent = models.DecimalField(max_digits=5, decimal_places=2, default=Decimal("0"))
+    tax_total = models.DecimalField(max_digits=12, decimal_places=2, default=Decimal("0"))
     total = models.DecimalField(max_digits=12, decimal_places=2, default=Decimal("0"))
+    payment_terms_days = models.PositiveSmallIntegerField(default=30)
+    due_date = models.DateField(null=True, blank=True, help_text="Set on issue from the client's payment terms.")
+    paid_at = models.DateTimeField(null=True, blank=True)
+    voided_at = models.DateTimeField(null=True, blank=True)
+    void_reason = models.CharField(max_length=500, blank=True)
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
     )
@@ -295,16 +396,76 @@ class Invoice(models.Model):
         constraints = [
             models.CheckConstraint(condition=Q(period_end__gte=models.F("period_start")), name="invoice_period_order"),
             models.CheckConstraint(condition=Q(total__gte=0), name="invoice_total_non_negative"),
+            models.CheckConstraint(
+                condition=Q(kind="invoice", credit_for__isnull=True) | Q(kind="credit_note", credit_for__isnull=False),
+                name="credit_note_references_invoice",
+            ),
         ]
+        indexes = [models.Index(fields=["client", "status"], name="invoice_client_status_idx")]
 
     def __str__(self) -> str:
-        return self.number or f"Draft {self.client} {self.period_start}–{self.period_end}"
+        if self.number:
+            return self.number
+        return f"Draft {self.client} {self.period_start}–{self.period_end}"
+
+    @property
+    def is_credit_note(self) -> bool:
+        return self.kind == InvoiceKind.CREDIT_NOTE
+
+    @property
+    def sign(self) -> int:
+        """Credit notes are stored positive and shown negative."""
+        return -1 if self.is_credit_note else 1
+
+    def is_overdue(self, today: dt.date) -> bool:
+        return (
+            self.status == InvoiceStatus.ISSUED
+            and not self.is_credit_note
+            and self.paid_at is None
+            and self.due_date is not None
+            and self.due_date < today
+        )
+
+    @property
+    def title(self) -> str:
+        return "Credit note" if self.is_credit_note else "Invoice"
+
+
+class InvoiceSequence(models.Model):
+    """The last number given out in a year: one gapless sequence per year for invoices and credit notes.
+
+    The issuing transaction locks the year's row, takes the next number and commits it with the
+    issued invoice, so a rolled-back issue gives its number back and two issues never share one.
+    """
+
+    year = models.PositiveSmallIntegerField(primary_key=True)
+    last = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        db_table = "invoice_sequences"
+
+    def __str__(self) -> str:
+        return f"{self.year}: {self.last}"
+
+
+class InvoiceLineQuerySet(models.QuerySet):
+    def billed(self) -> InvoiceLineQuerySet:
+        """Lines that bill a part: on an issued invoice (not a credit note, not a voided one), not pending."""
+        return self.filter(
+            invoice__status=InvoiceStatus.ISSUED,
+            invoice__kind=InvoiceKind.INVOICE,
+            kind__in=InvoiceLine.BILLED_KINDS,
+        )
 
 
 class InvoiceLine(models.Model):
     class Kind(models.TextChoices):
         TIME = "time", "Billable time"
         LLM = "llm", "LLM cost"
+        MARKUP = "markup", "LLM markup"
+        PENDING = "pending", "Still running (not billed here)"
+
+    BILLED_KINDS = ("time", "llm", "markup")
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     invoice = models.ForeignKey(Invoice, on_delete=models.CASCADE, related_name="lines")
@@ -314,10 +475,29 @@ class InvoiceLine(models.Model):
     session = models.ForeignKey(
         "sessions_app.ChatSession", on_delete=models.PROTECT, null=True, blank=True, related_name="invoice_lines"
     )
-    quantity = models.DecimalField(max_digits=14, decimal_places=4, default=Decimal("0"))
+    # Hours to four decimals, a USD cost to six, a markup's base to two: what is printed is stored.
+    quantity = models.DecimalField(max_digits=18, decimal_places=6, default=Decimal("0"))
     unit = models.CharField(max_length=20, default="hours")
     unit_price = models.DecimalField(**MONEY, default=Decimal("0"))
     amount = models.DecimalField(max_digits=12, decimal_places=2, default=Decimal("0"))
+    client = models.ForeignKey(
+        ClientDomain, on_delete=models.PROTECT, null=True, blank=True, related_name="+", help_text="The part billed."
+    )
+    usd_cost = models.DecimalField(
+        max_digits=18, decimal_places=6, null=True, blank=True, help_text="LLM lines: the provider cost in USD."
+    )
+    exchange_rate = models.DecimalField(
+        **RATE, null=True, blank=True, help_text="LLM lines: units of the invoice currency per USD used."
+    )
+    exchange_rate_from = models.DateTimeField(null=True, blank=True, help_text="When the rate used took effect.")
+    calls = models.PositiveIntegerField(default=0)
+    unpriced_calls = models.PositiveIntegerField(default=0)
+    unconverted_calls = models.PositiveIntegerField(default=0, help_text="Calls with no exchange rate in force.")
+    first_call_at = models.DateTimeField(null=True, blank=True)
+    last_call_at = models.DateTimeField(null=True, blank=True)
+    part_ended_at = models.DateTimeField(null=True, blank=True, help_text="When the billed session ended.")
+
+    objects = InvoiceLineQuerySet.as_manager()
 
     class Meta:
         db_table = "invoice_lines"
@@ -326,6 +506,7 @@ class InvoiceLine(models.Model):
             models.CheckConstraint(condition=Q(quantity__gte=0), name="line_quantity_non_negative"),
             models.CheckConstraint(condition=Q(amount__gte=0), name="line_amount_non_negative"),
         ]
+        indexes = [models.Index(fields=["session", "client"], name="line_session_client_idx")]
 
     def __str__(self) -> str:
         return self.description
@@ -409,3 +590,111 @@ class SessionTemplate(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.client})" if self.client_id else self.name
+
+
+class ClientBudgetQuerySet(models.QuerySet):
+    def in_force(self, month: dt.date) -> ClientBudgetQuerySet:
+        """Budgets carry over: the one for a month is the newest set for it or an earlier month."""
+        return self.filter(month__lte=month).order_by("-month")
+
+
+class ClientBudget(models.Model):
+    """A monthly limit on a client's paid-model cost (and optionally hours), in the client's currency.
+
+    It holds from `month` on until a later month's budget replaces it. At 80 % consultants and
+    staff are warned; at 100 % of the cost limit paid models are refused for the client in
+    every front end; Ollama stays usable.
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    client = models.ForeignKey(ClientDomain, on_delete=models.CASCADE, related_name="budgets")
+    month = models.DateField(help_text="The first day of the first month it applies to.")
+    llm_limit = models.DecimalField(
+        max_digits=12,
+        decimal_places=2,
+        validators=[MinValueValidator(0)],
+        help_text="Paid-model cost per month (with markup, converted), in the client's currency.",
+    )
+    hours_limit = models.DecimalField(
+        max_digits=8,
+        decimal_places=2,
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(0)],
+        help_text="Optional: billable hours per month (a warning, never a refusal).",
+    )
+    updated_at = models.DateTimeField(auto_now=True)
+    updated_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+
+    objects = ClientBudgetQuerySet.as_manager()
+
+    class Meta:
+        db_table = "client_budgets"
+        ordering = ["client", "-month"]
+        constraints = [
+            models.UniqueConstraint(fields=["client", "month"], name="one_budget_per_client_month"),
+            models.CheckConstraint(condition=Q(llm_limit__gte=0), name="budget_limit_non_negative"),
+            models.CheckConstraint(
+                condition=Q(hours_limit__isnull=True) | Q(hours_limit__gte=0), name="budget_hours_non_negative"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.client} from {self.month:%Y-%m}: {self.llm_limit} {self.client.currency}"
+
+
+class BudgetAlert(models.Model):
+    """A budget warning that went out: one per client, month, measure and threshold, never more."""
+
+    class Measure(models.TextChoices):
+        COST = "cost", "Paid-model cost"
+        HOURS = "hours", "Hours"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    client = models.ForeignKey(ClientDomain, on_delete=models.CASCADE, related_name="budget_alerts")
+    month = models.DateField()
+    measure = models.CharField(max_length=10, choices=Measure.choices)
+    threshold = models.PositiveSmallIntegerField(help_text="Percent of the limit: 80 or 100.")
+    used = models.DecimalField(max_digits=14, decimal_places=2)
+    limit = models.DecimalField(max_digits=14, decimal_places=2)
+    recipients = models.TextField(blank=True)
+    sent_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        db_table = "budget_alerts"
+        ordering = ["-sent_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["client", "month", "measure", "threshold"], name="one_alert_per_threshold_and_month"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.client} {self.month:%Y-%m} {self.measure} {self.threshold}%"
+
+
+class ArchivedMessageCost(models.Model):
+    """What billing needs of an archived message: kept in the hot database when its text is archived.
+
+    Archiving moves a session's messages into a compressed blob; their billed figures stay here,
+    so reports and invoices never lose them. Restoring the session deletes these rows again.
+    """
+
+    id = models.BigAutoField(primary_key=True)
+    session = models.ForeignKey("sessions_app.ChatSession", on_delete=models.CASCADE, related_name="+")
+    domain = models.ForeignKey(ClientDomain, on_delete=models.PROTECT, related_name="+")
+    seq = models.PositiveIntegerField()
+    role = models.CharField(max_length=10)
+    timestamp = models.DateTimeField()
+    model = models.CharField(max_length=200, blank=True)
+    tokens = models.PositiveIntegerField(default=0)
+    cost_usd = models.DecimalField(**MONEY, null=True, blank=True)
+
+    class Meta:
+        db_table = "archived_message_costs"
+        constraints = [models.UniqueConstraint(fields=["session", "seq"], name="one_archived_cost_per_message")]
+
+    def __str__(self) -> str:
+        return f"{self.session_id} #{self.seq}"

@@ -2,24 +2,24 @@
 
 A paid model without a price has an unknown cost (None), never 0: the caller stores it as
 unknown and the admin and reports flag it. Ollama runs locally and costs 0 unless a price
-row says otherwise. Costs are quantized to six decimals (the ledger's precision), half up.
+row says otherwise. Costs are quantized to the ledger's six decimals by `billing.money`.
 """
 
 from __future__ import annotations
 
 import json
 from datetime import datetime
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import Decimal
 from functools import cache
 from pathlib import Path
 
 from django.utils import timezone
 
 from billing.models import ModelPrice
+from billing.money import quantize_micro
 
 BUNDLED_PRICES = Path(__file__).resolve().parent / "data" / "prices.json"
 MILLION = Decimal(1_000_000)
-MICRO = Decimal("0.000001")
 FREE_PROVIDERS = ("ollama",)
 # A price for `gpt-4o` also covers `gpt-4o-2024-08-06`, but `gpt-4` must not cover `gpt-4o`:
 # the id has to continue with a separator after the priced prefix.
@@ -57,10 +57,6 @@ def price_for(provider: str, model_id: str, at: datetime | None = None) -> Model
     return None
 
 
-def _money(value: Decimal) -> Decimal:
-    return value.quantize(MICRO, rounding=ROUND_HALF_UP)
-
-
 def cost_of(
     *, provider: str, model_id: str, prompt_tokens: int, completion_tokens: int, at: datetime | None = None
 ) -> Decimal | None:
@@ -69,7 +65,7 @@ def cost_of(
     if price is None:
         return None
     raw = (Decimal(prompt_tokens) * price.input_per_mtok + Decimal(completion_tokens) * price.output_per_mtok) / MILLION
-    return _money(raw)
+    return quantize_micro(raw)
 
 
 def input_cost(*, provider: str, model_id: str, tokens: int, at: datetime | None = None) -> Decimal | None:
@@ -77,7 +73,7 @@ def input_cost(*, provider: str, model_id: str, tokens: int, at: datetime | None
     price = price_for(provider, model_id, at)
     if price is None:
         return None
-    return _money(Decimal(tokens) * price.input_per_mtok / MILLION)
+    return quantize_micro(Decimal(tokens) * price.input_per_mtok / MILLION)
 
 
 @cache
@@ -171,8 +167,8 @@ def from_litellm(
             {
                 "provider": provider,
                 "model": key,
-                "input_per_mtok": str(_money(Decimal(str(entry["input_cost_per_token"])) * MILLION)),
-                "output_per_mtok": str(_money(Decimal(str(entry["output_cost_per_token"])) * MILLION)),
+                "input_per_mtok": str(quantize_micro(Decimal(str(entry["input_cost_per_token"])) * MILLION)),
+                "output_per_mtok": str(quantize_micro(Decimal(str(entry["output_cost_per_token"])) * MILLION)),
                 "context_window": entry.get("max_input_tokens") or entry.get("max_tokens"),
             }
         )

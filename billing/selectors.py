@@ -1,9 +1,9 @@
 """Report reads: querysets in the report vocabulary, composed with who may see what.
 
-Every report is built from the same few bounded queries (clients, message totals per
-session and client, segments overlapping the period, and only when needed the sessions that
-had messages but no time), then priced by `billing/reports.py`. The number of queries does
-not grow with the number of rows.
+Every report is built from the same few bounded queries (the sessions billed in the period,
+their segments, their message totals per client and exchange rate, archived message totals,
+the clients with their dated terms and rates, and the invoices that billed each part), then
+priced by `billing/reports.py`. The number of queries does not grow with the number of rows.
 """
 
 from __future__ import annotations
@@ -16,37 +16,67 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from django.conf import settings
-from django.db.models import Count, DateTimeField, DurationField, ExpressionWrapper, Max, Q, QuerySet, Sum, Value
-from django.db.models.functions import Coalesce, Greatest, Least, TruncDate
+from django.db.models import (
+    Case,
+    Count,
+    DateTimeField,
+    Exists,
+    Max,
+    Min,
+    OuterRef,
+    Q,
+    QuerySet,
+    Subquery,
+    Sum,
+    Value,
+    When,
+)
+from django.db.models.functions import TruncDate
 from django.utils import timezone
 
 from billing import csv_export, pg_reports
-from billing.models import ClientDomain, InvoiceLine, InvoiceStatus, LLMUsage
+from billing.models import (
+    ArchivedMessageCost,
+    ClientDomain,
+    ExchangeRate,
+    InvoiceLine,
+    LLMUsage,
+)
+from billing.models import (
+    ClientTerms as ClientTermsRow,
+)
+from billing.money import quantize, to_decimal
 from billing.reports import (
     ZERO,
     BillingLine,
-    ClientTerms,
     GroupRow,
+    LLMCharge,
     Period,
+    RateBook,
+    TermsBook,
+    Totals,
+    allocate_seconds,
     client_rows,
     consultant_rows,
-    grand_total,
+    currency_totals,
 )
 from sessions_app.models import ChatSession, ContextStream, SessionMessage, SessionSegment, SessionStatus
 
 # A call counts as "unknown price" when a priced kind of message carries no cost. User
 # messages are what the consultant typed; their input cost is on the answer's call.
 UNPRICED = Q(cost_usd__isnull=True) & ~Q(role="user")
-SESSION_FIELDS = {
-    "session__name": "name",
-    "session__user_id": "user_id",
-    "session__user__username": "username",
-    "session__started_at": "started_at",
-    "session__ended_at": "ended_at",
-    "session__status": "status",
-    "session__invoice__number": "invoice_number",
-}
-IN_CHUNK = 500
+CALLS = ~Q(role="user")
+SESSION_FIELDS = (
+    "session_id",
+    "name",
+    "user_id",
+    "user__username",
+    "started_at",
+    "ended_at",
+    "status",
+    "archived_at",
+    "invoice_id",
+)
 STREAM_CHUNK = 5000
 
 
@@ -59,7 +89,36 @@ def billable_messages() -> QuerySet:
 
 
 def messages_for_period(start: dt.datetime, end: dt.datetime) -> QuerySet:
+    """Billable messages sent in [start, end): usage over time (charts, monitoring), not billing."""
     return billable_messages().for_period(start, end)
+
+
+def sessions_billed_in(period: Period, *, now: dt.datetime, ended_only: bool = False) -> QuerySet:
+    """Sessions whose parts the period bills: those that ended in it, and (open) those running now if it holds now."""
+    billed = Q(ended_at__gte=period.start, ended_at__lt=period.end)
+    if not ended_only and period.holds(now):
+        billed |= Q(ended_at__isnull=True)
+    return ChatSession.objects.filter(billed)
+
+
+def sessions_billing(client: ClientDomain) -> Q:
+    """Sessions with a part for `client`: time on it, or billable (live or archived) messages billed to it."""
+    return (
+        Q(pk__in=SessionSegment.objects.filter(domain=client).values("session_id"))
+        | Q(pk__in=billable_messages().filter(domain=client).values("session_id"))
+        | Q(pk__in=ArchivedMessageCost.objects.filter(domain=client).values("session_id"))
+    )
+
+
+def with_unpriced_flag(sessions: QuerySet) -> QuerySet:
+    """Sessions annotated `has_unpriced`: a call with no known price is missing from their total."""
+    unpriced = billable_messages().filter(UNPRICED, session=OuterRef("pk"))
+    return sessions.annotate(has_unpriced=Exists(unpriced))
+
+
+def billed_on_issued(session_ref, client_ref) -> Exists:
+    """An issued invoice bills this (session, client) part."""
+    return Exists(InvoiceLine.objects.billed().filter(session_id=session_ref, client_id=client_ref))
 
 
 def with_totals(qs: QuerySet, *group_by: str) -> QuerySet:
@@ -72,9 +131,36 @@ def with_totals(qs: QuerySet, *group_by: str) -> QuerySet:
     )
 
 
-def segments_overlapping(start: dt.datetime, end: dt.datetime) -> QuerySet:
-    """Segments with any time in [start, end); open segments run until now."""
-    return SessionSegment.objects.filter(started_at__lt=end).filter(Q(ended_at__isnull=True) | Q(ended_at__gt=start))
+def rate_in_force(timestamp: str = "timestamp") -> Case:
+    """SQL for the `effective_from` of the client's exchange rate in force at the message's time.
+
+    NULL for a USD client without running the lookup (CASE evaluates only the branch it takes):
+    most calls need no rate at all.
+    """
+    lookup = Subquery(
+        ExchangeRate.objects.filter(currency=OuterRef("domain__currency"), effective_from__lte=OuterRef(timestamp))
+        .order_by("-effective_from")
+        .values("effective_from")[:1]
+    )
+    return Case(When(domain__currency="USD", then=Value(None)), default=lookup, output_field=DateTimeField())
+
+
+def charge_totals(qs: QuerySet) -> QuerySet:
+    """Per (session, client, rate in force): messages, calls, tokens, USD cost, unknown prices, first/last time."""
+    return (
+        qs.annotate(rate_from=rate_in_force())
+        .values("session_id", "domain_id", "rate_from")
+        .annotate(
+            n_messages=Count("pk"),
+            n_calls=Count("pk", filter=CALLS),
+            n_tokens=Sum("tokens"),
+            cost=Sum("cost_usd"),
+            n_unpriced=Count("pk", filter=UNPRICED),
+            first=Min("timestamp"),
+            last=Max("timestamp"),
+        )
+        .order_by()
+    )
 
 
 def visible_to(qs: QuerySet, *, user, mine: bool, session_path: str = "session__") -> QuerySet:
@@ -98,153 +184,191 @@ class ReportData:
     period: Period
     lines: list[BillingLine]
     rows: list[GroupRow]
-    total: object
+    totals: list[Totals]  # one per currency, never summed across currencies
+
+    @property
+    def total(self) -> Totals:
+        """The one total of a single-currency report (an empty Totals for an empty one)."""
+        if not self.totals:
+            return Totals()
+        if len(self.totals) > 1:
+            from billing.reports import ERR_MIXED_CURRENCIES, MixedCurrencies
+
+            raise MixedCurrencies(
+                ERR_MIXED_CURRENCIES.format(currencies=", ".join(t.currency or "?" for t in self.totals))
+            )
+        return self.totals[0]
 
     @property
     def unpriced(self) -> int:
-        return self.total.unpriced
+        return sum(t.unpriced for t in self.totals)
+
+    @property
+    def unconverted(self) -> int:
+        return sum(t.unconverted for t in self.totals)
+
+    @property
+    def open_sessions(self) -> int:
+        return sum(t.open_sessions for t in self.totals)
 
 
-def _client_terms(client_ids=None) -> dict:
-    qs = ClientDomain.objects.all()
-    if client_ids is not None:
-        qs = qs.filter(pk__in=client_ids)
-    return {c.pk: ClientTerms.of(c) for c in qs}
-
-
-def billed_pairs(*, client_ids, first_day: dt.date, last_day: dt.date) -> set[tuple]:
-    """(session, client) pairs already on an issued invoice whose period overlaps these days."""
-    rows = (
-        InvoiceLine.objects.filter(
-            invoice__status=InvoiceStatus.ISSUED,
-            invoice__client_id__in=client_ids,
-            invoice__period_start__lte=last_day,
-            invoice__period_end__gte=first_day,
-            session__isnull=False,
-        )
-        .values_list("session_id", "invoice__client_id")
-        .distinct()
+def price_books(client_ids) -> tuple[dict, TermsBook, RateBook]:
+    """The clients, their dated terms and the exchange rates of their currencies (three queries)."""
+    clients = ClientDomain.objects.in_bulk(list(client_ids))
+    terms = TermsBook(clients, ClientTermsRow.objects.filter(client_id__in=list(clients)))
+    currencies = {c.currency for c in clients.values()} - {"USD"}
+    rates = RateBook(
+        ExchangeRate.objects.filter(currency__in=currencies).values_list("currency", "effective_from", "usd_rate")
+        if currencies
+        else []
     )
-    return set(rows)
+    return clients, terms, rates
 
 
-def _filtered(period: Period, *, user, mine: bool, client, ended_only: bool, session_ids=None):
-    messages = messages_for_period(period.start, period.end)
-    segments = segments_overlapping(period.start, period.end)
-    if client is not None:
-        messages = messages.billed_to(client)
-        segments = segments.filter(domain=client)
-    if user is not None:
-        messages = visible_to(messages, user=user, mine=mine)
-        segments = visible_to(segments, user=user, mine=mine)
-    if ended_only:
-        messages = messages.filter(session__status=SessionStatus.ENDED)
-        segments = segments.filter(session__status=SessionStatus.ENDED)
-    if session_ids is not None:
-        messages = messages.filter(session_id__in=session_ids)
-        segments = segments.filter(session_id__in=session_ids)
-    return messages, segments
+def billed_numbers(session_ids) -> dict[tuple, str]:
+    """(session, client) → the number of the issued invoice that billed that part."""
+    rows = (
+        InvoiceLine.objects.billed()
+        .filter(session_id__in=session_ids)
+        .values_list("session_id", "client_id", "invoice__number")
+        .distinct()
+        .order_by("invoice__number")
+    )
+    found: dict[tuple, str] = {}
+    for session_id, client_id, number in rows:
+        found.setdefault((session_id, client_id), number)
+    return found
 
 
 def _new_slot() -> dict:
-    return {"seconds": 0, "messages": 0, "tokens": 0, "cost": ZERO, "unpriced": 0}
+    return {"seconds": 0, "messages": 0, "tokens": 0, "cost": ZERO, "unpriced": 0, "charges": {}}
 
 
-def clipped_duration(start: dt.datetime, cap: dt.datetime):
-    """SQL for a segment's time inside [start, cap): an open segment runs to `cap`.
+def _add_charges(found: dict, rows) -> None:
+    for row in rows:
+        slot = found.setdefault((row["session_id"], row["domain_id"]), _new_slot())
+        cost = to_decimal(row["cost"]) or ZERO
+        slot["messages"] += row["n_messages"]
+        slot["tokens"] += row["n_tokens"] or 0
+        slot["cost"] += cost
+        slot["unpriced"] += row["n_unpriced"]
+        charge = slot["charges"].setdefault(row["rate_from"], [0, 0, 0, ZERO, 0, None, None])
+        charge[0] += row["n_messages"]
+        charge[1] += row["n_calls"]
+        charge[2] += row["n_tokens"] or 0
+        charge[3] += cost
+        charge[4] += row["n_unpriced"]
+        charge[5] = row["first"] if charge[5] is None else min(charge[5], row["first"])
+        charge[6] = row["last"] if charge[6] is None else max(charge[6], row["last"])
 
-    Computed by the database so a report never loads one datetime per segment.
+
+def segment_seconds(rows, sessions: dict, now: dt.datetime) -> Iterator[tuple]:
+    """(session, client, model, seconds) per segment, cut as the session summary cuts them.
+
+    `rows` are (session_id, domain_id, model, started_at, ended_at) ordered by session, start, id.
     """
-    lo = Greatest("started_at", Value(start, output_field=DateTimeField()))
-    hi = Least(Coalesce("ended_at", Value(cap, output_field=DateTimeField())), Value(cap, output_field=DateTimeField()))
-    return ExpressionWrapper(hi - lo, output_field=DurationField())
+    for session_id, group in itertools.groupby(rows, key=lambda r: r[0]):
+        info = sessions[session_id]
+        until = info["ended_at"] or now
+        segments = list(group)
+        spans = [(seg[3], seg[4] or until) for seg in segments]
+        for seg, seconds in zip(segments, allocate_seconds(spans, info["started_at"]), strict=True):
+            yield session_id, seg[1], seg[2], seconds
 
 
-def _seconds(value) -> float:
-    if value is None:
-        return 0.0
-    return max(value.total_seconds(), 0.0) if isinstance(value, dt.timedelta) else max(value / 1_000_000, 0.0)
-
-
-def _build_lines(
+def lines_for_sessions(
+    sessions: QuerySet,
     *,
-    period: Period,
-    messages: QuerySet,
-    segments: QuerySet,
-    cap: dt.datetime,
-    terms: dict,
-    unbilled_only: bool,
+    now: dt.datetime,
+    client: ClientDomain | None = None,
+    unbilled_only: bool = False,
+    model_seconds: dict | None = None,
 ) -> list[BillingLine]:
+    """The priced parts of these sessions (only `client`'s when given), whole, as the period rule bills them.
+
+    `model_seconds`, when given, is filled with the seconds per model of the parts billed.
+    """
+    info = {row["session_id"]: row for row in sessions.values(*SESSION_FIELDS).order_by()}
+    if not info:
+        return []
+    ids = list(info)
     found: dict[tuple, dict] = {}
-    sessions: dict[object, dict] = {}
-    time_rows = (
-        segments.values("session_id", "domain_id", *SESSION_FIELDS)
-        .annotate(clipped=Sum(clipped_duration(period.start, cap)))
-        .order_by()
-    )
-    for row in time_rows:
-        slot = found[(row["session_id"], row["domain_id"])] = _new_slot()
-        slot["seconds"] = _seconds(row["clipped"])
-        sessions[row["session_id"]] = {short: row[long] for long, short in SESSION_FIELDS.items()}
-
-    for agg in with_totals(messages, "session_id", "domain_id").order_by():
-        slot = found.get((agg["session_id"], agg["domain_id"]))
-        if slot is None:
-            slot = found[(agg["session_id"], agg["domain_id"])] = _new_slot()
-        slot["messages"] += agg["n_messages"]
-        slot["tokens"] += agg["n_tokens"] or 0
-        slot["cost"] += agg["cost"] or ZERO
-        slot["unpriced"] += agg["n_unpriced"]
-
-    # Sessions with messages but no time in the period (rare): one more query per 500.
-    missing = list({sid for sid, _ in found if sid not in sessions})
-    for i in range(0, len(missing), IN_CHUNK):
-        rows = ChatSession.objects.filter(pk__in=missing[i : i + IN_CHUNK]).values(
-            "session_id", *(long.removeprefix("session__") for long in SESSION_FIELDS)
-        )
-        for row in rows:
-            sessions[row["session_id"]] = {
-                short: row[long.removeprefix("session__")] for long, short in SESSION_FIELDS.items()
-            }
-
-    client_ids = {cid for _, cid in found}
-    unknown = client_ids - terms.keys()
-    if unknown:
-        terms.update(_client_terms(unknown))
-    skip = (
-        billed_pairs(client_ids=client_ids, first_day=period.first_day, last_day=period.last_day)
-        if unbilled_only and client_ids
-        else set()
-    )
+    segments = SessionSegment.objects.filter(session_id__in=ids).order_by("session_id", "started_at", "id")
+    rows = segments.values_list("session_id", "domain_id", "model", "started_at", "ended_at")
+    for session_id, client_id, model, seconds in segment_seconds(rows, info, now):
+        found.setdefault((session_id, client_id), _new_slot())["seconds"] += seconds
+        if model_seconds is not None and (client is None or client_id == client.pk):
+            model_seconds[model] = model_seconds.get(model, 0) + seconds
+    messages = billable_messages().filter(session_id__in=ids)
+    if client is not None:
+        messages = messages.filter(domain=client)
+    _add_charges(found, charge_totals(messages))
+    archived_ids = [sid for sid, row in info.items() if row["archived_at"] is not None]
+    if archived_ids:  # only archived sessions keep message figures there
+        archived = ArchivedMessageCost.objects.filter(session_id__in=archived_ids)
+        _add_charges(found, charge_totals(archived.filter(domain=client) if client is not None else archived))
+    if client is not None:
+        found = {key: slot for key, slot in found.items() if key[1] == client.pk}
+    _clients, terms, rates = price_books({cid for _, cid in found})
+    # Only a session with an invoice link has a part on an issued invoice (issuing sets it,
+    # voiding moves it to another issued invoice or clears it).
+    invoiced = [sid for sid, row in info.items() if row["invoice_id"] is not None]
+    numbers = billed_numbers(invoiced) if invoiced else {}
 
     lines = []
     for (session_id, client_id), slot in found.items():
-        if (session_id, client_id) in skip:
+        if slot["seconds"] == 0 and slot["messages"] == 0:
             continue
-        # Whole seconds, floored: 6:00.4 bills as 6:00 (durations are kept to the second).
-        seconds = int(slot["seconds"])
-        if seconds == 0 and slot["messages"] == 0:
+        number = numbers.get((session_id, client_id))
+        if unbilled_only and number is not None:
             continue
-        info = sessions[session_id]
+        row = info[session_id]
+        part_terms = terms.at(client_id, row["ended_at"] or now)
+        charges = [
+            LLMCharge(
+                currency=part_terms.currency,
+                rate=rates.rate(part_terms.currency, rate_from),
+                rate_from=rate_from,
+                messages=n,
+                calls=calls,
+                tokens=tokens,
+                usd=cost,
+                unpriced=unpriced,
+                first_at=first,
+                last_at=last,
+            )
+            for rate_from, (n, calls, tokens, cost, unpriced, first, last) in slot["charges"].items()
+        ]
         lines.append(
             BillingLine(
-                terms=terms[client_id],
+                terms=part_terms,
                 session_id=session_id,
-                session_name=info["name"] or f"Session {str(session_id)[:8]}",
-                user_id=info["user_id"],
-                username=info["username"],
-                started_at=info["started_at"],
-                ended_at=info["ended_at"],
-                status=info["status"],
-                invoice_number=info["invoice_number"],
-                seconds=seconds,
+                session_name=row["name"] or f"Session {str(session_id)[:8]}",
+                user_id=row["user_id"],
+                username=row["user__username"],
+                started_at=row["started_at"],
+                ended_at=row["ended_at"],
+                status=row["status"],
+                invoice_number=number,
+                seconds=slot["seconds"],
                 messages=slot["messages"],
                 tokens=slot["tokens"],
                 llm_cost_raw=slot["cost"],
                 unpriced=slot["unpriced"],
+                charges=charges,
+                archived=row["archived_at"] is not None,
             ).price()
         )
     return lines
+
+
+def _scoped(period: Period, *, now, user, mine: bool, client, ended_only: bool = False) -> QuerySet:
+    sessions = sessions_billed_in(period, now=now, ended_only=ended_only)
+    if user is not None:
+        sessions = visible_to(sessions, user=user, mine=mine, session_path="")
+    if client is not None:
+        sessions = sessions.filter(sessions_billing(client))
+    return sessions
 
 
 def billing_lines(
@@ -257,27 +381,12 @@ def billing_lines(
     unbilled_only: bool = False,
     ended_only: bool = False,
 ) -> list[BillingLine]:
-    """Priced billing lines (one per session and client) for the period, newest session first."""
+    """Priced billing lines (one per session and client) the period bills, newest session first."""
     now = now or timezone.now()
-    messages, segments = _filtered(period, user=user, mine=mine, client=client, ended_only=ended_only)
-    terms = {client.pk: ClientTerms.of(client)} if client is not None else {}
-    lines = _build_lines(
-        period=period,
-        messages=messages,
-        segments=segments,
-        cap=min(now, period.end),
-        terms=terms,
-        unbilled_only=unbilled_only,
-    )
-    lines.sort(key=lambda ln: (ln.started_at, str(ln.session_id)), reverse=True)
+    sessions = _scoped(period, now=now, user=user, mine=mine, client=client, ended_only=ended_only)
+    lines = lines_for_sessions(sessions, now=now, client=client, unbilled_only=unbilled_only)
+    lines.sort(key=lambda ln: (ln.started_at, str(ln.session_id), ln.terms.slug), reverse=True)
     return lines
-
-
-def sessions_in_period(period: Period) -> QuerySet:
-    """Sessions that can have time or messages in the period: started before its end, not ended before its start."""
-    return ChatSession.objects.filter(started_at__lt=period.end).filter(
-        Q(ended_at__isnull=True) | Q(ended_at__gte=period.start)
-    )
 
 
 def iter_billing_lines(
@@ -294,18 +403,11 @@ def iter_billing_lines(
     For exports of any size: memory holds one chunk of lines, not the whole period.
     """
     now = now or timezone.now()
-    cap = min(now, period.end)
-    sessions = sessions_in_period(period)
-    if user is not None:
-        sessions = visible_to(sessions, user=user, mine=mine, session_path="")
+    sessions = _scoped(period, now=now, user=user, mine=mine, client=client)
     ids = list(sessions.order_by("started_at", "session_id").values_list("session_id", flat=True))
-    terms = {client.pk: ClientTerms.of(client)} if client is not None else {}
     for i in range(0, len(ids), chunk):
-        part = ids[i : i + chunk]
-        messages, segments = _filtered(period, user=user, mine=mine, client=client, ended_only=False, session_ids=part)
-        lines = _build_lines(
-            period=period, messages=messages, segments=segments, cap=cap, terms=terms, unbilled_only=False
-        )
+        part = ChatSession.objects.filter(pk__in=ids[i : i + chunk])
+        lines = lines_for_sessions(part, now=now, client=client)
         lines.sort(key=lambda ln: (ln.started_at, str(ln.session_id), ln.terms.slug))
         yield from lines
 
@@ -316,8 +418,8 @@ def staff_report(*, period: Period, user, now=None) -> ReportData:
     Same figures as `report_for_period` (tested), without loading every line into Python.
     """
     if pg_reports.available():
-        rows, total = pg_reports.client_rows(period=period, now=now or timezone.now())
-        return ReportData(period=period, lines=[], rows=rows, total=total)
+        rows = pg_reports.client_rows(period=period, now=now or timezone.now())
+        return ReportData(period=period, lines=[], rows=rows, totals=currency_totals(rows))
     return report_for_period(period=period, user=user, now=now)
 
 
@@ -333,10 +435,10 @@ def report_csv_chunks(*, period: Period, user, mine: bool = False, client=None, 
 
 
 def report_for_period(*, period: Period, user, mine: bool = False, now=None) -> ReportData:
-    """The per-client report: one row per client, its total the sum of the rows."""
+    """The per-client report: one row per client, one total per currency, each the sum of its rows."""
     lines = billing_lines(period=period, user=user, mine=mine, now=now)
     rows = client_rows(lines)
-    return ReportData(period=period, lines=lines, rows=rows, total=grand_total(rows))
+    return ReportData(period=period, lines=lines, rows=rows, totals=currency_totals(rows))
 
 
 @dataclass
@@ -349,31 +451,39 @@ class ClientDrilldown:
 def client_drilldown(*, period: Period, client: ClientDomain, user, mine: bool = False, now=None) -> ClientDrilldown:
     """One client's period: its lines by consultant, by model, and by session."""
     now = now or timezone.now()
-    lines = billing_lines(period=period, user=user, mine=mine, client=client, now=now)
+    sessions = _scoped(period, now=now, user=user, mine=mine, client=client)
+    model_seconds: dict[str, int] = {}
+    lines = lines_for_sessions(sessions, now=now, client=client, model_seconds=model_seconds)
+    lines.sort(key=lambda ln: (ln.started_at, str(ln.session_id)), reverse=True)
     rows = client_rows(lines)
-    report = ReportData(period=period, lines=lines, rows=rows, total=grand_total(rows))
+    report = ReportData(period=period, lines=lines, rows=rows, totals=currency_totals(rows))
 
     by_model: dict[str, dict] = defaultdict(_new_slot)
-    _, segments = _filtered(period, user=user, mine=mine, client=client, ended_only=False)
-    cap = min(now, period.end)
-    for row in segments.values("model").annotate(clipped=Sum(clipped_duration(period.start, cap))).order_by():
-        by_model[row["model"]]["seconds"] += _seconds(row["clipped"])
-    messages = visible_to(messages_for_period(period.start, period.end).billed_to(client), user=user, mine=mine)
-    for agg in with_totals(messages.exclude(model=""), "model").order_by():
-        slot = by_model[agg["model"]]
-        slot["messages"] += agg["n_messages"]
-        slot["tokens"] += agg["n_tokens"] or 0
-        slot["cost"] += agg["cost"] or ZERO
-        slot["unpriced"] += agg["n_unpriced"]
+    for model, seconds in model_seconds.items():
+        by_model[model]["seconds"] += seconds
+    sources = [billable_messages()]
+    if any(ln.archived for ln in lines):
+        sources.append(ArchivedMessageCost.objects.all())
+    for source in sources:
+        qs = source.filter(session__in=sessions.values("pk"), domain=client).exclude(model="")
+        for agg in with_totals(qs, "model").order_by():
+            slot = by_model[agg["model"]]
+            slot["messages"] += agg["n_messages"]
+            slot["tokens"] += agg["n_tokens"] or 0
+            slot["cost"] += to_decimal(agg["cost"]) or ZERO
+            slot["unpriced"] += agg["n_unpriced"]
     models = [
-        {"model": name, **slot, "seconds": int(slot["seconds"])}
-        for name, slot in sorted(by_model.items(), key=lambda kv: (-kv[1]["cost"], kv[0]))
+        {"model": name, **slot} for name, slot in sorted(by_model.items(), key=lambda kv: (-kv[1]["cost"], kv[0]))
     ]
     return ClientDrilldown(report=report, consultants=consultant_rows(lines), models=models)
 
 
 def daily_cost(*, period: Period, user, mine: bool = False, client: ClientDomain | None = None, by: str = "domain_id"):
-    """LLM cost per local day and client (or model), for the stacked chart: {day: {key: Decimal}}."""
+    """Provider cost in USD per local day and client (or model), for the stacked chart: {day: {key: Decimal}}.
+
+    Usage over time by each call's own day, in the one currency every call is stored in; the
+    billed amounts in each client's currency are in the tables.
+    """
     qs = visible_to(messages_for_period(period.start, period.end), user=user, mine=mine)
     if client is not None:
         qs = qs.billed_to(client)
@@ -388,8 +498,52 @@ def daily_cost(*, period: Period, user, mine: bool = False, client: ClientDomain
         day = row["day"]
         if isinstance(day, dt.datetime):
             day = day.date()
-        out[day][row[by]] = (out[day].get(row[by]) or ZERO) + (row["cost"] or ZERO)
+        out[day][row[by]] = (out[day].get(row[by]) or ZERO) + (to_decimal(row["cost"]) or ZERO)
     return out
+
+
+# --- The chat page's billing panel ---------------------------------------------------------
+
+
+def chat_billing(*, session: ChatSession, clients, now: dt.datetime | None = None) -> dict:
+    """What the chat page shows about billing: each client's increment and this session's time
+    for it so far with how it rounds, and the current client's budget (for `billing.js`).
+
+    Seconds are cut as the reports cut them; the page advances the current client's seconds
+    with its own clock between refreshes.
+    """
+    from billing import budgets
+    from billing.reports import billable_minutes
+
+    now = now or timezone.now()
+    info = {session.pk: {"started_at": session.started_at, "ended_at": session.ended_at}}
+    rows = session.segments.order_by("session_id", "started_at", "id").values_list(
+        "session_id", "domain_id", "model", "started_at", "ended_at"
+    )
+    seconds: dict = {}
+    for _sid, client_id, _model, part in segment_seconds(rows, info, now):
+        seconds[client_id] = seconds.get(client_id, 0) + part
+    known = {c.pk: c for c in clients} | {session.domain_id: session.domain}
+    _clients, terms, _rates = price_books(known)
+    out = {}
+    for client_id, client in known.items():
+        t = terms.at(client_id, now)
+        spent = seconds.get(client_id, 0)
+        out[client.slug] = {
+            "name": client.name,
+            "currency": client.currency,
+            "increment": t.billing_increment_minutes,
+            "seconds": spent,
+            "billed_minutes": billable_minutes(spent, t.billing_increment_minutes),
+        }
+    state = budgets.budget_state(client_id=session.domain_id, now=now, with_hours=True)
+    return {
+        "client": session.domain.slug,
+        "clients": out,
+        "budget": state.as_dict() if state is not None else None,
+        "server_now": now.isoformat(),
+        "url": f"/reports/chat/{session.pk}/billing.json",
+    }
 
 
 # --- Monitoring ---------------------------------------------------------------------------
@@ -444,7 +598,7 @@ def context_carry_stats(*, period: Period) -> dict:
     return {
         "sessions": sessions["total"],
         "carried": sessions["carried"],
-        "share_percent": share.quantize(Decimal("0.1")),
+        "share_percent": quantize(share, 1),
         "streams": sum(r["n"] for r in by_reason),
         "by_reason": by_reason,
     }

@@ -1,4 +1,9 @@
-"""Keep the per-Host brand cache honest: a saved or deleted client or brand forgets it."""
+"""Keep the per-Host brand cache honest, and record a client's new terms with their date.
+
+A saved or deleted client or brand forgets the per-Host brand cache. A client whose rate,
+markup or increment changed gets a dated `ClientTerms` row (`billing.rates`), so past work
+keeps the terms it was done at; its currency is fixed once an invoice was issued in it.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,14 @@ from django.db.models.signals import post_delete, post_save, pre_save
 from django.dispatch import receiver
 
 from billing.branding import forget_hosts
-from billing.models import Brand, ClientDomain
+from billing.budgets import budgets_changed
+from billing.models import Brand, ClientBudget, ClientDomain, ClientTerms, ExchangeRate, Invoice, InvoiceStatus
+from billing.rates import TERMS_FIELDS, RecordLocked, client_terms_record
+
+ERR_CURRENCY_FIXED = (
+    "{client} has issued invoices in {currency}; its currency can no longer change "
+    "(create a new client for work billed in {new})."
+)
 
 
 @receiver(pre_save, sender=ClientDomain, dispatch_uid="billing.client_remember_old_host")
@@ -14,14 +26,31 @@ def client_remember_old_host(sender, instance: ClientDomain, raw=False, **kwargs
     # A renamed hostname must drop the old name's cache entry too, not only the new one's.
     if raw or instance._state.adding:
         instance._previous_hostname = None
+        instance._previous_terms = None
         return
-    instance._previous_hostname = ClientDomain.objects.filter(pk=instance.pk).values_list("hostname", flat=True).first()
+    old = ClientDomain.objects.filter(pk=instance.pk).values("hostname", "currency", *TERMS_FIELDS).first() or {}
+    instance._previous_hostname = old.get("hostname")
+    instance._previous_terms = {name: old[name] for name in TERMS_FIELDS} if old else None
+    if old and old["currency"] != instance.currency:
+        issued = Invoice.objects.filter(client_id=instance.pk, status__in=(InvoiceStatus.ISSUED, InvoiceStatus.VOID))
+        if issued.exists():
+            raise RecordLocked(
+                ERR_CURRENCY_FIXED.format(client=instance.name, currency=old["currency"], new=instance.currency)
+            )
 
 
 @receiver(post_save, sender=ClientDomain, dispatch_uid="billing.client_saved_forget_host")
 @receiver(post_delete, sender=ClientDomain, dispatch_uid="billing.client_deleted_forget_host")
 def client_changed(sender, instance: ClientDomain, **kwargs) -> None:
     forget_hosts(instance.hostname, getattr(instance, "_previous_hostname", None))
+
+
+@receiver(post_save, sender=ClientDomain, dispatch_uid="billing.client_saved_record_terms")
+def client_terms_changed(sender, instance: ClientDomain, created=False, raw=False, **kwargs) -> None:
+    previous = getattr(instance, "_previous_terms", None)
+    if raw or created or previous is None:
+        return
+    client_terms_record(client=instance, previous=previous)
 
 
 @receiver(pre_save, sender=Brand, dispatch_uid="billing.brand_remember_old_client")
@@ -38,3 +67,10 @@ def brand_changed(sender, instance: Brand, **kwargs) -> None:
     client_ids = {instance.client_id, getattr(instance, "_previous_client_id", None)} - {None}
     hosts = ClientDomain.objects.filter(pk__in=client_ids).exclude(hostname=None).values_list("hostname", flat=True)
     forget_hosts(*hosts)
+
+
+# The budget check caches budgets, clients, terms and rates per process: any change to them
+# bumps the shared version, so every process reloads before its next check.
+for _model in (ClientBudget, ClientDomain, ClientTerms, ExchangeRate):
+    post_save.connect(budgets_changed, sender=_model, dispatch_uid=f"billing.budgets_changed_save_{_model.__name__}")
+    post_delete.connect(budgets_changed, sender=_model, dispatch_uid=f"billing.budgets_changed_del_{_model.__name__}")

@@ -14,17 +14,18 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.views import redirect_to_login
 from django.core.exceptions import PermissionDenied
-from django.http import HttpResponse
+from django.http import HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.http import urlencode
 from django.views.decorators.http import require_GET, require_POST
 
-from billing import charts, csv_export, selectors
-from billing.models import ClientDomain, Invoice, InvoiceStatus
+from billing import budgets, charts, csv_export, selectors
+from billing.models import ClientDomain, ExchangeRate, Invoice
+from billing.money import format_money, format_plain
 from billing.reports import PERIOD_CHOICES, ROUNDING_RULE, PeriodError, parse_tz, period_from
-from billing.services import ERR_NOT_ISSUED, BillingError, billing_tz, invoice_create_draft
+from billing.services import ERR_NOT_ISSUED, BillingError, billing_tz, invoice_create_draft, invoice_summary_text
 
 DRILLDOWN_SESSION_LIMIT = 500
 
@@ -90,19 +91,22 @@ def _report_csv(request, period, filename: str, *, client=None, mine: bool = Fal
 
 
 def _client_charts(rows) -> dict:
+    # Bars share one scale, so they show what the providers charged, in the one currency it is
+    # stored in (USD); each label adds what is billed for it in the client's own currency.
     cost = [
         charts.Bar(
             r.label,
-            r.totals.llm_cost + r.totals.markup,
-            f"{r.terms.currency} {r.totals.llm_cost + r.totals.markup:.2f}",
+            r.totals.llm_cost_raw,
+            f"{format_money(r.totals.llm_cost_raw, 'USD')} → billed {format_money(r.totals.llm_amount, r.currency)}",
         )
         for r in rows
     ]
-    hours = [charts.Bar(r.label, r.totals.billable_hours, f"{r.totals.billable_hours:.2f} h") for r in rows]
+    hours = [charts.Bar(r.label, r.totals.billable_hours, f"{format_plain(r.totals.billable_hours)} h") for r in rows]
     return {
         "cost_chart": charts.bar_chart(
-            title="LLM cost per client",
-            desc="Horizontal bars: LLM cost including markup for each client in the period. The table below has the same figures.",
+            title="Provider cost per client (USD)",
+            desc="Horizontal bars: what the providers charged for each client's calls in the period, in USD; "
+            "each label adds the LLM amount billed with markup in the client's currency, as in the table below.",
             bars=cost,
             colour=charts.PALETTE[0],
         ),
@@ -117,11 +121,12 @@ def _client_charts(rows) -> dict:
 
 def _daily_chart(period, daily, names, what: str):
     return charts.stacked_daily_chart(
-        title=f"LLM cost per day by {what}",
-        desc=f"One column per day from {period.first_day} to {period.last_day} ({period.tz.key}), stacked by {what}; "
-        "hover a column for its figures.",
+        title=f"Provider cost per day by {what} (USD)",
+        desc=f"One column per day from {period.first_day} to {period.last_day} ({period.tz.key}), stacked by {what}: "
+        "what each day's calls cost in USD, by the call's own day; hover a column for its figures.",
         days=period.days,
         series=charts.top_series(daily, names),
+        currency="USD",
     )
 
 
@@ -184,6 +189,9 @@ def client_report(request, slug: str):
         "csv_url": _csv_url(request),
         "daily_chart": _daily_chart(period, daily, {}, "model"),
         "invoices": Invoice.objects.filter(client=client).order_by("-created_at")[:10],
+        "rate_now": ExchangeRate.objects.filter(currency=client.currency, effective_from__lte=timezone.now())
+        .order_by("-effective_from")
+        .first(),
         "billing_tz": settings.TIME_ZONE,
         "session_admin": reverse("admin:sessions_app_chatsession_changelist"),
     }
@@ -212,8 +220,8 @@ def client_invoice_draft(request, slug: str):
         return redirect(
             f"{back}?{urlencode({'period': 'custom', 'start': request.POST.get('start', ''), 'end': request.POST.get('end', '')})}"
         )
-    messages.success(request, f"Draft invoice created for {client.name}: {invoice.total} {invoice.currency}.")
-    return redirect(reverse("admin:billing_invoice_change", args=[invoice.pk]))
+    messages.success(request, f"Drafted {invoice_summary_text(invoice)}. Check it, then issue it.")
+    return redirect(reverse("billing:invoice", args=[invoice.pk]))
 
 
 @require_GET
@@ -244,10 +252,11 @@ def monitoring(request):
             title="LLM cost per client (raw, before markup)",
             desc="Horizontal bars: the summed cost of billable messages per client in the period.",
             bars=[
-                charts.Bar(r["domain__name"], r["cost"] or Decimal(0), f"{(r['cost'] or Decimal(0)):.2f}")
+                charts.Bar(r["domain__name"], r["cost"] or Decimal(0), format_money(r["cost"] or Decimal(0), "USD"))
                 for r in per_client
             ],
         ),
+        "budgets": budgets.budget_overview(now=now),
         "stuck": list(selectors.stuck_sessions(now=now)[: selectors.STUCK_LIMIT]),
         "idle_timeout": settings.SESSION_IDLE_TIMEOUT,
         "turn_stale": int(selectors.turn_stale_after().total_seconds()),
@@ -285,8 +294,25 @@ def my_report(request):
 def invoice_csv(request, pk):
     """An issued invoice as CSV: one row per invoice line."""
     invoice = get_object_or_404(Invoice.objects.select_related("client"), pk=pk)
-    if invoice.status != InvoiceStatus.ISSUED:
+    if invoice.number is None:  # a draft; issued, void and credit notes export
         return HttpResponse(ERR_NOT_ISSUED, status=409, content_type="text/plain; charset=utf-8")
     return csv_export.csv_response(
         request, f"{invoice.number}.csv", csv_export.INVOICE_HEADER, csv_export.invoice_rows(invoice, billing_tz())
     )
+
+
+@require_GET
+@login_required
+def chat_billing_json(request, session_id):
+    """The chat page's billing panel, refreshed after each answer: the session's owner (or staff) only."""
+    from sessions_app.errors import NotFound
+    from sessions_app.selectors import session_get_for_user
+
+    try:
+        session = session_get_for_user(session_id=session_id, user=request.user)
+    except NotFound as exc:
+        return JsonResponse(exc.as_dict(), status=404)
+    clients = ClientDomain.objects.open_to(request.user).active()
+    response = JsonResponse(selectors.chat_billing(session=session, clients=clients))
+    response["Cache-Control"] = "no-store"
+    return response

@@ -372,6 +372,26 @@ ANTHROPIC_MAX_TOKENS = env_int("ANTHROPIC_MAX_TOKENS", 4096, minimum=1)
 # Set by `make run` when it started the bundled simulator because no Ollama answered.
 PROVIDER_SIMULATOR = env_bool("PROVIDER_SIMULATOR", False)
 
+# --- Email and budgets ------------------------------------------------------------------
+# Django's email backend from one URL (django-environ): smtp://user:password@host:587 (or
+# smtp+tls://, smtp+ssl://), consolemail:// (print to the terminal), dummymail:// (drop).
+EMAIL_URL = os.environ.get("EMAIL_URL", "").strip() or ("consolemail://" if DEBUG else "smtp://localhost:25")
+try:
+    vars().update(environ.Env.email_url_config(EMAIL_URL))
+except (KeyError, ValueError):
+    raise ImproperlyConfigured(
+        f"EMAIL_URL must look like smtp://host:port or consolemail://, got {_redacted(EMAIL_URL)!r}"
+    ) from None
+DEFAULT_FROM_EMAIL = os.environ.get("DEFAULT_FROM_EMAIL", "").strip() or "billing@localhost"
+# The firm that sends invoices, printed at their head: lines separated by ";".
+INVOICE_ISSUER = os.environ.get("INVOICE_ISSUER", "").strip() or "Billable Sessions"
+# Who gets the budget warnings (80 % and 100 % of a client's monthly budget); empty: every
+# active staff member with an email address.
+BUDGET_ALERT_EMAILS = env.list("BUDGET_ALERT_EMAILS", default=[])
+for _address in BUDGET_ALERT_EMAILS:
+    if "@" not in _address:
+        raise ImproperlyConfigured(f"BUDGET_ALERT_EMAILS must list email addresses, got {_address!r}")
+
 # --- Sessions ---------------------------------------------------------------------------
 SESSION_IDLE_TIMEOUT = env_int("SESSION_IDLE_TIMEOUT", 1800, minimum=1)  # seconds
 CHAT_MAX_MESSAGE_CHARS = env_int("CHAT_MAX_MESSAGE_CHARS", 32_000, minimum=1)

@@ -81,8 +81,9 @@ class AnthropicAdapter(ProviderAdapter):
         }
         if system:
             params["system"] = system
-        if options.temperature is not None:
-            params["temperature"] = min(max(options.temperature, 0.0), 1.0)  # Anthropic's range is 0..1
+        # No `temperature`: the pinned SDK's `messages.create` has no such parameter and raises
+        # TypeError before any request (it broke context summaries on Anthropic models). A caller's
+        # temperature is a preference, not a requirement, so Anthropic calls use the model's default.
         if options.extra:
             params["extra_body"] = dict(options.extra)
         parts: list[str] = []

@@ -17,7 +17,7 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
 
-from billing.admin import ChoiceFilter, ReadOnlyAdminMixin, money
+from billing.admin import ChoiceFilter, ReadOnlyAdminMixin, cost_with_flag, money, session_billing
 from billing.admin_actions import end_sessions, export_sessions_csv, verify_integrity
 from billing.models import ClientDomain, Provider
 from sessions_app.admin_layout import WideChangelist
@@ -294,6 +294,9 @@ class ChatSessionAdmin(WideChangelist, admin.ModelAdmin):
         # A session is started by a consultant (web, API, terminal, gateway), never typed in.
         return False
 
+    def get_queryset(self, request):
+        return session_billing.annotate(super().get_queryset(request))
+
     def get_readonly_fields(self, request, obj=None):
         fields = list(self.readonly_fields)
         if obj is not None and obj.is_locked:
@@ -307,9 +310,7 @@ class ChatSessionAdmin(WideChangelist, admin.ModelAdmin):
 
     @admin.display(description="Billing")
     def billing(self, obj: ChatSession) -> str:
-        if obj.is_locked:
-            return format_html("🔒 {}", obj.invoice.number)
-        return "unbilled"
+        return session_billing.column(obj)  # each client's part with the invoice that billed it
 
     @admin.display(description="Branch of", ordering="parent__name")
     def lineage(self, obj: ChatSession) -> str:
@@ -367,7 +368,7 @@ class ChatSessionAdmin(WideChangelist, admin.ModelAdmin):
 
     @admin.display(description="Cost (USD)", ordering="estimated_cost_usd")
     def cost(self, obj: ChatSession) -> str:
-        return money(obj.estimated_cost_usd)
+        return cost_with_flag(obj.estimated_cost_usd, session_billing.has_unpriced(obj))
 
     @admin.display(description="Seal")
     def seal(self, obj: ChatSession) -> str:

@@ -5,7 +5,9 @@ messages move into `ChatSession.archive_blob` (zlib-compressed JSON, every field
 including ids, hashes and the usage rows that pointed at each message) and `archived_at`
 is set. `archive_restore` re-creates the very same rows. Nothing is deleted that cannot be
 put back, and sessions on an invoice are never archived: their messages stay where billing
-can see them.
+can see them. What billing needs of each billable message (client, time, tokens, cost) stays
+in the hot database as a `billing.ArchivedMessageCost` row, so archiving never removes anything
+from reports or future invoices.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from django.db.models import Exists, OuterRef, QuerySet
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
-from billing.models import ClientDomain, LLMUsage
+from billing.models import ArchivedMessageCost, ClientDomain, LLMUsage
 from sessions_app.errors import BadInput
 from sessions_app.models import ChatSession, SessionMessage, SessionStatus
 
@@ -187,6 +189,20 @@ def session_archive(*, session_id) -> tuple[int, int, int]:
         records = [_message_record(m, usage_by_message.get(m.message_id, [])) for m in messages]
         raw_size = len(json.dumps(records, ensure_ascii=False).encode())
         blob = _pack(records)
+        ArchivedMessageCost.objects.bulk_create(
+            ArchivedMessageCost(
+                session=session,
+                domain_id=m.domain_id,
+                seq=m.seq,
+                role=m.role,
+                timestamp=m.timestamp,
+                model=m.model,
+                tokens=m.tokens,
+                cost_usd=m.cost_usd,
+            )
+            for m in messages
+            if m.copied_from_id is None and not m.is_imported
+        )
         # Deleting the rows sets the usage rows' message link to NULL; the blob keeps it.
         session.messages.all().delete()
         session.archive_blob = blob
@@ -220,6 +236,7 @@ def session_restore(*, session_id) -> int:
         records = unpack_archive(session.archive_blob)
         messages = [_message_from_record(session, record) for record in records]
         SessionMessage.objects.bulk_create(messages)
+        ArchivedMessageCost.objects.filter(session=session).delete()  # the messages bill again
         for record in records:
             if record["usage_ids"]:
                 LLMUsage.objects.filter(id__in=record["usage_ids"], message__isnull=True).update(

@@ -18,6 +18,7 @@ from django.db.models import Avg, Count, F, Func, Min, Q, QuerySet, Sum
 from django.utils.html import escape
 from django.utils.safestring import SafeString, mark_safe
 
+from billing.money import api_amount
 from sessions_app.errors import BadInput, NotFound
 from sessions_app.models import ChatSession, SessionMessage
 
@@ -36,11 +37,7 @@ _START, _STOP = "\ue000", "\ue001"
 _SNIPPET_BEFORE, _SNIPPET_AFTER = 60, 140
 
 
-def money(value: Decimal | None) -> str | None:
-    """Money leaves the system as a string with six decimals."""
-    if value is None:
-        return None
-    return f"{Decimal(value):.6f}"
+money = api_amount  # six decimals, as every API shape
 
 
 # --- Short ids ------------------------------------------------------------------------------
@@ -322,6 +319,16 @@ def sessions_stats(*, user, client: str | None = None) -> dict:
         average=Avg("total_messages"),
     )
     count = totals["sessions"] or 0
+    # Calls with no known price are left out of the cost: counted, so a total never reads as complete.
+    unpriced = dict(
+        SessionMessage.objects.billable()
+        .filter(session__in=sessions.values("pk"), cost_usd__isnull=True)
+        .exclude(role="user")
+        .values("session__domain__slug")
+        .annotate(n=Count("pk"))
+        .values_list("session__domain__slug", "n")
+        .order_by()
+    )
     per_client = (
         sessions.values("domain__slug", "domain__name")
         .annotate(
@@ -341,6 +348,7 @@ def sessions_stats(*, user, client: str | None = None) -> dict:
         "average_messages_per_session": round(float(totals["average"] or 0), 2),
         "tokens": totals["tokens"] or 0,
         "cost_usd": money(totals["cost"] or Decimal(0)),
+        "unpriced_calls": sum(unpriced.values()),
         "oldest_session": _session_brief(sessions.order_by("started_at").first()),
         "most_active_session": _session_brief(
             sessions.filter(total_messages__gt=0).order_by("-total_messages", "-last_activity_at").first()
@@ -354,6 +362,7 @@ def sessions_stats(*, user, client: str | None = None) -> dict:
                 "average_messages_per_session": round((row["messages"] or 0) / row["sessions"], 2),
                 "tokens": row["tokens"] or 0,
                 "cost_usd": money(row["cost"] or Decimal(0)),
+                "unpriced_calls": unpriced.get(row["domain__slug"], 0),
                 "first_session_at": row["first"].isoformat(),
             }
             for row in per_client

@@ -23,6 +23,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from django.conf import settings
 
+from billing.money import api_amount
+
 GENESIS = "0" * 64
 SEAL_VERSION = 1
 ALGORITHM = "Ed25519"
@@ -39,9 +41,7 @@ def canonical_time(value: datetime | None) -> str | None:
 
 
 def canonical_money(value: Decimal | None) -> str | None:
-    if value is None:
-        return None
-    return f"{Decimal(value):.6f}"
+    return api_amount(value)
 
 
 def canonical_json(data: Any) -> bytes:

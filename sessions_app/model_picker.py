@@ -15,9 +15,9 @@ from django.conf import settings
 from django.utils import timezone
 
 from billing.models import ModelAlias, ModelPrice, Provider
+from billing.money import format_cost
 from providers.base import ModelInfo
 from providers.naming import PROVIDERS, parse_model
-from sessions_app.templatetags.session_tags import usd
 
 FREE_LABEL = "free, runs locally"
 
@@ -46,10 +46,8 @@ class ModelOption:
 
 
 def per_million(value: Decimal) -> str:
-    """A price per million tokens: cents at least, every significant digit kept ($0.075, not $0.08)."""
-    exponent = Decimal(value).normalize().as_tuple().exponent
-    places = max(2, -exponent if isinstance(exponent, int) else 2)
-    return usd(value, places)
+    """A price per million tokens: cents at least, every significant digit kept (0.075 USD, not 0.08)."""
+    return format_cost(value, "USD")
 
 
 def provider_label(provider: str) -> str:

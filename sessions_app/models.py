@@ -152,6 +152,8 @@ class ChatSession(models.Model):
             models.Index(fields=["user", "started_at"], name="session_user_start_idx"),
             models.Index(fields=["status", "last_activity_at"], name="session_status_activity_idx"),
             models.Index(fields=["domain", "started_at"], name="session_client_start_idx"),
+            # Reports bill a session in the period where it ended.
+            models.Index(fields=["ended_at"], name="session_ended_idx"),
         ]
 
     def __str__(self) -> str:

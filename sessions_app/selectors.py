@@ -13,7 +13,9 @@ from django.contrib.auth import get_user_model
 from django.db.models import Q, QuerySet
 from django.utils import timezone
 
-from billing.models import ClientDomain
+from billing.models import ClientDomain, InvoiceLine
+from billing.money import api_amount
+from billing.reports import allocate_seconds  # one rule: the reports cut seconds the same way
 from sessions_app import integrity
 from sessions_app.errors import NOT_OWNER, SESSION_NOT_FOUND, BadInput, NotFound, NotOwner
 from sessions_app.models import (
@@ -31,11 +33,8 @@ BAD_HIDDEN = "'hidden' must be one of exclude, include, only."
 ZERO = Decimal("0")
 
 
-def money(value: Decimal | None) -> str | None:
-    """Money leaves the system as a string with six decimals (no rounding beyond storage)."""
-    if value is None:
-        return None
-    return f"{Decimal(value):.6f}"
+# Money leaves the API as a string with six decimals (no rounding beyond storage).
+money = api_amount
 
 
 def iso(value: datetime | None) -> str | None:
@@ -198,22 +197,6 @@ def stream_as_dict(stream: ContextStream) -> dict[str, Any]:
     }
 
 
-def allocate_seconds(boundaries: list[tuple[datetime, datetime]], origin: datetime) -> list[int]:
-    """Whole seconds per span, cut at cumulative boundaries so they sum to the floor of the total.
-
-    Rounding each span alone can gain or lose a second; flooring the running total at each
-    boundary and taking differences cannot.
-    """
-    out: list[int] = []
-    previous = 0
-    for _start, stop in boundaries:
-        cumulative = int((stop - origin).total_seconds() // 1)
-        cumulative = max(cumulative, previous)
-        out.append(cumulative - previous)
-        previous = cumulative
-    return out
-
-
 @dataclass
 class SessionRows:
     """A session's own rows, each read once by an index on the session: what a summary and a
@@ -263,20 +246,26 @@ def session_summary(*, session: ChatSession, rows: SessionRows | None = None) ->
     seconds = _client_seconds(session, rows.segments)
 
     by_client: OrderedDict = OrderedDict(
-        (pk, {"seconds": s, "messages": 0, "tokens": 0, "cost": ZERO}) for pk, s in seconds.items()
+        (pk, {"seconds": s, "messages": 0, "tokens": 0, "cost": ZERO, "unpriced": 0}) for pk, s in seconds.items()
     )
     by_model: OrderedDict = OrderedDict()
     for message in rows.messages:
         billable = message.copied_from_id is None and not message.is_imported
-        row = by_client.setdefault(message.domain_id, {"seconds": 0, "messages": 0, "tokens": 0, "cost": ZERO})
+        row = by_client.setdefault(
+            message.domain_id, {"seconds": 0, "messages": 0, "tokens": 0, "cost": ZERO, "unpriced": 0}
+        )
         model_row = by_model.setdefault(
-            message.model or session.current_model, {"messages": 0, "tokens": 0, "cost": ZERO}
+            message.model or session.current_model, {"messages": 0, "tokens": 0, "cost": ZERO, "unpriced": 0}
         )
         for bucket in (row, model_row):
             bucket["messages"] += 1
             if billable:
                 bucket["tokens"] += message.tokens
                 bucket["cost"] += message.cost_usd or ZERO
+                # A call with no known price is never shown as free: counted and flagged.
+                bucket["unpriced"] += int(message.cost_usd is None and message.role != "user")
+    # Each client's part names the invoice that billed it (issued, not voided), if any.
+    invoices = dict(InvoiceLine.objects.billed().filter(session=session).values_list("client_id", "invoice__number"))
 
     valid, detail = integrity.session_integrity(
         session, messages=rows.messages, segments=rows.segments, streams=rows.streams
@@ -290,13 +279,22 @@ def session_summary(*, session: ChatSession, rows: SessionRows | None = None) ->
                 "messages": row["messages"],
                 "tokens": row["tokens"],
                 "cost_usd": money(row["cost"]),
+                "unpriced_calls": row["unpriced"],
+                "invoice": invoices.get(pk),
             }
             for pk, row in by_client.items()
         ],
         "by_model": [
-            {"model": model, "messages": row["messages"], "tokens": row["tokens"], "cost_usd": money(row["cost"])}
+            {
+                "model": model,
+                "messages": row["messages"],
+                "tokens": row["tokens"],
+                "cost_usd": money(row["cost"]),
+                "unpriced_calls": row["unpriced"],
+            }
             for model, row in by_model.items()
         ],
+        "unpriced_calls": sum(row["unpriced"] for row in by_client.values()),
         "context_streams": [stream_as_dict(stream) for stream in rows.streams],
         "integrity": {"valid": valid, "detail": detail},
         "participants": session_participants(session=session, messages=rows.messages),

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from decimal import Decimal
 
 from django.utils import timezone
 from django.utils.text import slugify
 
+from billing.money import format_cost
 from sessions_app import selectors
 from sessions_app.models import ChatSession, SessionMessage
 from sessions_app.templatetags.session_tags import format_duration
@@ -61,7 +61,7 @@ def _when(value: datetime | None, fmt: str = "%Y-%m-%d %H:%M:%S") -> str:
 
 
 def _usd(value) -> str:
-    return "price unknown" if value is None else f"${Decimal(value):,.6f}"
+    return format_cost(value, "USD")
 
 
 def _quote(text: str) -> str:

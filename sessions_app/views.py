@@ -13,6 +13,7 @@ from django.utils import timezone
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
+from billing import selectors as billing_selectors
 from billing.models import ClientDomain
 from sessions_app import selectors, services
 from sessions_app.errors import SESSION_NOT_FOUND, NotFound, SessionError
@@ -33,6 +34,7 @@ def home(request: HttpRequest) -> HttpResponse:
         .select_related("domain", "user")
         .order_by("-started_at")
     )
+    sessions = billing_selectors.with_unpriced_flag(sessions)  # a total missing unknown prices says so
     page = Paginator(sessions, HOME_PAGE_SIZE).get_page(request.GET.get("page"))
     rows = list(page.object_list)
     context = {
@@ -78,7 +80,7 @@ def session_list_page(request: HttpRequest) -> HttpResponse:
             end=end,
             hidden=hidden,
         )
-    sessions = sessions.select_related("user")
+    sessions = billing_selectors.with_unpriced_flag(sessions.select_related("user"))
     page = Paginator(sessions, SESSION_PAGE_SIZE).get_page(request.GET.get("page"))
     query = request.GET.copy()
     query.pop("page", None)
@@ -163,6 +165,7 @@ def session_chat_page(request: HttpRequest, session_id) -> HttpResponse:
         "first_message": first_message,
         "shared": session.user_id != request.user.pk and not request.user.is_staff,
     }
+    context["billing"] = billing_selectors.chat_billing(session=session, clients=clients)  # budget, increments
     return render(request, "sessions_app/session_chat.html", context)
 
 

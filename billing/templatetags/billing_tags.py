@@ -3,36 +3,47 @@
 from __future__ import annotations
 
 import datetime as dt
-from decimal import Decimal
 
 from django import template
 from django.utils.http import urlencode
 
-from billing.reports import money_str
+from billing.money import format_cost, format_money, format_plain, format_rate
 from sessions_app.models import StreamReason
 
 register = template.Library()
 
 
 @register.filter
-def money(value) -> str:
-    """Two decimals, half up: "1234.50"."""
+def money(value, currency: str = "USD") -> str:
+    """A total or line in cents with its currency: `{{ x|money:client.currency }}` → "1,234.50 EUR"."""
     if value is None or value == "":
         return "—"
-    return money_str(Decimal(value))
+    return format_money(value, currency)
 
 
 @register.filter
-def money6(value) -> str:
-    """A raw cost as stored (six decimals), for breakdowns that are not billed as shown."""
-    if value is None:
+def cost(value, currency: str = "USD") -> str:
+    """A raw cost with the decimals it needs and its currency ("0.000125 USD"), for breakdowns."""
+    if value is None or value == "":
         return "—"
-    return f"{Decimal(value):.6f}"
+    return format_cost(value, currency)
+
+
+@register.filter
+def figure(value) -> str:
+    """A plain two-decimal figure for a column whose header names the currency ("1,234.50")."""
+    return format_plain(value, 2)
+
+
+@register.filter
+def rate_text(value) -> str:
+    """An exchange rate as stored, trailing zeros dropped ("0.9231")."""
+    return format_rate(value)
 
 
 @register.filter
 def hours2(value) -> str:
-    return f"{Decimal(value or 0):.2f}"
+    return format_plain(value or 0, 2)
 
 
 @register.filter

@@ -47,7 +47,9 @@ def test_draft_lines_come_from_the_report_math(staff, client_acme, march_work):
     kick_off = [line for line in lines if line.session_id == march_work[0].pk]
     assert [(line.kind, line.quantity, line.amount) for line in kick_off] == [
         ("time", Decimal("0.2000"), Decimal("30.00")),  # 6:01 → 12 minutes at 150/h
-        ("llm", Decimal("1.0000"), Decimal("0.13")),  # 0.1301 → 0.13
+        # Issue 14: an LLM line's quantity is the USD provider cost and its unit price the exchange
+        # rate it used (1 for a USD client), so quantity × unit price is the amount.
+        ("llm", Decimal("0.130100"), Decimal("0.13")),  # 0.1301 → 0.13
     ]
     unpriced = [line for line in lines if line.session_id == march_work[2].pk and line.kind == "llm"]
     assert "unknown price" in unpriced[0].description
@@ -97,7 +99,13 @@ def test_a_locked_session_refuses_changes_to_billed_fields(staff, client_acme, m
 @pytest.mark.django_db
 def test_a_session_is_never_billed_twice(staff, client_acme, march_work):
     draft_a = invoice_create_draft(client=client_acme, user=staff, **MARCH)
-    draft_b = invoice_create_draft(client=client_acme, user=staff, **MARCH)
+    # Issue 14: a second draft for the same dates is refused, naming the first.
+    with pytest.raises(BillingError, match="already has a draft for 2026-03-01 – 2026-03-31"):
+        invoice_create_draft(client=client_acme, user=staff, **MARCH)
+    # A draft for April takes up every unbilled part that ended before April's end: March's too.
+    draft_b = invoice_create_draft(
+        client=client_acme, user=staff, period_start=dt.date(2026, 4, 1), period_end=dt.date(2026, 4, 30)
+    )
     invoice_issue(invoice=draft_a, user=staff)
     with pytest.raises(BillingError) as refused:
         invoice_issue(invoice=draft_b, user=staff)
@@ -115,7 +123,11 @@ def test_active_sessions_wait_for_a_later_invoice(staff, owner, client_acme):
     ended = work(user=owner, client=client_acme, start=at(2), seconds=600)
     active = work(user=owner, client=client_acme, start=at(3), ended=False)
     invoice = invoice_create_draft(client=client_acme, user=staff, **MARCH)
-    assert set(invoice.lines.values_list("session_id", flat=True)) == {ended.pk}
+    billed = invoice.lines.filter(kind__in=InvoiceLine.BILLED_KINDS)
+    assert set(billed.values_list("session_id", flat=True)) == {ended.pk}
+    # Issue 14: the running session is listed as pending (amount 0), never silently dropped.
+    pending = invoice.lines.get(kind=InvoiceLine.Kind.PENDING)
+    assert (pending.session_id, pending.amount) == (active.pk, Decimal("0"))
     active.refresh_from_db()
     assert active.invoice_id is None
 

@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from billing import csv_export, pg_reports
 from billing.models import SessionMessageTotals
-from billing.reports import PERIOD_CUSTOM, Period
+from billing.reports import PERIOD_CUSTOM, Period, grand_total
 from billing.selectors import iter_billing_lines, report_for_period
 from billing.services import invoice_create_draft, invoice_issue
 from billing.tests.helpers import NY, at, march, work
@@ -65,7 +65,8 @@ def awkward_month(owner, colleague, staff, client_acme, client_globex):
 def test_sql_client_rows_equal_the_python_report(staff, awkward_month):
     now = timezone.now()
     reference = report_for_period(period=march(), user=staff, now=now)
-    rows, total = pg_reports.client_rows(period=march(), now=now)
+    rows = pg_reports.client_rows(period=march(), now=now)
+    total = grand_total(rows)
     fields = ("sessions", "seconds", "billable_minutes", "messages", "tokens", "llm_cost_raw", "unpriced",
               "open_sessions", "time_amount", "llm_cost", "markup", "total")  # fmt: skip
     assert [r.key for r in rows] == [r.key for r in reference.rows]
@@ -118,7 +119,8 @@ def test_sql_csv_for_one_client_matches_the_drilldown_lines(staff, client_acme, 
 @pytest.mark.django_db
 def test_sql_paths_handle_an_empty_period(staff):
     UserFactory(username="nobody")
-    rows, total = pg_reports.client_rows(period=march(), now=timezone.now())
+    rows = pg_reports.client_rows(period=march(), now=timezone.now())
+    total = grand_total(rows)
     assert rows == [] and total.total == 0
     assert list(pg_reports.csv_lines(period=march(), now=timezone.now())) == []
 
@@ -250,8 +252,13 @@ def test_rebuilt_message_totals_equal_the_kept_ones(awkward_month):
 
 @pytest.mark.django_db
 @pytest.mark.parametrize("moved", [False, True])
-def test_sessions_across_the_period_edges_count_only_their_messages_inside(staff, owner, client_acme, moved):
-    """A (session, client) whose messages straddle the period's start or end is summed from its messages."""
+def test_sessions_across_the_period_edges_are_billed_whole_where_they_ended(staff, owner, client_acme, moved):
+    """Issue 14 changed this rule: a part is billed whole in the period where its session ended.
+
+    It used to be cut at the period's edges (its messages inside counted, the rest left to
+    the neighbouring period); now every message of a session that ended in March is March's,
+    wherever its timestamp lies, and none of one that ended in April.
+    """
     early = work(user=owner, client=client_acme, start=dt.datetime(2026, 2, 28, 23, 0, tzinfo=NY), seconds=7200)
     MessageFactory(session=early, seq=1, role="assistant", domain=client_acme, cost_usd=Decimal("1.11"),
                    timestamp=dt.datetime(2026, 2, 28, 23, 30, tzinfo=NY))  # fmt: skip
@@ -270,10 +277,10 @@ def test_sessions_across_the_period_edges_count_only_their_messages_inside(staff
         )
     now = timezone.now()
     reference = report_for_period(period=march(), user=staff, now=now)
-    _, total = pg_reports.client_rows(period=march(), now=now)
+    total = grand_total(pg_reports.client_rows(period=march(), now=now))
     fields = ("sessions", "seconds", "messages", "tokens", "llm_cost_raw", "unpriced", "llm_cost", "total")
     assert {f: getattr(total, f) for f in fields} == {f: getattr(reference.total, f) for f in fields}
-    assert total.messages == (2 if moved else 3) and total.unpriced == 1
+    assert total.messages == 3 and total.unpriced == 0  # early's two and the tenth's one; late is April's
     python = "".join(
         csv_export.stream_rows(
             csv_export.REPORT_HEADER,

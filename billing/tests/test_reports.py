@@ -10,6 +10,7 @@ from django.db.models import Sum
 
 from billing.reports import (
     ERR_DATES_ORDER,
+    Period,
     PeriodError,
     billable_minutes,
     money,
@@ -111,14 +112,36 @@ def test_markup_is_applied_to_llm_cost_and_rounded_half_up(owner):
 
 
 @pytest.mark.django_db
-def test_segments_are_clipped_to_the_period_and_open_ones_run_to_its_end(owner, client_acme):
-    # Starts 30 minutes before March (New York) and runs 1 h: 30 minutes fall in March.
+def test_a_session_is_billed_whole_in_the_period_where_it_ended_and_an_open_one_where_now_is(owner, client_acme):
+    # Issue 14 changed this rule: a session across a period's edge used to be clipped (and
+    # rounded) in each period, billing the increment twice. It is billed whole where it ended.
     start = dt.datetime(2026, 2, 28, 23, 30, tzinfo=NY)
     work(user=owner, client=client_acme, start=start, seconds=3600)
-    # An open segment on the last evening counts until the period's end (midnight).
+    # A session still running counts, as open, in the period that holds now (up to now).
     work(user=owner, client=client_acme, start=at(31, 23, 0), ended=False)
-    data = report_for_period(period=march(), user=_staff())
-    assert sorted(ln.seconds for ln in data.lines) == [1800, 3600]
+    data = report_for_period(period=march(), user=_staff(), now=at(31, 23, 40))
+    assert sorted(ln.seconds for ln in data.lines) == [2400, 3600]
+    assert data.total.open_sessions == 1
+    february = Period(kind="custom", first_day=dt.date(2026, 2, 1), last_day=dt.date(2026, 2, 28), tz=NY)
+    assert report_for_period(period=february, user=_staff(), now=at(31, 23, 40)).lines == []
+    # Once April has begun the running session belongs to April, not to March.
+    later = report_for_period(period=march(), user=_staff(), now=at(1, 9, month=4))
+    assert [ln.seconds for ln in later.lines] == [3600]
+
+
+@pytest.mark.django_db
+def test_adjacent_periods_add_up_to_their_union(owner, client_acme):
+    """Across midnight: two daily reports bill exactly what one report over both days bills."""
+    for minute in (41, 47, 53):  # 19–31 minutes each, ending after midnight
+        work(user=owner, client=client_acme, start=at(9, 23, minute), seconds=1861, costs=["0.333333", "0.004"])
+    staff = _staff()
+    day = lambda d: Period(kind="custom", first_day=dt.date(2026, 3, d), last_day=dt.date(2026, 3, d), tz=NY)  # noqa: E731
+    both = Period(kind="custom", first_day=dt.date(2026, 3, 9), last_day=dt.date(2026, 3, 10), tz=NY)
+    first, second = (report_for_period(period=day(d), user=staff).total for d in (9, 10))
+    union = report_for_period(period=both, user=staff).total
+    for name in ("seconds", "billable_minutes", "time_amount", "llm_cost", "markup", "total", "messages"):
+        assert getattr(first, name) + getattr(second, name) == getattr(union, name)
+    assert first.sessions == 0 and second.sessions == 3
 
 
 @pytest.mark.django_db

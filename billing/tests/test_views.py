@@ -78,6 +78,9 @@ def test_report_csv_has_the_exact_header_and_one_row_per_line(staff_client, owne
         "messages": "2",
         "tokens": "200",
         "unpriced_calls": "0",
+        "provider_cost_usd": "0.130100",  # issue 14: the USD cost and the rate it was converted at
+        "exchange_rate": "1.000000",
+        "unconverted_calls": "0",
         "llm_cost": "0.13",
         "markup_percent": "0.00",
         "llm_markup": "0.00",
@@ -172,13 +175,17 @@ def test_drilldown_lists_consultants_models_and_sessions(staff_client, owner, cl
 
 
 @pytest.mark.django_db
-def test_drafting_from_the_report_opens_the_invoice_in_the_admin(staff_client, owner, client_acme):
+def test_drafting_from_the_report_opens_the_invoice_at_the_billing_desk(staff_client, owner, client_acme):
+    # Issue 14: the draft opens at the billing desk (not the admin), and a second draft for the
+    # same dates is refused with a message naming the first (it used to be allowed).
     work(user=owner, client=client_acme, start=at(2), seconds=600, costs=["1.00"])
     response = staff_client.post("/reports/clients/acme/invoice/", {"start": "2026-03-01", "end": "2026-03-31"})
     assert response.status_code == 302
-    assert "/admin/billing/invoice/" in response["Location"]
-    again = staff_client.post("/reports/clients/acme/invoice/", {"start": "2026-03-01", "end": "2026-03-31"})
-    assert again.status_code == 302  # a second draft is allowed; only issuing bills
+    assert response["Location"].startswith("/reports/invoices/")
+    again = staff_client.post(
+        "/reports/clients/acme/invoice/", {"start": "2026-03-01", "end": "2026-03-31"}, follow=True
+    )
+    assert "Acme Corp already has a draft for 2026-03-01 – 2026-03-31" in again.content.decode()
 
 
 @pytest.mark.django_db

@@ -549,3 +549,11 @@ async def test_answers_reuse_the_upstream_connection(use_simulator, simulator, m
     for _ in range(3):
         await collect(model)
     assert simulator.connections_accepted == before
+
+
+@in_sync_thread
+async def test_anthropic_requests_leave_out_the_temperature_its_client_rejects(use_simulator):
+    text, usage = await collect("anthropic:claude-sonnet-4", CHAT, StreamOptions(temperature=0.2, max_tokens=50))
+    body = use_simulator.requests[-1]["body"]
+    assert "temperature" not in body and body["max_tokens"] == 50
+    assert text and usage.completion_tokens > 0

@@ -179,6 +179,8 @@ def _error_type(status: int) -> str:
         return "server_error"
     if status == 429:
         return "rate_limit_error"
+    if status == 402:
+        return "insufficient_quota"  # a client's budget is used up: OpenAI's own type for it
     return "invalid_request_error"
 
 

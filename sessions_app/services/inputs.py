@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from decimal import ROUND_HALF_UP, Decimal
 
 from billing.models import Brand, ClientDomain
+from billing.money import quantize_micro as quantize_money
 from providers import router
 from providers.base import StreamOptions
 from providers.naming import ModelRef, parse_model
@@ -48,14 +48,8 @@ UNKNOWN_SOURCE = "Unknown session source {source!r}."
 NAME_LIMIT = 200
 
 
-SIX_PLACES = Decimal("0.000001")
-
-
-def quantize_money(value: Decimal | None) -> Decimal | None:
-    """Costs are stored to six decimals, rounded half-up; the hash chain sees the stored value."""
-    if value is None:
-        return None
-    return Decimal(value).quantize(SIX_PLACES, rounding=ROUND_HALF_UP)
+# Costs are stored to six decimals, half up (`billing.money`); the hash chain sees the stored value.
+__all__ = ["quantize_money"]
 
 
 def _require_text(value, field_name: str) -> str:

@@ -12,6 +12,7 @@ from django.core.cache import cache
 from django.db import transaction
 from django.utils import timezone
 
+from billing import budgets
 from config.dbthread import db_sync_to_async
 from sessions_app import integrity
 from sessions_app.errors import (
@@ -64,6 +65,7 @@ UNKNOWN_END_REASON = "Unknown end reason {reason!r}; use one of {choices}."
 REMOTE_STOP_WAIT_SECONDS = 10.0
 
 
+@budgets.alerts_on_refusal
 def session_start(
     *,
     user,
@@ -90,6 +92,7 @@ def session_start(
     if api_token is not None and api_token.client_id and api_token.client_id != domain.pk:
         raise BadInput(TOKEN_CLIENT.format(slug=api_token.client.slug))
     model_name = _resolve_model(model)
+    budgets.budget_check(client_id=domain.pk, model=model_name)  # a paid model for a client over budget
     brand_obj = _resolve_brand(brand, domain)
     now = timezone.now()
     with transaction.atomic():

@@ -13,6 +13,7 @@ from typing import Any
 from django.db import transaction
 from django.utils import timezone
 
+from billing import budgets
 from billing.models import ClientDomain
 from config.dbthread import db_sync_to_async
 from providers.naming import parse_model
@@ -75,6 +76,7 @@ def _snapshot(plan: ContextPlan, clients: dict) -> list[dict[str, Any]]:
     return out
 
 
+@budgets.alerts_on_refusal
 def session_switch(*, session_id, user, client=None, model=None, reason: str = "") -> ContextStream:
     """Move the session to another client and/or model and record what context is carried."""
     session = session_get_for_user(session_id=session_id, user=user)
@@ -90,6 +92,7 @@ def session_switch(*, session_id, user, client=None, model=None, reason: str = "
     model_name = _resolve_model(model) if model not in (None, "") else session.current_model
     if domain.pk == session.domain_id and model_name == session.current_model:
         raise BadInput(SWITCH_SAME.format(slug=domain.slug, model=model_name))
+    budgets.budget_check(client_id=domain.pk, model=model_name)  # to a paid model for a client over budget
     source_ref, target_ref = parse_model(session.current_model), parse_model(model_name)
     if domain.pk != session.domain_id:
         stream_reason = StreamReason.DOMAIN_SWITCH

@@ -29,7 +29,7 @@ from django.core.cache import cache
 from django.db import transaction
 from django.utils import timezone
 
-from billing import pricing
+from billing import budgets, pricing
 from billing.models import LLMUsage, TokenSource, UsageStatus
 from config.dbthread import db_sync_to_async
 from providers import router, tokens
@@ -163,6 +163,7 @@ def _stop_key(session_id, claim: datetime) -> str:
     return f"sessions:stop:{session_id}:{claim.timestamp():.6f}"
 
 
+@budgets.alerts_on_refusal
 def begin_turn(*, session_id, user, message, known: KnownSession | None = None) -> _TurnStart:
     """Transaction 1: claim the session and store the user message before any provider call.
 
@@ -194,6 +195,8 @@ def begin_turn(*, session_id, user, message, known: KnownSession | None = None) 
             # No client ids: a turn's plan never needs them (a switch's snapshot does, and reads
             # its own), and converting one per stored message costs a long session dearly.
             rows = list(SessionMessage.objects.filter(session_id=pk).order_by("seq").values_list(*TURN_ROW_FIELDS))
+        # Paid model, client over budget: refused before anything is stored (the claim rolls back).
+        budgets.budget_check_turn(client_id=session.domain_id, model=session.current_model, now=now)
         ref = parse_model(session.current_model)
         seq, previous = (rows[-1][0] + 1, rows[-1][5] or integrity.GENESIS) if rows else (1, integrity.GENESIS)
         user_message = SessionMessage(

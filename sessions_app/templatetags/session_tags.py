@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from decimal import Decimal, InvalidOperation
-
 from django import template
 from django.utils import timezone
+
+from billing.money import format_cost, format_money
 
 register = template.Library()
 
@@ -41,13 +41,14 @@ def elapsed(session) -> str:
 
 
 @register.filter
-def usd(value, places: int = 6) -> str:
-    """A USD amount with a fixed number of decimals (no float on the way)."""
+def usd(value) -> str:
+    """A total in USD, in cents unless a non-zero amount needs more ("0.0031 USD")."""
     if value is None or value == "":
         return "—"
-    try:
-        amount = Decimal(str(value))
-        digits = int(places)
-    except (InvalidOperation, ValueError, TypeError):
-        return "—"
-    return f"${amount:,.{digits}f}"
+    return format_money(value, "USD")
+
+
+@register.filter
+def usd_cost(value) -> str:
+    """One message's cost in USD, with the decimals it needs; an unknown price says so."""
+    return format_cost(value, "USD")

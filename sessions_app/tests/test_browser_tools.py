@@ -225,7 +225,7 @@ def test_a_clients_hostname_preselects_it_and_a_template_fills_the_form(browser,
         assert groups == ["Ollama", "OpenAI", "Anthropic"]
         assert page.input_value("#id_model") == MODEL  # CHAT_MODEL, as Ollama names it
         sonnet = page.locator("#id_model option[value='anthropic:claude-sonnet-4']")
-        assert sonnet.inner_text() == "claude-sonnet-4 · $3.00 in / $15.00 out per 1M tokens"
+        assert sonnet.inner_text() == "claude-sonnet-4 · 3.00 USD in / 15.00 USD out per 1M tokens"
         assert page.locator("#id_model option[value^='anthropic:']").count() == 4  # aliases folded
 
         page.select_option("#id_template", label="Shipping dispute")
@@ -304,7 +304,7 @@ def test_an_ended_session_is_renamed_exported_branched_hidden_and_continued(brow
         assert page.locator("[data-client-name]").inner_text() == "Globex"
         assert page.locator(".msg--user .msg__body").first.inner_text() == "Our codename is Bluebird."
         ask(page, "What is our codename?")
-        assert re.fullmatch(r"\$0\.0+", page.locator("[data-cost]").inner_text())  # Ollama is free; copies unbilled
+        assert re.fullmatch(r"0\.0+ USD", page.locator("[data-cost]").inner_text())  # Ollama is free; copies unbilled
 
         page.goto(f"/sessions/{sid}/summary/")
         assert page.eval_on_selector("#continue-client", "s => s.value") == "acme"

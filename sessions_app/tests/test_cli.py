@@ -176,7 +176,7 @@ def test_history_prints_roles_times_tokens_and_cost(acme_session):
     assert f"Session {acme_session.session_id}" in out
     assert "#1 USER" in out and "What is a ledger?" in out
     local = timezone.localtime(answer.timestamp).strftime("%Y-%m-%d %H:%M:%S")
-    assert f"#2 ASSISTANT · {local} · ollama:llama3.2 · {answer.tokens} tokens · $0.000000" in out
+    assert f"#2 ASSISTANT · {local} · ollama:llama3.2 · {answer.tokens} tokens · 0.00 USD" in out
     assert "#1 USER · " in out and "#1 USER · 0 tokens" not in out
 
 

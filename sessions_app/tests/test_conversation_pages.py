@@ -72,8 +72,8 @@ def test_the_model_picker_groups_by_provider_folds_aliases_and_shows_prices(owne
         "anthropic:claude-3-5-haiku-latest",
         "anthropic:claude-3-5-sonnet-latest",
     }
-    assert anthropic["anthropic:claude-sonnet-4"] == "claude-sonnet-4 · $3.00 in / $15.00 out per 1M tokens"
-    assert dict(groups["OpenAI"])["openai:gpt-4o-mini"] == "gpt-4o-mini · $0.15 in / $0.60 out per 1M tokens"
+    assert anthropic["anthropic:claude-sonnet-4"] == "claude-sonnet-4 · 3.00 USD in / 15.00 USD out per 1M tokens"
+    assert dict(groups["OpenAI"])["openai:gpt-4o-mini"] == "gpt-4o-mini · 0.15 USD in / 0.60 USD out per 1M tokens"
     assert all(label.endswith("free, runs locally") for _, label in groups["Ollama"])
     assert "Openai" not in html
     # CHAT_MODEL (ollama:llama3.2, which Ollama reads as llama3.2:latest) is preselected.
@@ -87,9 +87,9 @@ def test_the_default_model_follows_chat_model(owner_client, client_acme, use_sim
 
 
 def test_prices_keep_every_significant_digit():
-    assert per_million(Decimal("3.000000")) == "$3.00"
-    assert per_million(Decimal("0.075000")) == "$0.075"
-    assert per_million(Decimal("1250")) == "$1,250.00"
+    assert per_million(Decimal("3.000000")) == "3.00 USD"
+    assert per_million(Decimal("0.075000")) == "0.075 USD"
+    assert per_million(Decimal("1250")) == "1,250.00 USD"
 
 
 def test_picking_a_folded_alias_is_the_same_model(use_simulator):

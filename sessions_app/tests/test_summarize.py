@@ -145,3 +145,39 @@ def test_a_summarizing_turn_stays_within_three_write_transactions(window):
     session = ChatSession.objects.get(pk=manager.session.pk)
     assert session.messages.filter(role="system").count() == 1
     assert counter.count <= 3
+
+
+@pytest.mark.parametrize(
+    ("model", "priced_as"),
+    [
+        ("ollama:llama3.2-words-12", None),
+        ("openai:gpt-4o-words-12", ("openai", "gpt-4o")),
+        ("anthropic:claude-sonnet-4-20250514-words-12", ("anthropic", "claude-sonnet-4-20250514")),
+    ],
+)
+def test_summarization_works_on_every_provider(model, priced_as, owner, client_acme, use_simulator, settings):
+    """Each adapter is called only with arguments its client takes (Anthropic's rejects `temperature`)."""
+    settings.CONTEXT_OVERFLOW = "summarize"
+
+    def set_window(tokens: int) -> None:
+        if priced_as is None:
+            settings.OLLAMA_NUM_CTX = tokens
+        else:
+            ModelPrice.objects.filter(provider=priced_as[0], model=priced_as[1]).update(context_window=tokens)
+
+    manager = SessionManager(owner, client="acme", model=model)
+    set_window(100_000)
+    manager.chat(f"First. {LONG}")
+    manager.chat(f"Second. {LONG}")
+    set_window(300)
+    reply = manager.chat("Third: what did I ask first?")
+
+    session = ChatSession.objects.get(pk=manager.session.pk)
+    summary = session.messages.get(role="system")
+    assert summary.content.startswith("Summary of the conversation up to message #")
+    assert summary.provider == model.split(":")[0]
+    assert summary.completion_tokens > 0
+    assert reply.status == "complete" and reply.seq == summary.seq + 1
+    assert LLMUsage.objects.filter(message=summary, status="ok").exists()
+    assert not LLMUsage.objects.filter(session=session, status="error").exists()
+    assert check_session(session) == []

@@ -27,8 +27,9 @@ SESSION_TABLES = (
     "ollama_context_streams",
     "user_llm_usage",
 )
-# messages, segments, context streams, the clients they name by key, the invitations, the people
-SUMMARY_QUERIES = 6
+# messages, segments, context streams, the clients they name by key, the invoices that billed
+# each client's part, the invitations, the people
+SUMMARY_QUERIES = 7
 
 
 def _client_history(user, client, *, sessions: int, segments_each: int, messages_each: int) -> None:

@@ -4,6 +4,7 @@
 // before they become CSS custom properties.
 
 import { renderInto } from "./markdown.js";
+import { formatCost, formatMoney } from "./money.js";
 import { clockOffset, formatDuration, startTimers } from "./timers.js";
 
 const HEX = /^#[0-9a-fA-F]{6}$/;
@@ -43,13 +44,6 @@ const state = {
 };
 
 // --- Formatting --------------------------------------------------------------------------
-
-function formatMoney(value) {
-  if (value === null || value === undefined || value === "") return "price unknown";
-  const number = Number(value);
-  if (Number.isNaN(number)) return "—";
-  return `$${number.toFixed(6).replace(/(\.\d\d\d*?)0+$/, "$1")}`;
-}
 
 function formatCount(value) {
   return Number(value || 0).toLocaleString();
@@ -130,7 +124,7 @@ function metaLine(message) {
   if (message.role === "assistant") {
     if (message.client) parts.push(clientName(message.client));
     parts.push(`${formatCount(message.tokens)} tokens${message.token_source === "estimated" ? " (estimated)" : ""}`);
-    parts.push(formatMoney(message.cost_usd));
+    parts.push(formatCost(message.cost_usd));
   } else if (message.role === "user" && message.client) {
     parts.push(clientName(message.client));
   }
@@ -455,6 +449,8 @@ function onFrame(event) {
   }
   const handler = frame && Object.hasOwn(handlers, frame.type) ? handlers[frame.type] : null;
   if (handler) handler(frame);
+  // Other modules on the page (billing.js: budget and billing panel) follow the frames too.
+  if (handler) document.dispatchEvent(new CustomEvent("chat:frame", { detail: frame }));
 }
 
 // --- Connection --------------------------------------------------------------------------

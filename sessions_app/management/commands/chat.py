@@ -26,6 +26,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from billing.models import ClientDomain, LLMUsage
+from billing.money import format_cost
 from sessions_app import conversation, selectors, services, transfer
 from sessions_app.errors import BadInput, ProviderFailed, SessionError
 from sessions_app.events import Done, Token
@@ -110,7 +111,7 @@ def _positive_int(raw: str) -> int:
 
 
 def dollars(value: Decimal | None) -> str:
-    return "price unknown" if value is None else f"${Decimal(value):.6f}"
+    return format_cost(value, "USD")  # one formatter for money everywhere (billing.money)
 
 
 def short(session_id) -> str:
