@@ -6,6 +6,7 @@ Errors are `{"error": {"code", "message"}}` with the status the domain error car
 from __future__ import annotations
 
 import json
+import logging
 from datetime import UTC, datetime, time, timedelta
 from functools import wraps
 from pathlib import Path
@@ -14,15 +15,17 @@ from urllib.parse import urlencode
 from asgiref.sync import sync_to_async
 from django.core.exceptions import RequestDataTooBig
 from django.core.handlers.asgi import ASGIRequest
+from django.db import InterfaceError, OperationalError
 from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
 from django.utils.dateparse import parse_date, parse_datetime
 
 from sessions_app import selectors, services
 from sessions_app.auth import api_user
-from sessions_app.errors import BadInput, MessageTooLarge, SessionError
+from sessions_app.errors import BadInput, MessageTooLarge, SessionError, Unavailable
 from sessions_app.events import Done, Token
 from sessions_app.integrity import public_key_info
 
+logger = logging.getLogger(__name__)
 OPENAPI_FILE = Path(__file__).with_name("openapi.json")
 MALFORMED_JSON = "The body is not valid JSON."
 BODY_NOT_OBJECT = "The body must be a JSON object."
@@ -31,12 +34,22 @@ STREAM_NOT_BOOL = "'stream' must be true or false."
 BAD_DATE = "{name!r} must be a date (YYYY-MM-DD) or an ISO 8601 date-time, got {value!r}."
 BAD_PAGING = "'limit' must be 1 to {max} and 'offset' 0 or more."
 NO_SUCH_ENDPOINT = "No such API endpoint."
+DATABASE_UNAVAILABLE = "The database is unreachable; retry in a moment."
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 200
 
 
 def error_response(exc: SessionError) -> JsonResponse:
-    return JsonResponse(exc.as_dict(), status=exc.status)
+    response = JsonResponse(exc.as_dict(), status=exc.status)
+    if isinstance(exc, Unavailable):
+        response["Retry-After"] = str(exc.retry_after)
+    return response
+
+
+def _database_unavailable(request) -> JsonResponse:
+    # A condition to retry, not a bug: 503 in the error shape (never the HTML 500 page).
+    logger.warning("API %s %s: the database is unreachable", request.method, request.path, exc_info=True)
+    return error_response(Unavailable(DATABASE_UNAVAILABLE, code="database_unavailable"))
 
 
 def _not_allowed(methods: tuple[str, ...]) -> JsonResponse:
@@ -76,6 +89,8 @@ def api_view(*methods: str, public: bool = False):
                 return view(request, user, *args, **kwargs)
             except SessionError as exc:
                 return error_response(exc)
+            except (OperationalError, InterfaceError):
+                return _database_unavailable(request)
 
         wrapper.csrf_exempt = True  # cookie sign-ins are CSRF-checked in api_user; Bearer needs none
         return wrapper
@@ -97,6 +112,8 @@ def async_api_view(*methods: str):
                 return await view(request, user, data, *args, **kwargs)
             except SessionError as exc:
                 return error_response(exc)
+            except (OperationalError, InterfaceError):
+                return _database_unavailable(request)
 
         wrapper.csrf_exempt = True
         return wrapper
@@ -147,6 +164,9 @@ def _stream_response(events, first=None) -> StreamingHttpResponse:
                 yield _event_line(event)
         except SessionError as exc:
             yield _ndjson({"type": "error", **exc.as_dict()})
+        except (OperationalError, InterfaceError):
+            logger.warning("API chat stream: the database is unreachable", exc_info=True)
+            yield _ndjson({"type": "error", "error": {"code": "database_unavailable", "message": DATABASE_UNAVAILABLE}})
         finally:
             await events.aclose()
 
