@@ -24,17 +24,22 @@ logger = logging.getLogger("config.resilience")
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
 
 FIRST_RETRY_SECONDS = 1.0
-MAX_RETRY_SECONDS = 30.0
+MAX_RETRY_SECONDS = 10.0
 
 
 class Outage:
     """The state of one dependency: up, or down since when and when to try it again."""
 
     def __init__(
-        self, name: str, *, down: str = "{name} is unreachable ({exc}); falling back until it answers again"
+        self,
+        name: str,
+        *,
+        down: str = "{name} is unreachable ({exc}); falling back until it answers again",
+        max_retry: float = MAX_RETRY_SECONDS,
     ) -> None:
         self.name = name
         self._down_message = down
+        self._max_retry = max_retry
         self._lock = threading.Lock()
         self.down_since: float | None = None
         self._retry_at = 0.0
@@ -43,6 +48,10 @@ class Outage:
     @property
     def down(self) -> bool:
         return self.down_since is not None
+
+    def retry_in(self) -> float:
+        """Seconds until the next try is due (0 when up, or due now)."""
+        return max(0.0, self._retry_at - time.monotonic()) if self.down_since is not None else 0.0
 
     def should_skip(self) -> bool:
         """True while down and not yet due for another try (callers use their fallback)."""
@@ -55,9 +64,12 @@ class Outage:
             if first:
                 self.down_since = now
                 self._backoff = FIRST_RETRY_SECONDS
-            else:
-                self._backoff = min(self._backoff * 2, MAX_RETRY_SECONDS)
-            self._retry_at = now + self._backoff
+                self._retry_at = now + self._backoff
+            elif now >= self._retry_at:
+                # A planned try failed: wait longer. (Failures of calls made meanwhile, while
+                # others fall back, do not push the next try further out.)
+                self._backoff = min(self._backoff * 2, self._max_retry)
+                self._retry_at = now + self._backoff
         if first:
             logger.warning(self._down_message.format(name=self.name, exc=exc or type(exc).__name__))
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# `make run`: migrate, load prices and demo data, and serve with daphne on 127.0.0.1:$PORT.
+# `make run`: migrate, load prices and demo data, and serve with daphne on 127.0.0.1:$PORT, with the
+# guardian (`guard_sessions --every 60`) running beside it.
 # When no Ollama answers at OLLAMA_HOST, start the bundled provider simulator instead (and
 # point OpenAI/Anthropic at it too when no real key is set); it is stopped when this exits.
 set -euo pipefail
@@ -10,11 +11,17 @@ PORT="${PORT:-8000}"
 SIM_PID=""
 SIM_LOG=""
 DAPHNE_PID=""
+GUARD_PID=""
 
 cleanup() {
+    # daphne stores the answers still streaming (partial) before it exits.
     if [[ -n "$DAPHNE_PID" ]] && kill -0 "$DAPHNE_PID" 2>/dev/null; then
         kill "$DAPHNE_PID" 2>/dev/null || true
         wait "$DAPHNE_PID" 2>/dev/null || true
+    fi
+    if [[ -n "$GUARD_PID" ]] && kill -0 "$GUARD_PID" 2>/dev/null; then
+        kill "$GUARD_PID" 2>/dev/null || true
+        wait "$GUARD_PID" 2>/dev/null || true
     fi
     if [[ -n "$SIM_PID" ]] && kill -0 "$SIM_PID" 2>/dev/null; then
         kill "$SIM_PID" 2>/dev/null || true
@@ -92,8 +99,13 @@ fi
 "$PY" manage.py load_prices
 "$PY" manage.py seed_demo
 
+# The guardian, beside daphne (no cron needed): ends forgotten sessions at their last activity and
+# settles answers whose process is gone. It prints only what it does.
+"$PY" manage.py guard_sessions --every 60 --quiet &
+GUARD_PID=$!
+
 echo "Serving on http://127.0.0.1:${PORT}/ (sign in at /accounts/login/)"
-# Not `exec`: this shell stays to stop daphne and the simulator together, on Ctrl-C or kill.
+# Not `exec`: this shell stays to stop daphne, the guardian and the simulator together, on Ctrl-C or kill.
 "${VENV:-.venv}/bin/daphne" -b 127.0.0.1 -p "$PORT" config.asgi:application &
 DAPHNE_PID=$!
 wait "$DAPHNE_PID"

@@ -140,34 +140,32 @@ class SessionConsumer(AsyncWebsocketConsumer):
 
     async def _receive_from_layer(self) -> dict:
         delay = 0.5
-        failed = False
         while True:
             try:
-                message = await self._layer_receive()
+                return await self._layer_receive()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                failed = True
                 if self.hub is not None:
-                    self.hub.outage.failed(exc)
+                    self.hub.layer_failed(exc)  # logged once; the hub rejoins the groups
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
-                continue
-            if failed or not self._joined:
-                await self._join()
-            return message
+                delay = min(delay * 2, 5.0)
+
+    async def join(self) -> None:
+        """Join the session's group (for other processes' frames); the hub calls it again after an outage."""
+        if self.hub is None or not self.hub.shared or not self.group or self._closed:
+            return
+        await asyncio.wait_for(self.channel_layer.group_add(self.group, self.channel_name), livechat.FANOUT_TIMEOUT)
+        self._joined = True
 
     async def _join(self) -> None:
-        if self.hub is None or not self.hub.shared or not self.group:
-            return
+        if self.hub is None or not self.hub.shared or self.hub.outage.down:
+            return  # while the layer is down the hub joins us once it answers
         try:
-            await asyncio.wait_for(self.channel_layer.group_add(self.group, self.channel_name), livechat.FANOUT_TIMEOUT)
+            await self.join()
         except Exception as exc:
-            self._joined = False
-            self.hub.outage.failed(exc)
             logger.warning("Could not join %s; this socket misses other processes' answers for now", self.group)
-        else:
-            self._joined = True
+            self.hub.layer_failed(exc)
 
     # --- Connection ----------------------------------------------------------------------
 

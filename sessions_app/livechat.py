@@ -35,7 +35,7 @@ from channels.layers import InMemoryChannelLayer, get_channel_layer
 from django.core.serializers.json import DjangoJSONEncoder
 
 from config.dbthread import db_sync_to_async
-from config.resilience import Outage
+from config.resilience import REDIS_DOWN, Outage
 from sessions_app import selectors, services
 from sessions_app.errors import ProviderFailed, SessionEnded, SessionError, StoreFailed
 from sessions_app.events import Done, KnownSession, Token
@@ -67,6 +67,8 @@ class Watcher(Protocol):
 
     known: KnownSession | None
     token_interval: float
+
+    async def join(self) -> None: ...
 
     async def take(self, frame: dict, text: str | None = None, *, remote: bool = False) -> None: ...
 
@@ -189,6 +191,7 @@ class Hub:
             "Fan-out to other processes",
             down="Fan-out to other processes stopped: the channel layer does not answer ({exc}); "
             "sockets of this process are unaffected",
+            max_retry=5.0,  # fan-out comes back within seconds of Redis
         )
         self.watchers: dict[str, set[Watcher]] = {}
         self.turns: dict[str, LiveTurn] = {}
@@ -196,6 +199,7 @@ class Hub:
         self._sender: asyncio.Task | None = None
         self.channel: str | None = None
         self._server: asyncio.Task | None = None
+        self._healer: asyncio.Task | None = None
 
     # --- Watching ---------------------------------------------------------------------------
 
@@ -342,13 +346,42 @@ class Hub:
             if self.outage.should_skip():
                 continue
             try:
-                await asyncio.wait_for(self.layer.group_send(group, event), FANOUT_TIMEOUT)
+                await self._group_send(group, event)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.layer_failed(exc)
+
+    async def _group_send(self, group: str, event: dict) -> None:
+        await _twice(lambda: self.layer.group_send(group, event))
+
+    # --- Channel layer outages --------------------------------------------------------------
+
+    def layer_failed(self, exc: BaseException) -> None:
+        """The channel layer failed: note it (logged once), and rejoin every group once it answers."""
+        self.outage.failed(exc)
+        if self._healer is None or self._healer.done():
+            self._healer = asyncio.get_running_loop().create_task(self._heal())
+
+    async def _heal(self) -> None:
+        # A restarted Redis has forgotten every group: join them all again, then fan out again.
+        while True:
+            await asyncio.sleep(max(0.2, self.outage.retry_in()))
+            try:
+                await _twice(lambda: self.layer.group_discard("hub-probe", self.id))
+                for watching in list(self.watchers.values()):
+                    for watcher in list(watching):
+                        await watcher.join()
+                if self.channel is not None:
+                    for session_id in list(self.turns):
+                        await asyncio.wait_for(self.layer.group_add(f"turn.{session_id}", self.channel), FANOUT_TIMEOUT)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 self.outage.failed(exc)
-            else:
-                self.outage.recovered()
+                continue
+            self.outage.recovered()
+            return
 
     # --- Snapshots across processes ---------------------------------------------------------
 
@@ -358,26 +391,28 @@ class Hub:
         try:
             await asyncio.wait_for(self.layer.group_send(f"turn.{session_id}", event), FANOUT_TIMEOUT)
         except Exception as exc:
-            self.outage.failed(exc)
+            self.layer_failed(exc)
 
     async def _join_turn_group(self, session_id: str) -> None:
-        if not self.shared or self.outage.should_skip():
+        if not self.shared:
             return
+        if self.channel is None:
+            self.channel = await self.layer.new_channel()
+            self._server = asyncio.get_running_loop().create_task(self._serve())
+        if self.outage.down:
+            return  # joined once the layer answers again (`_heal`)
         try:
-            if self.channel is None:
-                self.channel = await self.layer.new_channel()
-                self._server = asyncio.get_running_loop().create_task(self._serve())
             await asyncio.wait_for(self.layer.group_add(f"turn.{session_id}", self.channel), FANOUT_TIMEOUT)
         except Exception as exc:
-            self.outage.failed(exc)
+            self.layer_failed(exc)
 
     async def _leave_turn_group(self, session_id: str) -> None:
-        if not self.shared or self.channel is None or self.outage.should_skip():
+        if not self.shared or self.channel is None or self.outage.down:
             return
         try:
             await asyncio.wait_for(self.layer.group_discard(f"turn.{session_id}", self.channel), FANOUT_TIMEOUT)
         except Exception as exc:
-            self.outage.failed(exc)
+            self.layer_failed(exc)
 
     async def _serve(self) -> None:
         """Answer other processes' snapshot requests for the turns streaming here."""
@@ -388,15 +423,11 @@ class Hub:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self.outage.failed(exc)
+                self.layer_failed(exc)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+                delay = min(delay * 2, 5.0)
                 continue
             delay = 0.5
-            if self.outage.down:
-                self.outage.recovered()
-                for session_id in list(self.turns):  # Redis restarted empty: join again
-                    await self._join_turn_group(session_id)
             if event.get("type") == "turn.snapshot":
                 await self._answer_snapshot(event)
 
@@ -411,7 +442,15 @@ class Hub:
         try:
             await asyncio.wait_for(self.layer.send(reply_to, reply), FANOUT_TIMEOUT)
         except Exception as exc:
-            self.outage.failed(exc)
+            self.layer_failed(exc)
+
+
+async def _twice(call: Callable[[], Awaitable[Any]]) -> None:
+    """Call the channel layer; a pooled connection to a Redis that restarted fails once, so retry once."""
+    try:
+        await asyncio.wait_for(call(), FANOUT_TIMEOUT)
+    except REDIS_DOWN:
+        await asyncio.wait_for(call(), FANOUT_TIMEOUT)
 
 
 # Tasks of turns in flight, so none is garbage-collected while it runs.
