@@ -9,6 +9,7 @@ keeps the text in the log, and the guardian restores it.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 import subprocess
@@ -17,8 +18,10 @@ from io import StringIO
 
 import pytest
 from asgiref.sync import async_to_sync, sync_to_async
+from channels.db import database_sync_to_async
 from django.core.management import call_command
 from django.db import OperationalError, connection
+from django.test import AsyncClient
 from django.utils import timezone
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
@@ -30,7 +33,7 @@ from sessions_app import services
 from sessions_app.errors import SessionBusy, SessionEnded, StoreFailed
 from sessions_app.events import Done
 from sessions_app.invariants import check_session
-from sessions_app.models import ORPHANED_TURN, ChatSession, SessionMessage
+from sessions_app.models import ORPHANED_TURN, ApiToken, ChatSession, SessionMessage
 from sessions_app.services import turns
 from tests.querycount import WriteTransactions
 
@@ -244,10 +247,98 @@ def test_a_failed_final_store_raises_logs_the_text_hands_over_the_claim_and_the_
     assert answer.error_text.startswith("Cut off: this answer could not be stored")
 
 
+class LoseTheDatabaseAtTheFinalStore:
+    """Fail the second INSERT of a message (the answer; the first is the question)."""
+
+    def __init__(self) -> None:
+        self.inserts = 0
+
+    def __call__(self, execute, sql, params, many, ctx):
+        if "ollama_session_messages" in sql and sql.lstrip().upper().startswith("INSERT"):
+            self.inserts += 1
+            if self.inserts >= 2:
+                raise OperationalError("server closed the connection unexpectedly")
+        return execute(sql, params, many, ctx)
+
+
+def _stream(path: str, body: dict, token: str) -> bytes:
+    async def go():
+        response = await AsyncClient().post(
+            path, body, content_type="application/json", headers={"authorization": f"Bearer {token}"}
+        )
+        assert response.status_code == 200, response.content
+        return b"".join([chunk async for chunk in response.streaming_content])
+
+    return async_to_sync(go)()
+
+
+@pytest.mark.parametrize("protocol", ["rest", "ollama", "openai"])
+def test_a_lost_final_store_ends_each_stream_with_its_protocols_error(owner, acme, caplog, protocol):
+    _token, raw = ApiToken.issue(user=owner, client=acme)
+    session = start(owner, model="ollama:llama3.2-words-20")
+    with connection.execute_wrapper(LoseTheDatabaseAtTheFinalStore()), caplog.at_level(logging.ERROR):
+        if protocol == "rest":
+            body = _stream(f"/api/ollama/session/{session.pk}/chat", {"message": "Hi", "stream": True}, raw)
+            last = json.loads(body.decode().splitlines()[-1])
+            assert last == {"type": "error", "error": {"code": "store_failed", "message": services.ANSWER_NOT_STORED}}
+            text = "".join(json.loads(line).get("text", "") for line in body.decode().splitlines())
+        elif protocol == "ollama":
+            chat = {"model": "llama3.2-words-20", "messages": [{"role": "user", "content": "Hi"}]}
+            lines = [json.loads(line) for line in _stream("/api/chat", chat, raw).decode().splitlines()]
+            assert lines[-1] == {"error": services.ANSWER_NOT_STORED}
+            text = "".join(line["message"]["content"] for line in lines[:-1])
+        else:
+            chat = {"model": "llama3.2-words-20", "messages": [{"role": "user", "content": "Hi"}], "stream": True}
+            events = _stream("/v1/chat/completions", chat, raw).decode().split("\n\n")
+            error = json.loads(events[-2].removeprefix("data: "))["error"]
+            assert (error["code"], error["message"]) == ("store_failed", services.ANSWER_NOT_STORED)
+            chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+            text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c.get("choices"))
+    assert text and text in caplog.text  # kept in the log line
+    guard()  # the guardian restores it
+    sessions = ChatSession.objects.filter(user=owner, turn_started_at__isnull=True)
+    restored = SessionMessage.objects.filter(session__in=sessions, role="assistant", status="partial")
+    assert [m.content for m in restored] == [text]
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_lost_final_store_is_an_error_frame_on_the_chat_socket(owner, acme, settings):
+    from channels.layers import channel_layers
+    from channels.routing import URLRouter
+    from channels.testing import WebsocketCommunicator
+
+    from sessions_app import livechat
+    from sessions_app.routing import websocket_urlpatterns
+
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    channel_layers.backends.clear()
+    session = await sync_to_async(start)(owner, model="ollama:llama3.2-words-20")
+    outage = LoseTheDatabaseAtTheFinalStore()
+    # The socket's database work runs on the database thread: lose the database there.
+    await database_sync_to_async(lambda: connection.execute_wrappers.append(outage))()
+    socket = WebsocketCommunicator(URLRouter(websocket_urlpatterns), f"/ws/sessions/{session.pk}/")
+    socket.scope["user"] = owner
+    try:
+        assert (await socket.connect(timeout=10))[0]
+        assert json.loads(await socket.receive_from(timeout=10))["type"] == "ready"
+        await socket.send_json_to({"type": "chat", "message": "Hi", "turn": "lost"})
+        frames = []
+        while not frames or frames[-1]["type"] not in ("error", "message.done"):
+            frames.append(json.loads(await socket.receive_from(timeout=10)))
+        await socket.disconnect()
+        await asyncio.gather(*livechat.turns_in_flight())
+    finally:
+        await database_sync_to_async(lambda: connection.execute_wrappers.remove(outage))()
+    error = frames[-1]
+    assert (error["type"], error["code"], error["turn"]) == ("error", "store_failed", "lost")
+    assert error["stored"] is None  # it never claims the answer was stored
+    assert error["message"] == services.ANSWER_NOT_STORED
+    out = await database_sync_to_async(guard)()
+    assert f"stuck {session.pk}" in out
+
+
 def test_the_rest_api_answers_503_with_retry_after_when_the_database_is_unreachable(owner, acme):
     from django.test import Client
-
-    from sessions_app.models import ApiToken
 
     _token, raw = ApiToken.issue(user=owner)
     api = Client(HTTP_AUTHORIZATION=f"Bearer {raw}")

@@ -609,7 +609,7 @@ function scheduleReconnect(justDropped) {
     probeSignIn();
   }
   if (state.turn) {
-    showNotice("Server unreachable — the answer goes on there and shows here once it is back.", "warning");
+    showNotice("Server unreachable mid-answer — the answer shows here, as the server has it, once it is back.", "warning");
   }
   state.reconnectTimer = setTimeout(() => {
     clearInterval(state.countdownTimer);
