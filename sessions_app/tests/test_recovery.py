@@ -35,6 +35,7 @@ from sessions_app.events import Done
 from sessions_app.invariants import check_session
 from sessions_app.models import ORPHANED_TURN, ApiToken, ChatSession, SessionMessage
 from sessions_app.services import turns
+from sessions_app.tests.schema_check import assert_matches
 from tests.querycount import WriteTransactions
 
 pytestmark = pytest.mark.usefixtures("sound_sessions")
@@ -350,6 +351,7 @@ def test_the_rest_api_answers_503_with_retry_after_when_the_database_is_unreacha
         response = api.get("/api/ollama/sessions")
     assert response.status_code == 503 and response["Retry-After"] == "1"
     assert response.json()["error"]["code"] == "database_unavailable"
+    assert_matches(response.json(), "/sessions", "get", 503)
 
 
 # --- An end racing the start of a turn (issue 18, item 3) ---------------------------------------
