@@ -260,28 +260,31 @@ async def idle_sockets(host: str, port: int, path: str, cookie: str, count: int,
     }
 
 
-async def answer_all(sockets: list[Socket], tag: str) -> int:
-    """Every socket asks at once; the token frames received until each answer is done."""
+async def answer_all(sockets: list[Socket], tag: str) -> tuple[int, list[float]]:
+    """Every socket asks at once: the token frames received until each answer is done, and the TTFTs (ms)."""
 
-    async def one(ws: Socket, index: int) -> int:
+    async def one(ws: Socket, index: int) -> tuple[int, float]:
+        started = time.perf_counter()
         await ws.send({"type": "chat", "message": f"{tag} {index}"})
-        frames = 0
+        frames, first = 0, None
         while True:
             frame = await ws.receive()
             if frame["type"] == "token":
                 frames += 1
+                first = first or time.perf_counter()
             elif frame["type"] == "message.done":
-                return frames
+                return frames, (first - started) * 1000
             elif frame["type"] == "error":
                 raise RuntimeError(f"error frame: {frame}")
 
-    return sum(await asyncio.gather(*(one(ws, i) for i, ws in enumerate(sockets))))
+    done = await asyncio.gather(*(one(ws, i) for i, ws in enumerate(sockets)))
+    return sum(frames for frames, _ in done), [ttft for _, ttft in done]
 
 
 async def resume_times(host: str, port: int, cookie: str, sids: list[str], tag: str) -> dict:
     """Each session: a tab watches, leaves mid-answer, comes back and resumes; how long to catch up."""
 
-    async def one(sid: str) -> tuple[float, float, float]:
+    async def one(sid: str) -> tuple[float, float]:
         path = f"/ws/sessions/{sid}/"
         asker = await Socket.open(host, port, path, cookie)
         await asker.until("ready")
@@ -305,23 +308,13 @@ async def resume_times(host: str, port: int, cookie: str, sids: list[str], tag: 
             pass
         done = time.perf_counter()
         tab.close()
-        first = None
-        while True:
-            frame = await asker.receive()
-            if frame["type"] == "token" and first is None:
-                first = time.perf_counter()
-            if frame["type"] == "message.done":
-                streamed = time.perf_counter() - (first or reconnected)
-                break
+        while (await asker.receive())["type"] != "message.done":
+            pass
         asker.close()
-        return (done - began) * 1000, (done - reconnected) * 1000, streamed
+        return (done - began) * 1000, (done - reconnected) * 1000
 
     results = await asyncio.gather(*(one(sid) for sid in sids))
-    return {
-        "resume_ms": [r[0] for r in results],
-        "reconnect_and_resume_ms": [r[1] for r in results],
-        "streaming_seconds": [r[2] for r in results],
-    }
+    return {"resume_ms": [r[0] for r in results], "reconnect_and_resume_ms": [r[1] for r in results]}
 
 
 # --- Servers -----------------------------------------------------------------------------------
@@ -407,6 +400,14 @@ class Tree:
             stderr=subprocess.STDOUT,
         )
 
+    def answer_seconds(self, sids: list[str]) -> list[float]:
+        """How long each answer of these sessions streamed, claim to store, as its usage row says."""
+        with contextlib.closing(sqlite3.connect(self.database)) as db:
+            marks = ",".join("?" * len(sids))
+            ids = [sid.replace("-", "") for sid in sids]
+            rows = db.execute(f"SELECT duration_ms FROM user_llm_usage WHERE session_id IN ({marks})", ids)
+            return [ms / 1000 for (ms,) in rows]
+
     def checkpoint_count(self, sids: list[str]) -> int:
         with contextlib.closing(sqlite3.connect(self.database)) as db:
             marks = ",".join("?" * len(sids))
@@ -433,8 +434,8 @@ async def cpu_round(tree: Tree, host: str, tag: str, long_sid: str) -> dict:
     sockets = [await Socket.open(host, tree.port, f"/ws/sessions/{sid}/", tree.cookie) for sid in tree.short]
     await asyncio.gather(*(ws.until("ready") for ws in sockets))
     before = cpu_seconds(pid)
-    frames = await asyncio.wait_for(answer_all(sockets, tag), PHASE_TIMEOUT)
-    fifty = {"cpu_seconds": cpu_seconds(pid) - before, "frames": frames}
+    frames, ttfts = await asyncio.wait_for(answer_all(sockets, tag), PHASE_TIMEOUT)
+    fifty = {"cpu_seconds": cpu_seconds(pid) - before, "frames": frames, "ttft_ms": summary(ttfts)}
     for ws in sockets:
         ws.close()
     ws = await Socket.open(host, tree.port, f"/ws/sessions/{long_sid}/", tree.cookie)
@@ -462,6 +463,11 @@ async def compare_cpu(trees: list[Tree], host: str, rounds: int) -> dict:
         out[phase] = {"median_cpu_ms_per_frame": medians}
         if "after" in medians and "before" in medians:
             out[phase]["ratio_after_to_before"] = round(medians["after"] / medians["before"], 3)
+    ttft = {
+        name: {q: statistics.median(r["50_short_answers"]["ttft_ms"][q] for r in rs) for q in ("p50", "p95")}
+        for name, rs in runs.items()
+    }
+    out["50_short_answers"]["median_ttft_ms"] = ttft
     return out
 
 
@@ -506,10 +512,9 @@ async def measure(args, host: str, tree: Tree, sim_url: str) -> dict:
     )
 
     results["resume"] = {}
-    streamed: list[float] = []
     resumed_sids: list[str] = []
     for concurrency in (1, 50):
-        samples: dict = {"resume_ms": [], "reconnect_and_resume_ms": [], "streaming_seconds": []}
+        samples: dict = {"resume_ms": [], "reconnect_and_resume_ms": []}
         for round_ in range(args.resume_rounds):
             sids = tree.resume[:concurrency]
             got = await asyncio.wait_for(
@@ -518,7 +523,6 @@ async def measure(args, host: str, tree: Tree, sim_url: str) -> dict:
             for key in samples:
                 samples[key] += got[key]
             resumed_sids += sids
-        streamed += samples["streaming_seconds"]
         r, c = summary(samples["resume_ms"]), summary(samples["reconnect_and_resume_ms"])
         results["resume"][f"{concurrency}_streams"] = {"resume_to_caught_up_ms": r, "reconnect_to_caught_up_ms": c}
         print(
@@ -527,9 +531,10 @@ async def measure(args, host: str, tree: Tree, sim_url: str) -> dict:
         )
 
     if tree.checkpoints:
-        answers = len(streamed)
+        durations = tree.answer_seconds(sorted(set(resumed_sids)))
+        answers = len(durations)
         count = tree.checkpoint_count(sorted(set(resumed_sids)))
-        seconds = sum(streamed)
+        seconds = sum(durations)
         long_count = tree.checkpoint_count(tree.long[:1])
         results["checkpoints"] = {
             "paced_answers": answers,
@@ -630,6 +635,11 @@ def main() -> int:
                 + ", ".join(f"{name} {value:.3f} ms" for name, value in medians.items())
                 + (f" (after/before {ratio})" if ratio is not None else "")
             )
+        ttft = cpu["50_short_answers"]["median_ttft_ms"]
+        print(
+            "TTFT of 50 concurrent short answers, median of rounds: "
+            + ", ".join(f"{name} p50/p95 {v['p50']:.1f}/{v['p95']:.1f} ms" for name, v in ttft.items())
+        )
         at50 = results["ttft_ms"]["50_streams"]["added"]
         rate = results["stream_at_800"]
         checks = {

@@ -360,12 +360,19 @@ class SessionConsumer(AsyncWebsocketConsumer):
 
     async def dispatch(self, message: dict) -> None:
         # Channels sweeps stale database connections before every handler: a hop to the one
-        # database thread. Group events never touch the database, and with many streams they
-        # are most of the traffic, so they skip the sweep and never queue behind the
-        # database work of other answers.
+        # database thread, queued behind the database work of every other answer. Group events
+        # never touch the database, and inbound frames that do go through
+        # `database_sync_to_async`, which sweeps in the thread itself; so neither waits for the
+        # hop (a `resume` is answered from memory, a `chat` starts its turn at once).
         kind = message.get("type")
         if kind == "session.frame":
             await self.session_frame(message)
+        elif kind == "websocket.receive":
+            await self.websocket_receive(message)
+        elif kind == "websocket.connect":
+            await self.websocket_connect(message)  # its database work sweeps in its own hop
+        elif kind == "websocket.disconnect":
+            await self.websocket_disconnect(message)  # touches no database
         elif kind == "turn.snapshot.reply":
             await self._caught_up(message)
         else:
