@@ -12,17 +12,21 @@ SIM_PID=""
 SIM_LOG=""
 DAPHNE_PID=""
 GUARD_PID=""
+INTERRUPTED=""
+
+stop_child() {
+    # Ctrl-C reached the whole process group: the child is stopping already (daphne storing
+    # the answers still streaming as partial); a second signal would cut that short.
+    local pid="$1"
+    if [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null; then
+        [[ -n "$INTERRUPTED" ]] || kill "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    fi
+}
 
 cleanup() {
-    # daphne stores the answers still streaming (partial) before it exits.
-    if [[ -n "$DAPHNE_PID" ]] && kill -0 "$DAPHNE_PID" 2>/dev/null; then
-        kill "$DAPHNE_PID" 2>/dev/null || true
-        wait "$DAPHNE_PID" 2>/dev/null || true
-    fi
-    if [[ -n "$GUARD_PID" ]] && kill -0 "$GUARD_PID" 2>/dev/null; then
-        kill "$GUARD_PID" 2>/dev/null || true
-        wait "$GUARD_PID" 2>/dev/null || true
-    fi
+    stop_child "$DAPHNE_PID"
+    stop_child "$GUARD_PID"
     if [[ -n "$SIM_PID" ]] && kill -0 "$SIM_PID" 2>/dev/null; then
         kill "$SIM_PID" 2>/dev/null || true
         wait "$SIM_PID" 2>/dev/null || true
@@ -31,7 +35,7 @@ cleanup() {
     return 0
 }
 trap cleanup EXIT
-trap 'exit 130' INT
+trap 'INTERRUPTED=1; exit 130' INT
 trap 'exit 143' TERM
 
 # What the settings will see (environment, then .env), and whether Ollama answers within ~1s.
