@@ -277,6 +277,8 @@ class SessionConsumer(AsyncWebsocketConsumer):
                 await self._send_frame(frame)
             await self._send_frame({"type": "resumed", "turn": live.turn_id, "n": n})
             return
+        if self._catching_up is not None:
+            return  # a catch-up is on its way; it ends with its own `resumed`
         if not self.hub.shared or not await database_sync_to_async(self._claimed)():
             await self._send_frame({"type": "resumed", "turn": None})
             return

@@ -469,4 +469,6 @@ def hub() -> Hub:
 
 
 def turns_in_flight() -> list[asyncio.Task]:
-    return [task for task in _RUNNING if not task.done()]
+    """The chat page's turns still running on this event loop."""
+    loop = asyncio.get_running_loop()
+    return [task for task in _RUNNING if not task.done() and task.get_loop() is loop]

@@ -172,10 +172,11 @@ def _end(session: ChatSession, *, reason: str, at: datetime | None = None, wait_
             ended = False
             if taken:
                 _store_answer(turn, now=now)
-            elif locked.turn_started_at is not None:
+            claim = ChatSession.objects.filter(pk=session.pk).values_list("turn_started_at", flat=True).first()
+            if claim is not None:
                 # Another process's answer that did not let go in time, or one whose process is
                 # gone: its question keeps the checkpointed text, dated before the end.
-                turn_settle(session_id=session.pk, claim=locked.turn_started_at, now=now)
+                turn_settle(session_id=session.pk, claim=claim, now=now)
             locked = ChatSession.objects.select_for_update().get(pk=session.pk)
             ended_at = at or now
             last_start = (

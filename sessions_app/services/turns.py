@@ -718,12 +718,15 @@ async def session_chat(
         if turn.checkpoint is not None:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await turn.checkpoint
-        _unregister(turn)
-        # Store even when cancelled: shield the write from a second cancellation.
+        # Store even when cancelled: shield the write from a second cancellation. The turn
+        # stays registered until it is stored, so an end meanwhile takes it over rather than
+        # waiting for a claim that only this process's database thread can release.
         try:
             result = await asyncio.shield(asyncio.ensure_future(db_sync_to_async(_finish_turn)(turn)))
         except StoreFailed as exc:
             store_failed = exc  # raised below, unless the caller is gone (then the log tells)
+        finally:
+            _unregister(turn)
 
     if store_failed is not None:
         raise store_failed
