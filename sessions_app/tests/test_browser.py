@@ -401,7 +401,7 @@ def streaming_text(page) -> int:
 
 
 def test_an_answer_goes_on_while_the_page_is_left_and_is_whole_on_return(page):
-    sid = start_slow_session(page, "Walk away", words=60)
+    sid = start_slow_session(page, "Walk away", words=90)
     page.fill("#composer-input", "Draft the whole notice, please")
     page.press("#composer-input", "Enter")
     page.wait_for_function("() => document.querySelector('.msg--streaming .msg__body')?.textContent.length > 0")
@@ -409,6 +409,8 @@ def test_an_answer_goes_on_while_the_page_is_left_and_is_whole_on_return(page):
     page.wait_for_selector("main")
     page.goto(f"/sessions/{sid}/")
     # Back mid-answer: the answer in progress is shown (not an empty slot), then the rest.
+    page.wait_for_function("() => document.querySelector('.msg--streaming .msg__body')?.textContent.length > 20")
+    assert page.locator(".msg--user").count() == 1  # the question once
     page.wait_for_selector("[data-conn][data-state=live]")
     page.wait_for_selector(".msg--assistant.msg--complete", timeout=30_000)
     answer = stored_answers(page)[-1]
