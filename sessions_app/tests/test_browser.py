@@ -472,20 +472,28 @@ def test_a_restart_keeps_a_signed_in_tab_usable_and_a_signed_out_one_offers_sign
 
     # Signed out elsewhere (another tab): the next connection is refused with 4401, and the
     # page says so, with a way back to this chat, instead of reconnecting for ever.
-    other = page.context.new_page()
-    other.goto("/")
-    other.evaluate(
+    sockets = []
+
+    def route(ws):
+        sockets.append((ws, ws.connect_to_server()))
+
+    tab = page.context.new_page()
+    tab.route_web_socket(re.compile(r"/ws/sessions/"), route)
+    tab.goto(f"/sessions/{sid}/")
+    tab.wait_for_selector("[data-conn][data-state=live]")
+    page.evaluate(
         """async () => {
             const csrf = document.cookie.match(/csrftoken=([^;]+)/)?.[1] || "";
             await fetch("/accounts/logout/", {method: "POST", credentials: "same-origin",
                                               headers: {"X-CSRFToken": csrf}});
         }"""
     )
-    other.close()
-    server.stop()  # the next restart: the page reconnects, signed out now
-    server.start()
-    page.wait_for_selector("[data-conn][data-state=closed]", timeout=30_000)
-    notice = page.locator("[data-notice]")
+    tab_side, server_side = sockets[-1]
+    server_side.close()  # the connection drops (a blip, a proxy): the tab reconnects, signed out now
+    tab_side.close()
+    tab.wait_for_selector("[data-conn][data-state=closed]", timeout=30_000)
+    notice = tab.locator("[data-notice]")
     assert notice.inner_text().startswith("Signed out: sign in again.")
     link = notice.locator("a").get_attribute("href")
     assert link == f"/accounts/login/?next=%2Fsessions%2F{sid}%2F"
+    tab.close()
