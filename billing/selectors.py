@@ -60,7 +60,8 @@ from billing.reports import (
     consultant_rows,
     currency_totals,
 )
-from sessions_app.models import ChatSession, ContextStream, SessionMessage, SessionSegment, SessionStatus
+from sessions_app.models import ChatSession, ContextStream, SessionMessage, SessionSegment, SessionStatus, stale_turn_q
+from sessions_app.models import turn_stale_after as session_turn_stale_after
 
 # A call counts as "unknown price" when a priced kind of message carries no cost. User
 # messages are what the consultant typed; their input cost is on the answer's call.
@@ -562,10 +563,8 @@ UNPRICED_LIMIT = 50
 
 
 def turn_stale_after() -> dt.timedelta:
-    """How long a streaming turn may run before it counts as stuck: both provider timeouts and a minute."""
-    return dt.timedelta(
-        seconds=settings.PROVIDER_FIRST_TOKEN_TIMEOUT + settings.PROVIDER_IDLE_TIMEOUT + 60,
-    )
+    """How long a streaming turn may go unheard of before it counts as stuck (TURN_STALE_SECONDS)."""
+    return session_turn_stale_after()
 
 
 def duration_distribution(*, period: Period) -> list[dict]:
@@ -608,10 +607,9 @@ def stuck_sessions(*, now: dt.datetime | None = None) -> QuerySet:
     """Active sessions idle past SESSION_IDLE_TIMEOUT, or with a turn streaming for too long."""
     now = now or timezone.now()
     idle_cutoff = now - dt.timedelta(seconds=settings.SESSION_IDLE_TIMEOUT)
-    turn_cutoff = now - turn_stale_after()
     return (
         ChatSession.objects.active()
-        .filter(Q(last_activity_at__lt=idle_cutoff) | Q(turn_started_at__lt=turn_cutoff))
+        .filter(Q(last_activity_at__lt=idle_cutoff) | stale_turn_q(now))
         .select_related("user", "domain")
         .order_by("last_activity_at")
     )

@@ -216,7 +216,15 @@ if REDIS_URL:
             "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 30}], "capacity": 1500, "expiry": 30},
         }
     }
-    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
+    # Pages never wait long on Redis, nor fail with it: while it is down the cache serves from
+    # local memory (config/resilience.py), logging the outage once.
+    CACHES = {
+        "default": {
+            "BACKEND": "config.resilience.ResilientRedisCache",
+            "LOCATION": REDIS_URL,
+            "OPTIONS": {"socket_connect_timeout": 1, "socket_timeout": 1},
+        }
+    }
 else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
@@ -395,6 +403,19 @@ for _address in BUDGET_ALERT_EMAILS:
 # --- Sessions ---------------------------------------------------------------------------
 SESSION_IDLE_TIMEOUT = env_int("SESSION_IDLE_TIMEOUT", 1800, minimum=1)  # seconds
 CHAT_MAX_MESSAGE_CHARS = env_int("CHAT_MAX_MESSAGE_CHARS", 32_000, minimum=1)
+# A turn (an answer being streamed) counts as stale, its claim abandoned, when nothing has been
+# heard of it this long: not since it was claimed, nor since its last checkpoint. The one
+# definition of "stale turn" and "stuck session": the guardian settles such turns, the monitoring
+# page lists them, and the next chat takes the claim over. The default outlasts the longest
+# silence the provider timeouts allow (every attempt waiting for its first token, then one
+# idle gap) plus half a minute, so a slow but live answer is never taken for a dead one.
+_longest_silence = (PROVIDER_CONNECT_TIMEOUT + PROVIDER_FIRST_TOKEN_TIMEOUT) * (
+    PROVIDER_MAX_RETRIES + 1
+) + PROVIDER_IDLE_TIMEOUT
+TURN_STALE_SECONDS = env_int("TURN_STALE_SECONDS", int(_longest_silence) + 30, minimum=1)
+# On SIGTERM, daphne stops taking new turns and lets running ones finish for this many seconds;
+# then it stores what they have as partial answers and exits.
+SHUTDOWN_GRACE_SECONDS = env_float("SHUTDOWN_GRACE_SECONDS", 20.0)
 CONTEXT_OVERFLOW = os.environ.get("CONTEXT_OVERFLOW", "truncate")
 if CONTEXT_OVERFLOW not in ("truncate", "summarize"):
     raise ImproperlyConfigured(f"CONTEXT_OVERFLOW must be 'truncate' or 'summarize', got {CONTEXT_OVERFLOW!r}")

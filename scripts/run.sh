@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# `make run`: migrate, load prices and demo data, and serve with daphne on 127.0.0.1:$PORT.
+# `make run`: migrate, load prices and demo data, and serve with daphne on 127.0.0.1:$PORT, with the
+# guardian (`guard_sessions --every 60`) running beside it.
 # When no Ollama answers at OLLAMA_HOST, start the bundled provider simulator instead (and
 # point OpenAI/Anthropic at it too when no real key is set); it is stopped when this exits.
 set -euo pipefail
@@ -10,12 +11,22 @@ PORT="${PORT:-8000}"
 SIM_PID=""
 SIM_LOG=""
 DAPHNE_PID=""
+GUARD_PID=""
+INTERRUPTED=""
+
+stop_child() {
+    # Ctrl-C reached the whole process group: the child is stopping already (daphne storing
+    # the answers still streaming as partial); a second signal would cut that short.
+    local pid="$1"
+    if [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null; then
+        [[ -n "$INTERRUPTED" ]] || kill "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    fi
+}
 
 cleanup() {
-    if [[ -n "$DAPHNE_PID" ]] && kill -0 "$DAPHNE_PID" 2>/dev/null; then
-        kill "$DAPHNE_PID" 2>/dev/null || true
-        wait "$DAPHNE_PID" 2>/dev/null || true
-    fi
+    stop_child "$DAPHNE_PID"
+    stop_child "$GUARD_PID"
     if [[ -n "$SIM_PID" ]] && kill -0 "$SIM_PID" 2>/dev/null; then
         kill "$SIM_PID" 2>/dev/null || true
         wait "$SIM_PID" 2>/dev/null || true
@@ -24,7 +35,7 @@ cleanup() {
     return 0
 }
 trap cleanup EXIT
-trap 'exit 130' INT
+trap 'INTERRUPTED=1; exit 130' INT
 trap 'exit 143' TERM
 
 # What the settings will see (environment, then .env), and whether Ollama answers within ~1s.
@@ -91,8 +102,13 @@ fi
 "$PY" manage.py migrate --noinput
 "$PY" manage.py seed_demo  # loads the model prices too
 
+# The guardian, beside daphne (no cron needed): ends forgotten sessions at their last activity and
+# settles answers whose process is gone. It prints only what it does.
+"$PY" manage.py guard_sessions --every 60 --quiet &
+GUARD_PID=$!
+
 echo "Serving on http://127.0.0.1:${PORT}/ (sign in at /accounts/login/)"
-# Not `exec`: this shell stays to stop daphne and the simulator together, on Ctrl-C or kill.
+# Not `exec`: this shell stays to stop daphne, the guardian and the simulator together, on Ctrl-C or kill.
 "${VENV:-.venv}/bin/daphne" -b 127.0.0.1 -p "$PORT" config.asgi:application &
 DAPHNE_PID=$!
 wait "$DAPHNE_PID"

@@ -26,6 +26,7 @@ from sessions_app.errors import BadInput, MessageTooLarge, SessionError
 from sessions_app.events import Done, Token
 from sessions_app.integrity import public_key_info
 
+logger = logging.getLogger(__name__)
 OPENAPI_FILE = Path(__file__).with_name("openapi.json")
 MALFORMED_JSON = boundary.NOT_JSON
 BODY_NOT_OBJECT = "The body must be a JSON object."
@@ -203,6 +204,9 @@ def _stream_response(events, first=None) -> StreamingHttpResponse:
                 yield _event_line(event)
         except SessionError as exc:
             yield _ndjson({"type": "error", **exc.as_dict()})
+        except (OperationalError, InterfaceError):
+            logger.warning("API chat stream: the database is unreachable", exc_info=True)
+            yield _ndjson({"type": "error", "error": {"code": "database_unavailable", "message": DATABASE_UNAVAILABLE}})
         finally:
             await events.aclose()
 

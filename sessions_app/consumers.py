@@ -2,51 +2,52 @@
 
 Inbound frames (JSON objects, each validated before anything happens):
   {"type": "chat", "message": "...", "turn": "optional id"}   ask; one answer at a time
+  {"type": "resume", "turn": "id or null", "after": n}        "I have token frames 1..n of this turn"
   {"type": "stop"}                                             stop the answer streaming now
   {"type": "switch", "client": "slug", "model": "p:m", "reason": "..."}   at least one of client/model
   {"type": "end"}                                              end the session
   {"type": "ping"}
 
-Outbound frames: `ready`, `turn.started`, `token` (coalesced deltas, at most ~30 a second),
-`message.done`, `stopped`, `switched`, `ended`, `error` (code + message), `pong`.
+Outbound frames: `ready`, `turn.started`, `token` (coalesced deltas, numbered `n`, at most ~30
+a second), `message.done`, `stopped`, `switched`, `ended`, `resumed`, `error` (code + message),
+`pong`.
 
-Every frame about the session also goes to the group `session.<id>` so a second tab or device
-watches the same answer live, across daphne processes when the channel layer is Redis. The
-asking socket always gets its frames directly: if the channel layer fails, only the fan-out
-degrades (logged).
+A chat asked here runs as a task of the process (sessions_app/livechat.py), not of this socket:
+closing the socket only stops watching. Every socket of the session, on any process, watches
+the same answer; one that (re)connects mid-answer sends `resume` and gets exactly what it
+missed, then the rest live. A refused connection is accepted and then closed, with 4401 (not
+signed in) or 4404 (not found, or not yours), so the page can tell which.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import uuid
 from collections.abc import Awaitable, Callable
-from contextlib import aclosing
 from typing import Any
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
-from django.core.serializers.json import DjangoJSONEncoder
 from django.urls import reverse
 
-from sessions_app import boundary, selectors, services
+from sessions_app import boundary, livechat, selectors, services
 from sessions_app.errors import (
     MESSAGE_EMPTY,
     MESSAGE_TOO_LARGE,
     SESSION_BUSY,
     NotFound,
-    ProviderFailed,
     SessionError,
 )
-from sessions_app.events import Done, Token
 from sessions_app.live import brand_payload, session_brand_style
-from sessions_app.models import ChatSession, MessageRole
+from sessions_app.livechat import TokenCoalescer
+from sessions_app.models import ChatSession
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["SessionConsumer", "TokenCoalescer"]
 
 # WebSocket close codes for refused connections (4000-4999 are for applications).
 CLOSE_UNAUTHENTICATED = 4401
@@ -56,7 +57,7 @@ CLOSE_NOT_FOUND = 4404
 INVALID_JSON = "invalid_json"
 INVALID_FRAME = "invalid_frame"
 UNKNOWN_TYPE = "unknown_type"
-INTERNAL_ERROR = "internal_error"
+INTERNAL_ERROR = livechat.INTERNAL_ERROR
 
 INVALID_JSON_MESSAGE = "The frame is not valid JSON."
 BINARY_FRAME_MESSAGE = "Send JSON text frames, not binary ones."
@@ -64,11 +65,13 @@ NOT_AN_OBJECT_MESSAGE = 'A frame is a JSON object with a "type".'
 UNKNOWN_TYPE_MESSAGE = "Unknown frame type {type!r}; expected one of: {known}."
 FIELD_NOT_TEXT_MESSAGE = "{field!r} must be a string of at most {limit} characters."
 BAD_TURN_MESSAGE = "'turn' must be 1-64 letters, digits, '-' or '_'."
+BAD_AFTER_MESSAGE = "'after' must be the number of the last token frame you have (0 for none)."
 SWITCH_NEEDS_TARGET_MESSAGE = "A switch names a client, a model, or both."
 # Said when the cause is unknown, so it never claims the message was stored: reloading shows what was.
 INTERNAL_ERROR_MESSAGE = "Something went wrong on our side; the error is logged. Reload to see what was stored."
 
 TURN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MAX_FRAME_NUMBER = 10_000_000
 NAME_LIMIT = 200
 REASON_LIMIT = 500
 # Room for the JSON envelope around the largest message allowed (escapes can double it).
@@ -84,72 +87,6 @@ class FrameError(Exception):
         self.message = message
 
 
-class TokenCoalescer:
-    """Batch text deltas into at most one frame per `interval` seconds.
-
-    The first delta goes out at once (no added time to first token); deltas arriving within
-    the interval after a frame wait for a timer and leave together; `close()` flushes the rest.
-    """
-
-    def __init__(self, emit: Callable[[str], Awaitable[None]], interval: float) -> None:
-        self._emit = emit
-        self._interval = interval
-        self._parts: list[str] = []
-        self._last_sent: float | None = None
-        self._timer: asyncio.Task | None = None
-        self._sleeping = False
-        self.frames = 0
-
-    async def add(self, text: str) -> None:
-        if not text:
-            return
-        self._parts.append(text)
-        if self._timer is not None:
-            return
-        loop = asyncio.get_running_loop()
-        wait = 0.0 if self._last_sent is None else self._last_sent + self._interval - loop.time()
-        if wait <= 0:
-            await self._flush()
-        else:
-            self._sleeping = True
-            self._timer = asyncio.create_task(self._flush_after(wait))
-
-    async def _flush_after(self, wait: float) -> None:
-        try:
-            await asyncio.sleep(wait)
-        finally:
-            self._sleeping = False
-        try:
-            await self._flush()
-        finally:
-            self._timer = None
-
-    async def _flush(self) -> None:
-        if not self._parts:
-            return
-        text = "".join(self._parts)
-        self._parts.clear()
-        self._last_sent = asyncio.get_running_loop().time()
-        self.frames += 1
-        await self._emit(text)
-
-    async def close(self) -> None:
-        """Send whatever is buffered now, in order after any frame already on its way."""
-        timer, self._timer = self._timer, None
-        if timer is not None:
-            if self._sleeping:
-                timer.cancel()
-            await asyncio.gather(timer, return_exceptions=True)
-        await self._flush()
-
-    def discard(self) -> None:
-        """Drop the timer without sending (the socket is gone)."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._parts.clear()
-
-
 def _text_field(content: dict, field: str, limit: int, *, required: bool = False) -> str:
     value = content.get(field)
     if value is None:
@@ -162,36 +99,36 @@ def _text_field(content: dict, field: str, limit: int, *, required: bool = False
 
 
 class SessionConsumer(AsyncWebsocketConsumer):
-    """One browser tab's connection to one work session."""
+    """One browser tab's connection to one work session: a watcher of its live turns."""
 
-    # Seconds between token frames: at most ~30 frames a second per stream.
-    token_interval = 1 / 30
-    # A channel layer that does not answer within this long is treated as failed for the turn.
-    fanout_timeout = 0.5
-
-    KNOWN_TYPES = ("chat", "stop", "switch", "end", "ping")
+    KNOWN_TYPES = ("chat", "resume", "stop", "switch", "end", "ping")
+    # Seconds between token frames of the turns this socket asks for: at most ~30 a second.
+    token_interval = livechat.TOKEN_INTERVAL
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.session_id: str = ""
         self.group: str = ""
         self.user = None
-        self._turn: asyncio.Task | None = None
-        # The turn whose answer is still open: cleared just before its last frame goes out,
-        # so a chat sent right after `message.done` is not refused while fan-out finishes.
-        self._open_turn: str | None = None
+        self.hub: livechat.Hub | None = None
         self._closed = False
-        self._fanout_ok = True
-        self._outbox: asyncio.Queue = asyncio.Queue()
-        self._sender: asyncio.Task | None = None
+        self._joined = False
+        self._send_lock = asyncio.Lock()
+        # Per turn, the last token frame this socket has: frames at or below it are dropped,
+        # and a turn's frames reach the socket only once it is in step (watching from the start,
+        # or resumed).
+        self._in_step: dict[str, int] = {}
+        # A catch-up asked of another process: the frames that arrive from the group meanwhile.
+        self._catching_up: dict | None = None
         self._layer_receive: Callable[[], Awaitable[dict]] | None = None
         # The session and its messages as the last turn left them: the next turn's claim checks
         # they are still current and then need not read them again (see services.KnownSession).
-        self._known: services.KnownSession | None = None
+        self.known: services.KnownSession | None = None
 
     # --- Channel layer resilience --------------------------------------------------------
     # Channels' dispatch loop awaits `channel_receive` alongside the socket; a failing channel
-    # layer (Redis down) would end the consumer. Wrap it so only the fan-out degrades.
+    # layer (Redis down) would end the consumer. Wrap it so only the fan-out degrades, and join
+    # the group again once it answers (a restarted Redis has forgotten every group).
 
     @property
     def channel_receive(self) -> Callable[[], Awaitable[dict]]:
@@ -208,18 +145,36 @@ class SessionConsumer(AsyncWebsocketConsumer):
                 return await self._layer_receive()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                logger.warning(
-                    "Channel layer receive failed for %s; retrying in %.1fs", self.group, delay, exc_info=True
-                )
+            except Exception as exc:
+                if self.hub is not None:
+                    self.hub.layer_failed(exc)  # logged once; the hub rejoins the groups
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+                delay = min(delay * 2, 5.0)
+
+    async def join(self) -> None:
+        """Join the session's group (for other processes' frames); the hub calls it again after an outage."""
+        if self.hub is None or not self.hub.shared or not self.group or self._closed:
+            return
+        await asyncio.wait_for(self.channel_layer.group_add(self.group, self.channel_name), livechat.FANOUT_TIMEOUT)
+        self._joined = True
+
+    async def _join(self) -> None:
+        if self.hub is None or not self.hub.shared or self.hub.outage.down:
+            return  # while the layer is down the hub joins us once it answers
+        try:
+            await self.join()
+        except Exception as exc:
+            logger.warning("Could not join %s; this socket misses other processes' answers for now", self.group)
+            self.hub.layer_failed(exc)
 
     # --- Connection ----------------------------------------------------------------------
 
     async def connect(self) -> None:
+        # Accept, then close with an application code: a refused handshake reaches the page as
+        # a bare 1006, which cannot tell "sign in again" from "server down".
         user = self.scope.get("user")
         if user is None or not user.is_authenticated:
+            await self.accept()
             await self.close(code=CLOSE_UNAUTHENTICATED)
             return
         self.user = user
@@ -227,28 +182,28 @@ class SessionConsumer(AsyncWebsocketConsumer):
         try:
             ready = await database_sync_to_async(self._ready_payload)()
         except NotFound:
+            await self.accept()
             await self.close(code=CLOSE_NOT_FOUND)
             return
+        self.hub = livechat.hub()
         self.group = f"session.{self.session_id}"
-        try:
-            await asyncio.wait_for(self.channel_layer.group_add(self.group, self.channel_name), self.fanout_timeout)
-        except Exception:
-            logger.warning("Could not join %s; this socket will not see other tabs' answers", self.group, exc_info=True)
+        self.hub.watch(self.session_id, self)
+        await self._join()
         await self.accept()
         await self._send_frame(ready)
 
     async def disconnect(self, code: int) -> None:
+        # Only stop watching: an answer this socket asked for goes on (livechat.py).
         self._closed = True
-        await self._cancel_turn()
-        if self._sender is not None and not self._sender.done():
-            self._sender.cancel()
-        if self.group:
+        if self.hub is not None:
+            self.hub.unwatch(self.session_id, self)
+        if self._joined:
             try:
                 await asyncio.wait_for(
-                    self.channel_layer.group_discard(self.group, self.channel_name), self.fanout_timeout
+                    self.channel_layer.group_discard(self.group, self.channel_name), livechat.FANOUT_TIMEOUT
                 )
             except Exception:
-                logger.warning("Could not leave %s", self.group, exc_info=True)
+                logger.info("Could not leave %s", self.group)
 
     # --- Inbound frames ------------------------------------------------------------------
 
@@ -304,18 +259,46 @@ class SessionConsumer(AsyncWebsocketConsumer):
             turn = uuid.uuid4().hex
         elif not isinstance(turn, str) or not TURN_ID.match(turn):
             raise FrameError("bad_request", BAD_TURN_MESSAGE)
-        if self._streaming:
+        if self.hub.busy(self.session_id):
             raise FrameError("session_busy", SESSION_BUSY)
-        self._open_turn = turn
-        self._turn = asyncio.create_task(self._run_turn(turn, raw))
-        self._turn.add_done_callback(self._log_turn_failure)
+        # This socket hears of its turn at once; the others once it holds the session's claim.
+        self._in_step[turn] = 0
+        await self._send_frame({"type": "turn.started", "turn": turn, "message": raw})
+        self.hub.start_turn(session_id=self.session_id, turn_id=turn, message=raw, user=self.user, asker=self)
+
+    async def _on_resume(self, content: dict) -> None:
+        turn = content.get("turn")
+        after = content.get("after", 0)
+        if turn is not None and (not isinstance(turn, str) or not TURN_ID.match(turn)):
+            raise FrameError("bad_request", BAD_TURN_MESSAGE)
+        if isinstance(after, bool) or not isinstance(after, int) or not 0 <= after <= MAX_FRAME_NUMBER:
+            raise FrameError("bad_request", BAD_AFTER_MESSAGE)
+        live = self.hub.live(self.session_id)
+        if live is not None:
+            # Read the snapshot and mark this socket in step without yielding: the frames
+            # published after it are exactly the ones it still lacks.
+            frames, n = live.catch_up(turn_id=turn, after=after)
+            self._in_step[live.turn_id] = n
+            for frame in frames:
+                await self._send_frame(frame)
+            await self._send_frame({"type": "resumed", "turn": live.turn_id, "n": n})
+            return
+        if self._catching_up is not None:
+            return  # a catch-up is on its way; it ends with its own `resumed`
+        if not self.hub.shared or not await database_sync_to_async(self._claimed)():
+            await self._send_frame({"type": "resumed", "turn": None})
+            return
+        # The answer streams in another process: ask it; group frames wait until it replies.
+        self._catching_up = {"frames": []}
+        await self.hub.ask_snapshot(session_id=self.session_id, reply_to=self.channel_name, turn_id=turn, after=after)
+        asyncio.get_running_loop().call_later(
+            livechat.SNAPSHOT_TIMEOUT, lambda: asyncio.ensure_future(self._caught_up(None))
+        )
 
     async def _on_stop(self, content: dict) -> None:
-        if self._streaming:
-            await self._cancel_turn()
-        else:
-            # The answer may be streaming to another tab or device: ask its socket to stop.
-            await self._fanout({"type": "session.stop"})
+        # Stop the answer wherever it streams: here at once, elsewhere through the shared cache.
+        if self.hub.stop_here(self.session_id, services.STOP_USER) is None:
+            await database_sync_to_async(services.session_stop)(session_id=self.session_id, user=self.user)
 
     async def _on_switch(self, content: dict) -> None:
         client = _text_field(content, "client", NAME_LIMIT)
@@ -323,177 +306,102 @@ class SessionConsumer(AsyncWebsocketConsumer):
         reason = _text_field(content, "reason", REASON_LIMIT)
         if not client and not model:
             raise FrameError("bad_request", SWITCH_NEEDS_TARGET_MESSAGE)
-        if self._streaming:
+        if self.hub.busy(self.session_id):
             raise FrameError("session_busy", SESSION_BUSY)
         frame = await database_sync_to_async(self._switch)(client=client or None, model=model or None, reason=reason)
-        await self._broadcast(frame)
+        await self.hub.publish(self.session_id, frame)
 
     async def _on_end(self, content: dict) -> None:
-        # Ending stops an answer in progress first; its partial text is stored.
-        await self._cancel_turn()
+        # Ending stops an answer in progress first; its partial text is stored (and `stopped` sent).
+        live = self.hub.stop_here(self.session_id, services.STOP_END)
+        if live is not None:
+            await live.done.wait()
         summary = await services.asession_end(session_id=self.session_id, user=self.user)
         frame = {
             "type": "ended",
             "summary": summary,
             "summary_url": reverse("session-summary", kwargs={"session_id": self.session_id}),
         }
-        await self._broadcast(frame)
+        await self.hub.publish(self.session_id, frame)
 
-    # --- The answer ----------------------------------------------------------------------
+    # --- Frames of the session's turns (from this process's hub, or from the group) -------
 
-    @property
-    def _streaming(self) -> bool:
-        return self._open_turn is not None and self._turn is not None and not self._turn.done()
-
-    async def _run_turn(self, turn: str, message: str) -> None:
-        """Stream one answer: deltas as coalesced `token` frames, then `message.done`."""
-        self._fanout_ok = True
-        started = {"type": "turn.started", "turn": turn, "message": message}
-        shared = False
-        closed = False  # the turn's last frame has gone out
-
-        async def share(frame: dict) -> None:
-            # This socket first (no fan-out latency before its tokens); other tabs hear of the
-            # turn only once it is really under way (not refused as busy).
-            nonlocal shared, closed
-            if frame["type"] != "token":
-                closed = True
-                self._close_turn(turn)
-            await self._send_frame(frame)
-            if not shared:
-                shared = True
-                await self._fanout({"type": "session.frame", "frame": started})
-            await self._fanout({"type": "session.frame", "frame": frame})
-
-        async def emit(text: str) -> None:
-            await share({"type": "token", "turn": turn, "text": text})
-
-        coalescer = TokenCoalescer(emit, self.token_interval)
-        await self._send_frame(started)
-        known, self._known = self._known, None
-        try:
-            stream = services.session_chat(session_id=self.session_id, user=self.user, message=message, known=known)
-            async with aclosing(stream) as events:
-                async for event in events:
-                    if isinstance(event, Token):
-                        await coalescer.add(event.text)
-                    elif isinstance(event, Done):
-                        self._known = event.known
-                        await coalescer.close()
-                        payload = await database_sync_to_async(self._done_payload)(event)
-                        await share({"type": "message.done", "turn": turn, **payload})
-        except asyncio.CancelledError:
-            # Stop, end or disconnect. Closing the stream made the service store the partial answer.
-            if self._closed or closed:
-                coalescer.discard()
-                raise
-            asyncio.current_task().uncancel()
-            await coalescer.close()
-            payload = await database_sync_to_async(self._latest_payload)()
-            await share({"type": "stopped", "turn": turn, **payload})
-        except ProviderFailed as exc:
-            # The provider failed mid-turn: the user message and any partial answer are stored.
-            if self._closed:
-                coalescer.discard()
-                return
-            await coalescer.close()
-            payload = await database_sync_to_async(self._latest_payload)()
-            await share({"type": "error", "code": exc.code, "message": exc.message, "turn": turn, **payload})
-        except SessionError as exc:
-            # Refused before anything streamed (busy, ended, too large...): only this socket hears of it.
-            coalescer.discard()
-            self._close_turn(turn)
-            await self._send_frame({"type": "error", "code": exc.code, "message": exc.message, "turn": turn})
-        except Exception:
-            logger.exception("Chat turn failed in session %s", self.session_id)
-            if self._closed:
-                coalescer.discard()
-                return
-            await coalescer.close()
-            payload = await database_sync_to_async(self._latest_payload)()
-            await share(
-                {"type": "error", "code": INTERNAL_ERROR, "message": INTERNAL_ERROR_MESSAGE, "turn": turn, **payload}
-            )
-
-    def _close_turn(self, turn: str) -> None:
-        if self._open_turn == turn:
-            self._open_turn = None
-
-    def _log_turn_failure(self, task: asyncio.Task) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("Chat turn task in session %s died", self.session_id, exc_info=task.exception())
-
-    async def _cancel_turn(self) -> None:
-        task = self._turn
-        if task is None or task.done():
+    async def take(self, frame: dict, text: str | None = None, *, remote: bool = False) -> None:
+        """Send a frame about the session, unless this socket already has it or is not in step."""
+        if self._closed:
             return
-        task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            if asyncio.current_task().cancelling():
-                raise
+        kind, turn = frame.get("type"), frame.get("turn")
+        if remote and self._catching_up is not None and turn is not None:
+            self._catching_up["frames"].append(frame)
+            return
+        if kind == "token":
+            have = self._in_step.get(turn)
+            n = frame.get("n")
+            if have is None or not isinstance(n, int) or n <= have:
+                return  # not in step with this turn (it resumes first), or already sent
+            if n > have + 1 and remote:
+                # Frames were lost between processes (a channel layer outage): fetch the gap.
+                await self._on_resume({"turn": turn, "after": have})
+                return
+            self._in_step[turn] = n
+        elif kind == "turn.started" and not frame.get("resumed"):
+            self._in_step[turn] = 0
+        elif kind in livechat.FINAL_FRAMES and turn is not None:
+            self._in_step.pop(turn, None)
+        async with self._send_lock:
+            if not self._closed:
+                await self.send(text_data=text if text is not None else livechat.dumps(frame))
 
-    # --- Frames from other sockets of this session (the group) ---------------------------
+    async def _caught_up(self, reply: dict | None) -> None:
+        waiting, self._catching_up = self._catching_up, None
+        if waiting is None:
+            return  # answered already (or timed out already)
+        turn = None
+        if reply is not None and isinstance(reply.get("frames"), list):
+            turn = reply.get("turn")
+            self._in_step[turn] = reply.get("n", 0)
+            for frame in reply["frames"]:
+                await self._send_frame(frame)
+        await self._send_frame({"type": "resumed", "turn": turn, "n": self._in_step.get(turn, 0) if turn else 0})
+        for frame in waiting["frames"]:
+            await self.take(frame, remote=True)
 
     async def dispatch(self, message: dict) -> None:
         # Channels sweeps stale database connections before every handler: a hop to the one
-        # database thread. Group events never touch the database, and with many streams they
-        # are most of the traffic, so they skip the sweep and never queue behind the
-        # database work of other answers.
-        if message.get("type") in ("session.frame", "session.stop"):
-            await getattr(self, message["type"].replace(".", "_"))(message)
-            return
-        await super().dispatch(message)
+        # database thread, queued behind the database work of every other answer. Group events
+        # never touch the database, and inbound frames that do go through
+        # `database_sync_to_async`, which sweeps in the thread itself; so neither waits for the
+        # hop (a `resume` is answered from memory, a `chat` starts its turn at once).
+        kind = message.get("type")
+        if kind == "session.frame":
+            await self.session_frame(message)
+        elif kind == "websocket.receive":
+            await self.websocket_receive(message)
+        elif kind == "websocket.connect":
+            await self.websocket_connect(message)  # its database work sweeps in its own hop
+        elif kind == "websocket.disconnect":
+            await self.websocket_disconnect(message)  # touches no database
+        elif kind == "turn.snapshot.reply":
+            await self._caught_up(message)
+        else:
+            await super().dispatch(message)
 
     async def session_frame(self, event: dict) -> None:
-        if event.get("origin") == self.channel_name or self._closed:
-            return
-        await self._send_frame(event["frame"])
-
-    async def session_stop(self, event: dict) -> None:
-        if event.get("origin") != self.channel_name and self._streaming:
-            await self._cancel_turn()
+        if self.hub is None or event.get("origin") == self.hub.id:
+            return  # from this process: its sockets had it straight from the hub
+        frame = event.get("frame")
+        if isinstance(frame, dict):
+            await self.take(frame, remote=True)
 
     # --- Sending -------------------------------------------------------------------------
 
     async def _send_frame(self, frame: dict) -> None:
-        if not self._closed:
-            await self.send(text_data=json.dumps(frame, separators=(",", ":"), cls=DjangoJSONEncoder))
+        async with self._send_lock:
+            if not self._closed:
+                await self.send(text_data=livechat.dumps(frame))
 
     async def _send_error(self, code: str, message: str) -> None:
         await self._send_frame({"type": "error", "code": code, "message": message})
-
-    async def _broadcast(self, frame: dict) -> None:
-        """Send to this socket first, then to the session's other sockets through the group."""
-        await self._send_frame(frame)
-        await self._fanout({"type": "session.frame", "frame": frame})
-
-    async def _fanout(self, event: dict) -> None:
-        """Queue an event for the session's other sockets; never waits on the channel layer.
-
-        One background task sends the queue in order, so a slow or hanging Redis delays
-        only the other tabs, never this socket's own frames.
-        """
-        if not self.group or not self._fanout_ok or self._closed:
-            return
-        self._outbox.put_nowait({**event, "origin": self.channel_name})
-        if self._sender is None or self._sender.done():
-            self._sender = asyncio.create_task(self._send_outbox())
-
-    async def _send_outbox(self) -> None:
-        while not self._outbox.empty():
-            event = self._outbox.get_nowait()
-            if not self._fanout_ok:
-                continue
-            try:
-                await asyncio.wait_for(self.channel_layer.group_send(self.group, event), self.fanout_timeout)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                # Degrade: other tabs miss this turn live (they refetch on reconnect); the asker is unaffected.
-                self._fanout_ok = False
-                logger.warning("Fan-out to %s failed; other tabs miss this answer live", self.group, exc_info=True)
 
     # --- Database work (run in a thread) -------------------------------------------------
 
@@ -512,21 +420,8 @@ class SessionConsumer(AsyncWebsocketConsumer):
             "streaming": session.turn_started_at is not None,
         }
 
-    def _done_payload(self, event: Done) -> dict:
-        return {
-            "message": selectors.message_as_dict(event.message),
-            "session": selectors.session_as_dict(event.session),
-        }
-
-    def _latest_payload(self) -> dict:
-        """The stored answer of a stopped or failed turn, and the session's totals."""
-        session = ChatSession.objects.select_related("domain", "brand").get(pk=self.session_id)
-        latest = selectors.session_messages(session=session).last()
-        stored = latest if latest is not None and latest.role == MessageRole.ASSISTANT else None
-        return {
-            "stored": selectors.message_as_dict(stored) if stored else None,
-            "session": selectors.session_as_dict(session),
-        }
+    def _claimed(self) -> bool:
+        return ChatSession.objects.filter(pk=self.session_id, turn_started_at__isnull=False).exists()
 
     def _switch(self, *, client: str | None, model: str | None, reason: str) -> dict:
         stream = services.session_switch(

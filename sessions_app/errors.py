@@ -66,6 +66,26 @@ class MessageTooLarge(SessionError):
     code, status = "message_too_large", 413
 
 
+class Unavailable(SessionError):
+    """Try again shortly: answered 503 with `Retry-After` (`retry_after` seconds)."""
+
+    code, status = "unavailable", 503
+    retry_after = 1
+
+
+class ServerStopping(Unavailable):
+    """The process is shutting down and takes no new turn; another process (or its restart) will."""
+
+    code = "server_stopping"
+    retry_after = 5
+
+
+class StoreFailed(Unavailable):
+    """The answer streamed but could not be stored: its text is logged and the guardian restores it."""
+
+    code = "store_failed"
+
+
 class ProviderFailed(SessionError):
     """The provider failed; the user message and any partial answer are stored."""
 

@@ -40,6 +40,8 @@ def chat_page_config(session: ChatSession, *, can_chat: bool) -> dict:
         "brand": brand_payload(session_brand_style(session)),
         "can_chat": can_chat,
         "streaming": session.turn_started_at is not None,
+        # The answer streaming now, as of its last checkpoint: shown until the socket catches up.
+        "live": {"text": session.turn_partial} if session.turn_started_at is not None else None,
         "server_now": timezone.now().isoformat(),
         "max_chars": settings.CHAT_MAX_MESSAGE_CHARS,
         "ws_path": f"/ws/sessions/{sid}/",

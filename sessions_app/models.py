@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import uuid
+from datetime import timedelta
 
 from django.conf import settings
 from django.db import models
@@ -35,6 +36,26 @@ class SessionSource(models.TextChoices):
     CONTINUE = "continue", "Continuation"
     EDIT = "edit", "Edited message"
     REGENERATE = "regenerate", "Regenerated answer"
+
+
+# `turn_owner` of a turn its process gave up on (its final store failed): settled at once.
+ORPHANED_TURN = "-"
+
+
+def turn_stale_after() -> timedelta:
+    """How long a turn may go unheard of (no claim, no checkpoint) before it counts as abandoned.
+
+    The one definition of a stale turn and a stuck session (`TURN_STALE_SECONDS`): the guardian,
+    the monitoring page and the claim takeover all read it here.
+    """
+    return timedelta(seconds=settings.TURN_STALE_SECONDS)
+
+
+def stale_turn_q(now) -> Q:
+    """Sessions holding an answer claim nothing has been heard of since `turn_stale_after()`, or orphaned."""
+    cutoff = now - turn_stale_after()
+    unheard = Q(turn_started_at__lt=cutoff) & (Q(turn_checkpoint_at__isnull=True) | Q(turn_checkpoint_at__lt=cutoff))
+    return Q(turn_started_at__isnull=False) & (unheard | Q(turn_owner=ORPHANED_TURN))
 
 
 class ChatSessionQuerySet(models.QuerySet):
@@ -71,6 +92,10 @@ class ChatSessionQuerySet(models.QuerySet):
 
     def idle_since(self, cutoff) -> ChatSessionQuerySet:
         return self.active().filter(last_activity_at__lt=cutoff)
+
+    def with_stale_turn(self, now) -> ChatSessionQuerySet:
+        """Active sessions whose answer claim is stale (`stale_turn_q`): stuck until settled."""
+        return self.active().filter(stale_turn_q(now))
 
 
 class ChatSession(models.Model):
@@ -127,6 +152,14 @@ class ChatSession(models.Model):
         null=True, blank=True, help_text="Hidden from the consultant's lists; still billed and reported."
     )
     turn_started_at = models.DateTimeField(null=True, blank=True, help_text="Set while an answer is streaming.")
+    # The streaming answer's process and its checkpoint (at most one UPDATE every 2 seconds):
+    # what a turn whose process died is settled with (services/recovery.py).
+    turn_owner = models.CharField(
+        max_length=120, blank=True, help_text="The process streaming the answer: host:pid:start."
+    )
+    turn_checkpoint_at = models.DateTimeField(null=True, blank=True, help_text="When the partial answer was saved.")
+    turn_partial = models.TextField(blank=True, help_text="The answer so far, as of the last checkpoint.")
+    turn_prompt_tokens = models.PositiveIntegerField(default=0, help_text="The streaming call's estimated prompt.")
     archived_at = models.DateTimeField(null=True, blank=True)
     archive_blob = models.BinaryField(null=True, blank=True, editable=False)
 

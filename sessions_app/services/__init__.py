@@ -5,6 +5,7 @@ package is split by lifecycle; callers import from here:
 
 - `inputs`: checks of what callers hand in (text, client, model, brand, stream options).
 - `claims`: the one-answer-at-a-time claim on a session and when it counts as stale.
+- `recovery`: turns whose process is gone (settled from their checkpoint).
 - `store`: loading a session and linking messages into its hash chain.
 - `turns`: the chat turn (`begin_turn`, `session_chat`).
 - `switching`: moving a session to another client or model.
@@ -18,7 +19,6 @@ package is split by lifecycle; callers import from here:
 
 from sessions_app.events import TURN_ROW_FIELDS, KnownSession
 from sessions_app.services.claims import (
-    TURN_GRACE_SECONDS,
     _check_writable,
     _claim_or_explain,
     _release_claim,
@@ -58,6 +58,7 @@ from sessions_app.services.lifecycle import (
     session_end_as_staff,
     session_start,
     sessions_end_idle,
+    sessions_settle_abandoned,
     sessions_stuck,
 )
 from sessions_app.services.presets import (
@@ -66,6 +67,13 @@ from sessions_app.services.presets import (
     TEMPLATE_UNKNOWN,
     session_start_from_template,
     template_resolve,
+)
+from sessions_app.services.recovery import (
+    SETTLED_CUT_OFF,
+    SETTLED_UNSTORED,
+    owner_is_gone,
+    process_owner,
+    turn_settle,
 )
 from sessions_app.services.sharing import (
     INVITE_ENDED,
@@ -88,15 +96,29 @@ from sessions_app.services.switching import (
     session_switch,
 )
 from sessions_app.services.turns import (
+    ANSWER_NOT_STORED,
     CANCELLED,
+    CHECKPOINT_SECONDS,
     ENDED_DURING_ANSWER,
     KNOWN_HISTORY_MAX_CHARS,
     PROVIDER_FAILED,
     PROVIDER_TIMED_OUT,
+    SERVER_STOPPING,
+    STOP_END,
+    STOP_SHUTDOWN,
+    STOP_USER,
     STOPPED_BY_END,
+    STOPPED_BY_SHUTDOWN,
+    STOPPED_BY_USER,
     _stop_key,
     begin_turn,
+    local_turn,
+    local_turns,
     session_chat,
+    session_stop,
+    turn_stop_request,
+    turns_resume_admission,
+    turns_stop_admission,
 )
 from sessions_app.services.versions import (
     CONTINUE_ACTIVE,
@@ -114,9 +136,11 @@ from sessions_app.services.versions import (
 )
 
 __all__ = [
+    "ANSWER_NOT_STORED",
     "BRANCH_EMPTY",
     "BRANCH_RANGE",
     "CANCELLED",
+    "CHECKPOINT_SECONDS",
     "CLIENT_REQUIRED",
     "CONTINUE_ACTIVE",
     "CONTINUE_ARCHIVED",
@@ -147,7 +171,15 @@ __all__ = [
     "REMOTE_STOP_WAIT_SECONDS",
     "REVOKE_NONE",
     "SEQ_NOT_A_NUMBER",
+    "SERVER_STOPPING",
+    "SETTLED_CUT_OFF",
+    "SETTLED_UNSTORED",
     "STOPPED_BY_END",
+    "STOPPED_BY_SHUTDOWN",
+    "STOPPED_BY_USER",
+    "STOP_END",
+    "STOP_SHUTDOWN",
+    "STOP_USER",
     "SWITCH_BUSY",
     "SWITCH_NOTHING",
     "SWITCH_SAME",
@@ -156,7 +188,6 @@ __all__ = [
     "TEMPLATE_OTHER_CLIENT",
     "TEMPLATE_UNKNOWN",
     "TOKEN_CLIENT",
-    "TURN_GRACE_SECONDS",
     "TURN_ROW_FIELDS",
     "UNKNOWN_BRAND",
     "UNKNOWN_END_REASON",
@@ -173,6 +204,10 @@ __all__ = [
     "asession_end",
     "asession_switch",
     "begin_turn",
+    "local_turn",
+    "local_turns",
+    "owner_is_gone",
+    "process_owner",
     "quantize_money",
     "session_append_history",
     "session_branch",
@@ -186,13 +221,19 @@ __all__ = [
     "session_revoke",
     "session_start",
     "session_start_from_template",
+    "session_stop",
     "session_switch",
     "session_update",
     "sessions_end_idle",
+    "sessions_settle_abandoned",
     "sessions_stuck",
     "template_resolve",
     "turn_is_live",
+    "turn_settle",
     "turn_stale_after",
+    "turn_stop_request",
+    "turns_resume_admission",
+    "turns_stop_admission",
     "wait_for_turn",
     "with_pending_stream",
 ]

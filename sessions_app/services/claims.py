@@ -1,18 +1,21 @@
 """The turn claim: one answer streams per session at a time.
 
 The claim is `ChatSession.turn_started_at`, taken with a conditional UPDATE (a row lock on
-PostgreSQL); a second chat gets `SessionBusy` (409). A claim older than the provider timeouts
-(`turn_stale_after()`) belongs to a crashed worker and is taken over.
+PostgreSQL) that also names the claiming process (`turn_owner`); a second chat gets
+`SessionBusy` (409). A claim is live while its process runs and something has been heard of
+it (its claim or its last checkpoint) within `TURN_STALE_SECONDS` (`models.turn_stale_after`,
+the one definition of a stale turn). A claim that is not live is taken over by settling it
+first (`recovery.turn_settle`: its checkpointed text becomes the answer), never by silently
+overwriting it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
-from django.conf import settings
 from django.db.models import Exists, F, OuterRef, Q
 from django.utils import timezone
 
@@ -30,27 +33,43 @@ from sessions_app.models import (
     ChatSession,
     ContextStream,
     SessionStatus,
+    stale_turn_q,
+    turn_stale_after,
 )
 from sessions_app.selectors import session_get_for_user
+from sessions_app.services.recovery import CLAIM_CLEARED, owner_is_gone, process_owner, turn_settle
 
-TURN_GRACE_SECONDS = 30
+__all__ = ["turn_stale_after"]
 
-
-def turn_stale_after() -> timedelta:
-    """How old a turn claim must be before it is considered abandoned (a crashed worker)."""
-    first = settings.PROVIDER_CONNECT_TIMEOUT + settings.PROVIDER_FIRST_TOKEN_TIMEOUT
-    return timedelta(
-        seconds=first * (settings.PROVIDER_MAX_RETRIES + 1) + settings.PROVIDER_IDLE_TIMEOUT + TURN_GRACE_SECONDS
-    )
+# The claim's fields, read to tell a live claim from an abandoned one.
+CLAIM_FIELDS = ("turn_started_at", "turn_owner", "turn_checkpoint_at")
 
 
 def _no_live_turn(now: datetime) -> Q:
-    return Q(turn_started_at__isnull=True) | Q(turn_started_at__lt=now - turn_stale_after())
+    """No claim, or a stale one (in SQL: a dead process on this host is found by `turn_is_live`)."""
+    return Q(turn_started_at__isnull=True) | stale_turn_q(now)
+
+
+def _claim_is_live(claim: datetime | None, owner: str, checkpoint: datetime | None, now: datetime) -> bool:
+    if claim is None or owner_is_gone(owner):
+        return False
+    heard = max(claim, checkpoint) if checkpoint is not None else claim
+    return heard >= now - turn_stale_after()
 
 
 def turn_is_live(session: ChatSession, now: datetime | None = None) -> bool:
-    now = now or timezone.now()
-    return session.turn_started_at is not None and session.turn_started_at >= now - turn_stale_after()
+    """An answer is streaming in the session and its process is, as far as can be told, alive."""
+    return _claim_is_live(
+        session.turn_started_at, session.turn_owner, session.turn_checkpoint_at, now or timezone.now()
+    )
+
+
+def settle_abandoned_claim(session_id, now: datetime) -> bool:
+    """Inside a transaction: settle the session's claim if it is not live; True if one was settled."""
+    row = ChatSession.objects.filter(pk=session_id).values_list(*CLAIM_FIELDS).first()
+    if row is None or row[0] is None or _claim_is_live(*row, now):
+        return False
+    return turn_settle(session_id=session_id, claim=row[0], now=now) is not None
 
 
 def _check_writable(session: ChatSession) -> None:
@@ -61,12 +80,14 @@ def _check_writable(session: ChatSession) -> None:
 
 
 def _claim_or_explain(session_id, now: datetime, *, busy_message: str = SESSION_BUSY, **updates) -> None:
-    """Inside a transaction: lock the active session row unless an answer is streaming."""
-    claimed = (
-        ChatSession.objects.filter(pk=session_id, status=SessionStatus.ACTIVE)
-        .filter(_no_live_turn(now))
-        .update(**updates)
-    )
+    """Inside a transaction: lock the active session row unless an answer is streaming.
+
+    An abandoned claim is settled first, so its question keeps an answer.
+    """
+    settle_abandoned_claim(session_id, now)
+    claimed = ChatSession.objects.filter(
+        pk=session_id, status=SessionStatus.ACTIVE, turn_started_at__isnull=True
+    ).update(**updates)
     if claimed:
         return
     status = ChatSession.objects.filter(pk=session_id).values_list("status", flat=True).first()
@@ -88,18 +109,24 @@ def with_pending_stream(sessions):
 
 def _claim_fields(now: datetime) -> dict[str, Any]:
     """What claiming a session for one answer writes: the claim, the activity, the user message's count."""
-    return {"turn_started_at": now, "last_activity_at": now, "total_messages": F("total_messages") + 1}
+    return {
+        "turn_started_at": now,
+        "turn_owner": process_owner(),
+        "last_activity_at": now,
+        "total_messages": F("total_messages") + 1,
+    }
 
 
 def _quick_claim(pk, user, now: datetime, **still) -> bool:
     """One UPDATE that claims the caller's active, uninvoiced session with no answer streaming.
 
-    `still` adds conditions on what the caller read (see `_claim_known`).
+    `still` adds conditions on what the caller read (see `_claim_known`). A session holding a
+    claim, even an abandoned one, takes the slow path (`_claim_turn`), which settles it.
     """
     # Owners (and staff) only: a consultant the session is shared with takes `_claim_turn`'s
     # general path, which goes through the full access rule.
     sessions = ChatSession.objects.owned_by(user).filter(
-        _no_live_turn(now), pk=pk, status=SessionStatus.ACTIVE, invoice__isnull=True, **still
+        pk=pk, status=SessionStatus.ACTIVE, invoice__isnull=True, turn_started_at__isnull=True, **still
     )
     return bool(sessions.update(**_claim_fields(now)))
 
@@ -135,22 +162,23 @@ def _claim_known(pk, user, now: datetime, known: KnownSession) -> bool:
     if not _quick_claim(pk, user, now, **current):
         return False
     session.turn_started_at = session.last_activity_at = now
+    session.turn_owner = process_owner()
     session.total_messages += 1
     return True
 
 
 def _release_claim(session_id, claim: datetime) -> None:
     """Transaction 2 (only when a turn fails before streaming): give the session back."""
-    ChatSession.objects.filter(pk=session_id, turn_started_at=claim).update(turn_started_at=None)
+    ChatSession.objects.filter(pk=session_id, turn_started_at=claim).update(**CLAIM_CLEARED)
 
 
 async def wait_for_turn(session_id, *, poll: float = 0.1, limit: float | None = None) -> None:
-    """Wait (without blocking a thread) until no answer streams in the session."""
+    """Wait (without blocking a thread) until no live answer streams in the session."""
     deadline = time.monotonic() + (limit if limit is not None else turn_stale_after().total_seconds())
     while time.monotonic() < deadline:
-        claim = await db_sync_to_async(
-            lambda: ChatSession.objects.filter(pk=session_id).values_list("turn_started_at", flat=True).first()
+        row = await db_sync_to_async(
+            lambda: ChatSession.objects.filter(pk=session_id).values_list(*CLAIM_FIELDS).first()
         )()
-        if claim is None or claim < timezone.now() - turn_stale_after():
+        if row is None or not _claim_is_live(*row, timezone.now()):
             return
         await asyncio.sleep(poll)

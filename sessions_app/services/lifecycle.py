@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from datetime import datetime, timedelta
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.core.cache import cache
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from billing import budgets
@@ -22,17 +23,21 @@ from sessions_app.errors import (
     SessionLocked,
 )
 from sessions_app.models import (
+    ORPHANED_TURN,
     ChatSession,
     EndReason,
+    SessionMessage,
     SessionSegment,
     SessionSource,
     SessionStatus,
+    stale_turn_q,
 )
 from sessions_app.selectors import session_get_for_owner, session_summary
 from sessions_app.services.claims import (
+    CLAIM_FIELDS,
+    _claim_is_live,
     _no_live_turn,
     turn_is_live,
-    turn_stale_after,
     wait_for_turn,
 )
 from sessions_app.services.inputs import (
@@ -46,12 +51,13 @@ from sessions_app.services.inputs import (
     _resolve_client,
     _resolve_model,
 )
+from sessions_app.services.recovery import CLAIM_CLEARED, turn_settle
 from sessions_app.services.store import _load
 from sessions_app.services.turns import (
-    _TURNS,
-    _TURNS_LOCK,
-    _stop_key,
+    STOP_END,
     _store_answer,
+    local_turn,
+    turn_stop_request,
 )
 
 logger = logging.getLogger(__name__)
@@ -60,8 +66,8 @@ UNKNOWN_END_REASON = "Unknown end reason {reason!r}; use one of {choices}."
 
 
 # A worker streaming an answer polls for a stop request every half second; if it has not let go
-# of the session after this long it is gone, and the end goes ahead (its answer, should it still
-# arrive, is stored and the seal renewed).
+# of the session after this long it is taken for gone, and the end settles its answer from the
+# last checkpoint (should the worker still finish, its answer is logged, never stored after the end).
 REMOTE_STOP_WAIT_SECONDS = 10.0
 
 
@@ -113,38 +119,52 @@ def session_start(
     return session
 
 
-def _wait_for_remote_turn(session: ChatSession, *, timeout: float | None = None) -> None:
-    """Ask a streaming answer in another process to stop, then wait for it to store itself."""
+def _wait_for_remote_turn(session: ChatSession, *, timeout: float | None = None):
+    """Ask a streaming answer in another process to stop, then wait for it to store itself.
+
+    Returns the turn if it turns out to stream in this process after all (it was claimed but
+    not yet registered when the end looked): the end takes it over.
+    """
     claim = session.turn_started_at
     if claim is None:
-        return
-    cache.set(_stop_key(session.pk, claim), True, timeout=int(turn_stale_after().total_seconds()) + 60)
+        return None
+    turn_stop_request(session_id=session.pk, claim=claim, reason=STOP_END)
     deadline = time.monotonic() + (timeout if timeout is not None else REMOTE_STOP_WAIT_SECONDS)
     while time.monotonic() < deadline:
+        turn = local_turn(session.pk)
+        if turn is not None and turn.start.claim == claim:
+            return turn
         current = ChatSession.objects.filter(pk=session.pk).values_list("turn_started_at", flat=True).first()
         if current != claim:
-            return
+            return None
         time.sleep(0.1)
+    return None
 
 
 def _end(session: ChatSession, *, reason: str, at: datetime | None = None, wait_remote: bool = True) -> dict:
+    """End the session, ordered with any answer streaming in it.
+
+    An answer streaming here is taken over and stored (partial) before the seal; one streaming
+    elsewhere is asked to stop and waited for; one whose process is gone, or that did not let
+    go in time, is settled from its checkpoint. So no answer is ever stored after `ended_at`,
+    and ending twice returns the same summary.
+    """
     if session.status == SessionStatus.ENDED:
         return session_summary(session=session)
     if session.is_locked:
         raise SessionLocked(SESSION_LOCKED)
 
-    with _TURNS_LOCK:
-        turn = _TURNS.get(str(session.pk))
+    turn = local_turn(session.pk)
+    if turn is None and wait_remote and turn_is_live(session):
+        turn = _wait_for_remote_turn(session)
     taken = False
     if turn is not None:
         taken = turn.take_over()
         if taken:
-            turn.request_stop()
+            turn.request_stop(STOP_END)
         else:
             # The answer is being stored right now in another thread: let it finish.
             turn.finished.wait(timeout=30)
-    elif wait_remote and turn_is_live(session):
-        _wait_for_remote_turn(session)
 
     now = timezone.now()
     with transaction.atomic():
@@ -155,20 +175,29 @@ def _end(session: ChatSession, *, reason: str, at: datetime | None = None, wait_
             ended = False
             if taken:
                 _store_answer(turn, now=now)
-                locked = ChatSession.objects.select_for_update().get(pk=session.pk)
+            claim = ChatSession.objects.filter(pk=session.pk).values_list("turn_started_at", flat=True).first()
+            if claim is not None:
+                # Another process's answer that did not let go in time, or one whose process is
+                # gone: its question keeps the checkpointed text, dated before the end.
+                turn_settle(session_id=session.pk, claim=claim, now=now)
+            locked = ChatSession.objects.select_for_update().get(pk=session.pk)
             ended_at = at or now
             last_start = (
                 locked.segments.order_by("-started_at").values_list("started_at", flat=True).first()
                 or locked.started_at
             )
             ended_at = max(ended_at, locked.started_at, last_start)
+            if at is not None:
+                # Never before the last stored answer (one settled just now may be later than `at`).
+                ended_at = max(ended_at, locked.last_activity_at)
             SessionSegment.objects.filter(session=locked, ended_at__isnull=True).update(ended_at=ended_at)
             locked.status = SessionStatus.ENDED
             locked.ended_at = ended_at
             locked.duration_seconds = int((ended_at - locked.started_at).total_seconds() // 1)
             locked.end_reason = reason
-            locked.turn_started_at = None
-            locked.save(update_fields=["status", "ended_at", "duration_seconds", "end_reason", "turn_started_at"])
+            for name, value in CLAIM_CLEARED.items():
+                setattr(locked, name, value)
+            locked.save(update_fields=["status", "ended_at", "duration_seconds", "end_reason", *CLAIM_CLEARED])
             locked.soulfra_hash = integrity.build_seal(locked)
             locked.save(update_fields=["soulfra_hash"])
     if taken:
@@ -194,14 +223,10 @@ async def asession_end(*, session_id, user, reason: str = EndReason.USER) -> dic
     if reason not in EndReason.values:
         raise BadInput(UNKNOWN_END_REASON.format(reason=reason, choices=", ".join(EndReason.values)))
     session = await db_sync_to_async(session_get_for_owner)(session_id=session_id, user=user)
-    with _TURNS_LOCK:
-        local = str(session.pk) in _TURNS
-    if not local and session.status == SessionStatus.ACTIVE and turn_is_live(session):
+    if local_turn(session.pk) is None and session.status == SessionStatus.ACTIVE and turn_is_live(session):
+        claim = session.turn_started_at
         await sync_to_async(
-            lambda: cache.set(
-                _stop_key(session.pk, session.turn_started_at), True, int(turn_stale_after().total_seconds()) + 60
-            ),
-            thread_sensitive=False,
+            lambda: turn_stop_request(session_id=session.pk, claim=claim, reason=STOP_END), thread_sensitive=False
         )()
         await wait_for_turn(session.pk, limit=REMOTE_STOP_WAIT_SECONDS)
 
@@ -224,11 +249,32 @@ def sessions_end_idle(*, now: datetime | None = None) -> list[ChatSession]:
 
 
 def sessions_stuck(*, now: datetime | None = None):
-    """Active sessions whose answer claim is older than the provider timeouts allow."""
+    """Active sessions whose answer claim is stale (`models.turn_stale_after`): the monitoring page's stuck."""
+    return ChatSession.objects.with_stale_turn(now or timezone.now()).select_related("domain", "user")
+
+
+def sessions_settle_abandoned(*, now: datetime | None = None) -> list[tuple[ChatSession, SessionMessage]]:
+    """Settle every answer whose process is gone: stale ones, and those of dead processes on this host.
+
+    The guardian calls it on every pass and daphne at start-up; each settled turn's checkpointed
+    text becomes its answer (`recovery.turn_settle`). Returns the sessions with their new answers.
+    """
     now = now or timezone.now()
-    first = settings.PROVIDER_CONNECT_TIMEOUT + settings.PROVIDER_FIRST_TOKEN_TIMEOUT
-    cutoff = now - timedelta(seconds=first + settings.PROVIDER_IDLE_TIMEOUT)
-    return ChatSession.objects.active().filter(turn_started_at__lt=cutoff).select_related("domain", "user")
+    here = Q(turn_owner__startswith=f"{socket.gethostname()}:") | Q(turn_owner=ORPHANED_TURN)
+    candidates = (
+        ChatSession.objects.active()
+        .filter(turn_started_at__isnull=False)
+        .filter(stale_turn_q(now) | here)
+        .values_list("pk", *CLAIM_FIELDS)
+    )
+    settled = []
+    for pk, *claim in list(candidates):
+        if _claim_is_live(*claim, now):
+            continue
+        message = turn_settle(session_id=pk, claim=claim[0], now=now)
+        if message is not None:
+            settled.append((_load(pk), message))
+    return settled
 
 
 def session_end_as_staff(*, session: ChatSession) -> dict:

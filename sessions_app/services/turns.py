@@ -3,12 +3,19 @@
 A chat turn is at most three write transactions: (1) claim the session and store the user
 message, (2) only when the turn fails before streaming, release the claim, (3) store the
 assistant message, its `LLMUsage`, the session totals and the hash chain together. Nothing is
-written per token.
+written per token; a long answer is checkpointed (its text so far, one UPDATE on the session
+row) at most every `CHECKPOINT_SECONDS`, so a process that dies loses at most that much of it
+(`recovery.turn_settle` stores the checkpoint).
 
-An end during an answer stops it: the partial answer is stored (status `partial`, usage
-`cancelled`) before the session is sealed, and the chat caller gets `SessionEnded` with
-`ENDED_DURING_ANSWER`. Answers streaming in this process are registered in `_TURNS` so an end
-here can take them over; an end in another process asks through the shared cache.
+Every turn is registered in `_TURNS` from the moment it is claimed, so anything in this
+process can stop it: an end takes the answer over and stores it before sealing (the caller
+gets `SessionEnded` with `ENDED_DURING_ANSWER`); Stop and a server shutdown stop it and the
+caller gets `Done` with the partial answer. Other processes ask through the shared cache
+(`_stop_key`), which a turn polls when `REDIS_URL` is set. An answer is never stored after
+its session ended or after its claim was settled by someone else: it is logged instead.
+If the final store fails (the database is lost), the text goes to the log, the claim is
+handed to the guardian (`ORPHANED_TURN`, with the whole text as its checkpoint) and the
+caller gets `StoreFailed` (503).
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from decimal import Decimal
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.cache import cache
-from django.db import transaction
+from django.db import DatabaseError, transaction
 from django.utils import timezone
 
 from billing import budgets, pricing
@@ -46,18 +53,22 @@ from sessions_app.errors import (
     NotFound,
     ProviderFailed,
     ProviderTimeout,
+    ServerStopping,
     SessionEnded,
+    StoreFailed,
 )
 from sessions_app.events import TURN_ROW_FIELDS, Done, KnownSession, Token
 from sessions_app.models import (
+    ORPHANED_TURN,
     ChatSession,
     ContextStream,
     MessageRole,
     MessageStatus,
     SessionMessage,
     SessionStatus,
+    turn_stale_after,
 )
-from sessions_app.selectors import parse_session_id
+from sessions_app.selectors import parse_session_id, session_get_for_user
 from sessions_app.services.claims import (
     _claim_known,
     _claim_turn,
@@ -69,6 +80,7 @@ from sessions_app.services.inputs import (
     _stream_options,
     quantize_money,
 )
+from sessions_app.services.recovery import CLAIM_CLEARED
 from sessions_app.services.store import _chain_tail, _load, _store_linked
 
 logger = logging.getLogger(__name__)
@@ -80,6 +92,33 @@ STOPPED_BY_END = "Stopped: the session was ended while the answer streamed."
 
 
 CANCELLED = "Cancelled: the caller stopped reading the answer."
+
+
+STOPPED_BY_USER = "Stopped: the consultant pressed Stop."
+
+
+STOPPED_BY_SHUTDOWN = (
+    "Cut off: the server was restarting and its grace period ran out; the text that had arrived is kept."
+)
+
+
+SERVER_STOPPING = "The server is restarting and takes no new answers; send again in a few seconds."
+
+
+ANSWER_NOT_STORED = (
+    "The answer could not be stored (the database is unreachable). Its text is kept in the server log, "
+    "and it is restored as a partial answer once the database is back."
+)
+
+# Why a turn was asked to stop (a local request or the value of its cache key), and how its
+# stored answer says so. An end's stop raises `SessionEnded`; the others end with `Done`.
+STOP_END = "end"
+STOP_USER = "user"
+STOP_SHUTDOWN = "shutdown"
+_STOP_TEXTS = {STOP_END: STOPPED_BY_END, STOP_USER: STOPPED_BY_USER, STOP_SHUTDOWN: STOPPED_BY_SHUTDOWN}
+
+# At most one checkpoint (one UPDATE of the session row with the text so far) this often.
+CHECKPOINT_SECONDS = 2.0
 
 
 PROVIDER_FAILED = "{model} failed: {detail} Your message and the text that arrived are stored."
@@ -100,33 +139,43 @@ class _TurnStart:
     stream: ContextStream | None
     carried_seqs: set[int]
     rows: list[tuple]  # the stored messages before this turn (`TURN_ROW_FIELDS`)
+    turn: _Turn | None = None  # registered in `_TURNS` until the answer is stored
 
 
 @dataclass
 class _Turn:
-    """What one streaming answer has gathered; shared with `session_end` for a take-over."""
+    """What one answer has gathered; registered from its claim on, shared with `_end` for a take-over."""
 
     start: _TurnStart
-    loop: asyncio.AbstractEventLoop
+    loop: asyncio.AbstractEventLoop | None = None
     began: float = field(default_factory=time.monotonic)
     parts: list[str] = field(default_factory=list)
     usage: Usage | None = None
     error: ProviderError | None = None
-    outcome: str = "streaming"  # ok | error | cancelled | stopped
+    outcome: str = "streaming"  # ok | error | cancelled | stopped (by an end)
+    stop_reason: str | None = None  # STOP_END | STOP_USER | STOP_SHUTDOWN, once asked to stop
     first_token_ms: int | None = None
     state: str = "streaming"  # streaming | finishing | taken | done
     lock: threading.Lock = field(default_factory=threading.Lock)
     finished: threading.Event = field(default_factory=threading.Event)
     on_stop: Callable[[], None] | None = None
+    next_checkpoint: float = 0.0
+    checkpoint: asyncio.Task | None = None
+    prompt_estimate: int | None = None
 
     @property
     def text(self) -> str:
         return "".join(self.parts)
 
-    def request_stop(self) -> None:
-        if self.on_stop is not None:
+    def request_stop(self, reason: str = STOP_END) -> None:
+        """Ask the turn to stop (from any thread); the first reason given is the one stored."""
+        with self.lock:
+            if self.stop_reason is None:
+                self.stop_reason = reason
+            on_stop, loop = self.on_stop, self.loop
+        if on_stop is not None and loop is not None:
             with contextlib.suppress(RuntimeError):  # the loop has already closed
-                self.loop.call_soon_threadsafe(self.on_stop)
+                loop.call_soon_threadsafe(on_stop)
 
     def take_over(self) -> bool:
         """Claim the right to store this answer (for `session_end`); False if it is being stored."""
@@ -144,6 +193,11 @@ class _Turn:
                 return False
             self.state = "finishing"
             return True
+
+    def estimated_prompt(self) -> int:
+        if self.prompt_estimate is None:
+            self.prompt_estimate = tokens.estimate_messages(self.start.plan.messages)
+        return self.prompt_estimate
 
 
 # In-process registry of streaming answers, so an end in this process can stop and store them.
@@ -163,6 +217,66 @@ def _stop_key(session_id, claim: datetime) -> str:
     return f"sessions:stop:{session_id}:{claim.timestamp():.6f}"
 
 
+def _register(turn: _Turn) -> None:
+    with _TURNS_LOCK:
+        _TURNS[str(turn.start.session.pk)] = turn
+
+
+def _unregister(turn: _Turn) -> None:
+    with _TURNS_LOCK:
+        key = str(turn.start.session.pk)
+        if _TURNS.get(key) is turn:
+            del _TURNS[key]
+
+
+def local_turn(session_id) -> _Turn | None:
+    """The answer streaming in this process for the session, if any (claimed, not yet stored)."""
+    with _TURNS_LOCK:
+        return _TURNS.get(str(session_id))
+
+
+def local_turns() -> list[_Turn]:
+    with _TURNS_LOCK:
+        return list(_TURNS.values())
+
+
+# While the process shuts down (SIGTERM), no turn begins: `begin_turn` raises `ServerStopping`.
+_admission = {"open": True}
+
+
+def turns_stop_admission() -> None:
+    _admission["open"] = False
+
+
+def turns_resume_admission() -> None:
+    _admission["open"] = True
+
+
+def turn_stop_request(*, session_id, claim: datetime, reason: str) -> bool:
+    """Ask the answer holding `claim` to stop, wherever it streams; True if it streams here.
+
+    Here: at once. Elsewhere: through the shared cache, which a turn polls every half second
+    when `REDIS_URL` is set (without Redis there is only this process to ask).
+    """
+    turn = local_turn(session_id)
+    if turn is not None and turn.start.claim == claim:
+        turn.request_stop(reason)
+        return True
+    cache.set(_stop_key(session_id, claim), reason, timeout=int(turn_stale_after().total_seconds()) + 60)
+    return False
+
+
+def session_stop(*, session_id, user) -> bool:
+    """Stop the answer streaming in the session (Stop, from any tab or process); False if none is.
+
+    The answer's own caller stores what had arrived (`partial`) and ends with `Done`.
+    """
+    session = session_get_for_user(session_id=session_id, user=user)
+    if session.turn_started_at is None:
+        return False
+    return turn_stop_request(session_id=session.pk, claim=session.turn_started_at, reason=STOP_USER) or True
+
+
 @budgets.alerts_on_refusal
 def begin_turn(*, session_id, user, message, known: KnownSession | None = None) -> _TurnStart:
     """Transaction 1: claim the session and store the user message before any provider call.
@@ -174,6 +288,8 @@ def begin_turn(*, session_id, user, message, known: KnownSession | None = None) 
 
     Pass the result to `session_chat(start=...)` at once: until it ends, the session is claimed.
     """
+    if not _admission["open"]:
+        raise ServerStopping(SERVER_STOPPING)
     if not isinstance(message, str):
         raise BadInput(NOT_TEXT.format(field="message"))
     message = message.replace("\x00", "")
@@ -232,7 +348,7 @@ def begin_turn(*, session_id, user, message, known: KnownSession | None = None) 
     except BaseException:
         _release_claim(session.pk, now)
         raise
-    return _TurnStart(
+    start = _TurnStart(
         session=session,
         user_message=user_message,
         claim=now,
@@ -244,6 +360,12 @@ def begin_turn(*, session_id, user, message, known: KnownSession | None = None) 
         carried_seqs=carried,
         rows=rows,
     )
+    # Registered before anything else can run on this thread, so an end in this process finds
+    # the turn even before its first token, and stops it (DESIGN.md: an end and a starting
+    # turn are ordered).
+    start.turn = _Turn(start=start)
+    _register(start.turn)
+    return start
 
 
 def _turn_usage(turn: _Turn) -> tuple[int, int, str, str]:
@@ -272,14 +394,28 @@ def _carried_tokens(turn: _Turn, prompt_tokens: int) -> int:
     return min(prompt_tokens, round(prompt_tokens * carried_estimate / total_estimate))
 
 
-def _store_answer(turn: _Turn, *, now: datetime | None = None) -> SessionMessage:
+def _store_answer(turn: _Turn, *, now: datetime | None = None) -> SessionMessage | None:
     """Store the assistant message, usage, stream settlement, totals and chain link.
 
-    The caller holds a transaction and the session row.
+    The caller holds a transaction. None, with the text logged, when the session no longer
+    holds this turn's claim (ended, or the claim settled by someone who took it for dead):
+    an answer is never stored after its session's end, nor twice.
     """
     start = turn.start
     now = now or timezone.now()
     session_id = start.session.pk
+    fields = ("status", "turn_started_at", "total_messages", "total_tokens", "estimated_cost_usd", "last_activity_at")
+    state = ChatSession.objects.select_for_update().filter(pk=session_id).values(*fields, "invoice_id").get()
+    if state["status"] != SessionStatus.ACTIVE or state["turn_started_at"] != start.claim:
+        logger.warning(
+            "answer in session %s (claimed %s) not stored: the session %s; its %d characters were: %s",
+            session_id,
+            start.claim.isoformat(),
+            "ended meanwhile" if state["status"] != SessionStatus.ACTIVE else "claim was settled meanwhile",
+            len(turn.text),
+            turn.text,
+        )
+        return None
     prompt, completion, source, provider_model = _turn_usage(turn)
     model_id = provider_model or start.model_id
     if prompt or completion:
@@ -305,11 +441,12 @@ def _store_answer(turn: _Turn, *, now: datetime | None = None) -> SessionMessage
     else:
         status = MessageStatus.PARTIAL if turn.text else MessageStatus.ERROR
         usage_status = UsageStatus.CANCELLED
-        error_text = STOPPED_BY_END if turn.outcome == "stopped" else CANCELLED
+        if turn.outcome == "stopped":
+            error_text = STOPPED_BY_END
+        else:
+            error_text = _STOP_TEXTS.get(turn.stop_reason or "", CANCELLED)
 
     session = start.session
-    fields = ("status", "turn_started_at", "total_messages", "total_tokens", "estimated_cost_usd", "last_activity_at")
-    state = ChatSession.objects.select_for_update().filter(pk=session_id).values(*fields, "invoice_id").get()
     # The message's lock check (billing.locks) reads the invoice from the session it is given.
     session.invoice_id = state.pop("invoice_id")
     seq, previous = _chain_tail(session_id)
@@ -373,40 +510,82 @@ def _store_answer(turn: _Turn, *, now: datetime | None = None) -> SessionMessage
         "estimated_cost_usd": quantize_money(Decimal(state["estimated_cost_usd"]) + (cost or Decimal("0"))),
         "last_activity_at": max(now, state["last_activity_at"]),
     }
-    if state["turn_started_at"] == start.claim:
-        update["turn_started_at"] = None
-    if state["status"] == SessionStatus.ENDED:
-        # Ended by another worker that gave up waiting for this answer: keep the answer and
-        # re-seal, so the seal covers what is stored (through save(), so the invoice lock applies).
-        locked = ChatSession.objects.get(pk=session_id)
-        for name, value in update.items():
-            setattr(locked, name, value)
-        locked.save(update_fields=list(update))
-        locked.soulfra_hash = integrity.build_seal(locked)
-        locked.save(update_fields=["soulfra_hash"])
-    else:
-        # A message could be added, so no issued invoice covers the session: a plain UPDATE
-        # under the row lock (no lock-check read) is safe.
-        ChatSession.objects.filter(pk=session_id).update(**update)
-    for name, value in (*state.items(), *update.items()):
+    # A message could be added, so no issued invoice covers the session: a plain UPDATE under
+    # the row lock (no lock-check read) is safe. The claim and its checkpoint go with it.
+    ChatSession.objects.filter(pk=session_id).update(**update, **CLAIM_CLEARED)
+    for name, value in (*state.items(), *update.items(), *CLAIM_CLEARED.items()):
         setattr(session, name, value)
     return message
 
 
 def _finish_turn(turn: _Turn) -> tuple[SessionMessage, ChatSession] | None:
-    """The last write transaction of a turn; None when `session_end` took the answer over."""
+    """The last write transaction of a turn; None when it is not this turn's to store.
+
+    That is when `session_end` took the answer over, or the session no longer holds the claim.
+    Raises `StoreFailed` when the database fails: see `_give_up`.
+    """
     if not turn.begin_finishing():
         return None
     try:
         with transaction.atomic():
             message = _store_answer(turn)
+        if message is None:
+            return None
         session = turn.start.session
         # The session's totals are current (set under the row lock); an ended one is re-read whole.
         return message, (_load(session.pk) if session.status == SessionStatus.ENDED else session)
+    except DatabaseError:
+        _give_up(turn)
+        raise StoreFailed(ANSWER_NOT_STORED) from None
     finally:
         with turn.lock:
             turn.state = "done"
         turn.finished.set()
+
+
+def _give_up(turn: _Turn) -> None:
+    """The final store failed: log the text, and hand the claim to the guardian with all of it.
+
+    The claim is marked `ORPHANED_TURN` (no longer this process's: the next chat, end or
+    guardian pass settles it at once) and its checkpoint becomes the whole text. When the
+    database is still unreachable for that too, the claim stays as it was and is settled once
+    it goes stale; the text is in the log either way.
+    """
+    start = turn.start
+    logger.error(
+        "could not store the answer in session %s (claimed %s, %s, %d characters); its text: %s",
+        start.session.pk,
+        start.claim.isoformat(),
+        turn.outcome,
+        len(turn.text),
+        turn.text,
+        exc_info=True,
+    )
+    try:
+        ChatSession.objects.filter(pk=start.session.pk, turn_started_at=start.claim).update(
+            turn_owner=ORPHANED_TURN,
+            turn_partial=turn.text,
+            turn_checkpoint_at=timezone.now(),
+            turn_prompt_tokens=turn.estimated_prompt(),
+        )
+    except DatabaseError:
+        logger.warning("session %s: the claim stays until it is stale (the database is unreachable)", start.session.pk)
+
+
+def _write_checkpoint(turn: _Turn, text: str) -> None:
+    """One UPDATE: the answer so far on the session row, while this turn still holds the claim."""
+    start = turn.start
+    ChatSession.objects.filter(pk=start.session.pk, turn_started_at=start.claim).update(
+        turn_partial=text, turn_checkpoint_at=timezone.now(), turn_prompt_tokens=turn.estimated_prompt()
+    )
+
+
+async def _checkpoint(turn: _Turn) -> None:
+    try:
+        await db_sync_to_async(_write_checkpoint)(turn, turn.text)
+    except DatabaseError:
+        # The final store will tell; a missed checkpoint only widens what a crash could lose.
+        logger.warning("checkpoint of the answer in session %s failed", turn.start.session.pk, exc_info=True)
 
 
 async def _pump(stream: AsyncIterator, queue: asyncio.Queue) -> None:
@@ -430,12 +609,16 @@ async def _pump(stream: AsyncIterator, queue: asyncio.Queue) -> None:
 
 
 async def _watch_stop(key: str, turn: _Turn) -> None:
-    """Across processes: poll the shared cache for an end requested by another worker."""
+    """Across processes: poll the shared cache for a stop asked by another worker (its reason)."""
     while True:
         await asyncio.sleep(0.5)
-        if await sync_to_async(cache.get, thread_sensitive=False)(key):
-            if turn.on_stop is not None:
-                turn.on_stop()
+        try:
+            reason = await sync_to_async(cache.get, thread_sensitive=False)(key)
+        except Exception:  # the cache is down: a stop from elsewhere waits for it to come back
+            logger.debug("stop watch: the cache did not answer", exc_info=True)
+            continue
+        if reason:
+            turn.request_stop(reason if isinstance(reason, str) else STOP_END)
             return
 
 
@@ -454,46 +637,52 @@ async def session_chat(
     database thread as its own reads); by default the turn begins here, with `known` (the
     previous turn's `Done.known`, say) if the caller has it.
 
-    Raises `ProviderFailed`/`ProviderTimeout` after storing a failed answer, and
-    `SessionEnded` when the session was ended mid-answer (the partial answer is stored).
+    Closing the generator (the caller went away) cancels the answer and stores what arrived.
+    A Stop (`session_stop`) or a shutdown ends it early with `Done` and the partial answer.
+    Raises `ProviderFailed`/`ProviderTimeout` after storing a failed answer, `SessionEnded`
+    when the session was ended mid-answer (the partial answer is stored), and `StoreFailed`
+    when the answer could not be stored.
     """
     try:
         opts = _stream_options(options)  # bad options are refused before anything is stored
     except BaseException:
         if start is not None:
-            await db_sync_to_async(_release_claim)(start.session.pk, start.claim)
+            await db_sync_to_async(_abandon_start)(start)
         raise
     if start is None:
         start = await db_sync_to_async(begin_turn)(session_id=session_id, user=user, message=message, known=known)
+    turn = start.turn
     try:
         if start.ref.provider == "ollama" and opts.num_ctx is None:
             opts.num_ctx = start.plan.window
         resolved = ModelRef(start.ref.provider, start.model_id)
         provider_stream = router.stream_chat(resolved, start.plan.messages, opts, resolved=True)
     except BaseException:
-        await db_sync_to_async(_release_claim)(start.session.pk, start.claim)
+        await db_sync_to_async(_abandon_start)(start)
         raise
 
-    turn = _Turn(start=start, loop=asyncio.get_running_loop())
-    key = str(start.session.pk)
     queue: asyncio.Queue = asyncio.Queue()
     pump = asyncio.create_task(_pump(provider_stream, queue))
 
     def stop() -> None:
         if turn.outcome == "streaming":
-            turn.outcome = "stopped"
+            turn.outcome = "stopped" if turn.stop_reason == STOP_END else "cancelled"
         pump.cancel()
         queue.put_nowait(_STOPPED)
 
-    turn.on_stop = stop
-    with _TURNS_LOCK:
-        _TURNS[key] = turn
+    with turn.lock:
+        turn.loop, turn.on_stop = asyncio.get_running_loop(), stop
+        asked = turn.stop_reason is not None or turn.state == "taken"
+    if asked:
+        stop()  # stopped (or taken over by an end) before it began streaming
+    turn.next_checkpoint = turn.began + CHECKPOINT_SECONDS
     watcher = (
-        asyncio.create_task(_watch_stop(_stop_key(key, start.claim), turn))
+        asyncio.create_task(_watch_stop(_stop_key(start.session.pk, start.claim), turn))
         if getattr(settings, "REDIS_URL", "")
         else None
     )
     result = None
+    store_failed: StoreFailed | None = None
     try:
         while True:
             item = await queue.get()
@@ -516,8 +705,12 @@ async def session_chat(
                     if turn.state == "taken":
                         break  # `session_end` stores what was yielded so far
                     turn.parts.append(item)
+                now = time.monotonic()
                 if turn.first_token_ms is None:
-                    turn.first_token_ms = int((time.monotonic() - turn.began) * 1000)
+                    turn.first_token_ms = int((now - turn.began) * 1000)
+                if now >= turn.next_checkpoint and (turn.checkpoint is None or turn.checkpoint.done()):
+                    turn.next_checkpoint = now + CHECKPOINT_SECONDS
+                    turn.checkpoint = asyncio.create_task(_checkpoint(turn))
                 yield Token(item)
     finally:
         if turn.outcome == "streaming":
@@ -528,12 +721,21 @@ async def session_chat(
             pump.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await pump
-        with _TURNS_LOCK:
-            if _TURNS.get(key) is turn:
-                del _TURNS[key]
-        # Store even when cancelled: shield the write from a second cancellation.
-        result = await asyncio.shield(asyncio.ensure_future(db_sync_to_async(_finish_turn)(turn)))
+        if turn.checkpoint is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await turn.checkpoint
+        # Store even when cancelled: shield the write from a second cancellation. The turn
+        # stays registered until it is stored, so an end meanwhile takes it over rather than
+        # waiting for a claim that only this process's database thread can release.
+        try:
+            result = await asyncio.shield(asyncio.ensure_future(db_sync_to_async(_finish_turn)(turn)))
+        except StoreFailed as exc:
+            store_failed = exc  # raised below, unless the caller is gone (then the log tells)
+        finally:
+            _unregister(turn)
 
+    if store_failed is not None:
+        raise store_failed
     if result is None or turn.outcome == "stopped":
         raise SessionEnded(ENDED_DURING_ANSWER)
     stored, session = result
@@ -552,6 +754,13 @@ async def session_chat(
             message_id=stored.message_id,
         )
     yield Done(message=stored, session=session, known=_known_after(start, stored, session))
+
+
+def _abandon_start(start: _TurnStart) -> None:
+    """A begun turn that will not stream (bad options, no provider): unregister it, release the claim."""
+    if start.turn is not None:
+        _unregister(start.turn)
+    _release_claim(start.session.pk, start.claim)
 
 
 # A session's messages a caller may keep between turns (`Done.known`): beyond this much text,

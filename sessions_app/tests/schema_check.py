@@ -108,7 +108,7 @@ def errors(instance, schema: dict, path: str = "$", strict: bool = True) -> list
 
 def response_schema(path: str, method: str, status: int, content_type: str = "application/json") -> dict:
     operation = SPEC["paths"][path][method.lower()]
-    return operation["responses"][str(status)]["content"][content_type]["schema"]
+    return _resolve(operation["responses"][str(status)])["content"][content_type]["schema"]
 
 
 def assert_matches(instance, path: str, method: str, status: int, content_type: str = "application/json") -> None:

@@ -92,9 +92,43 @@ def _browser_database(env: dict, workdir: Path) -> str:
     return urlunparse(parsed._replace(path=f"/{name}"))
 
 
+class Server:
+    """daphne serving the app on a fixed port, which a test may kill and start again."""
+
+    def __init__(self, port: int, env: dict, log) -> None:
+        self.port = port
+        self.env = env
+        self.log = log
+        self.url = f"http://127.0.0.1:{port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port), "config.asgi:application"],
+            cwd=ROOT,
+            env=self.env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        _wait_for_http(f"{self.url}/accounts/login/", time.monotonic() + 30)
+
+    def kill(self) -> None:
+        """SIGKILL: the process dies mid-answer, as a crash or an OOM kill would leave it."""
+        self.process.kill()
+        self.process.wait()
+
+    def stop(self) -> None:
+        """SIGTERM: the orderly stop of a restart."""
+        self.process.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=30)
+        if self.process.poll() is None:
+            self.process.kill()
+
+
 @pytest.fixture(scope="module")
-def live_url(tmp_path_factory):
-    """daphne serving the app (with a slow simulator behind it); yields its base URL."""
+def server(tmp_path_factory):
+    """daphne serving the app (with a slow simulator behind it)."""
     # On tmpfs when there is one: migrating a fresh SQLite file is mostly fsync otherwise.
     shm = Path("/dev/shm")
     workdir = Path(tempfile.mkdtemp(dir=shm)) if shm.is_dir() else tmp_path_factory.mktemp("browser")
@@ -110,47 +144,42 @@ def live_url(tmp_path_factory):
         "ANTHROPIC_API_KEY": "",
         "PROVIDER_SIMULATOR": "0",
         "PYTHONUNBUFFERED": "1",
+        "SHUTDOWN_GRACE_SECONDS": "1",
     }
     env["DATABASE_URL"] = _browser_database(env, workdir)
     manage = [sys.executable, str(ROOT / "manage.py")]
-    processes: list[subprocess.Popen] = []
     log = (workdir / "server.log").open("w")
+    simulator = None
+    daphne = Server(port, env, log)
     try:
-        processes.append(
-            subprocess.Popen(
-                [*manage, "simulate_providers", "--port", str(sim_port), "--tokens-per-second", str(TOKENS_PER_SECOND)],
-                cwd=ROOT,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+        simulator = subprocess.Popen(
+            [*manage, "simulate_providers", "--port", str(sim_port), "--tokens-per-second", str(TOKENS_PER_SECOND)],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         subprocess.run([*manage, "migrate", "--noinput", "-v", "0"], cwd=ROOT, env=env, check=True, timeout=180)
         subprocess.run([*manage, "shell", "-c", SEED], cwd=ROOT, env=env, check=True, timeout=60)
-        processes.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "config.asgi:application"],
-                cwd=ROOT,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        )
-        deadline = time.monotonic() + 30
-        _wait_for_http(f"http://127.0.0.1:{sim_port}/api/version", deadline)
-        _wait_for_http(f"http://127.0.0.1:{port}/accounts/login/", deadline)
-        yield f"http://127.0.0.1:{port}"
+        _wait_for_http(f"http://127.0.0.1:{sim_port}/api/version", time.monotonic() + 30)
+        daphne.start()
+        yield daphne
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=10)
-            if process.poll() is None:
-                process.kill()
+        for process in (daphne.process, simulator):
+            if process is not None and process.poll() is None:
+                process.terminate()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(timeout=10)
+                if process.poll() is None:
+                    process.kill()
         log.close()
         if workdir.parent == shm:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def live_url(server):
+    return server.url
 
 
 @pytest.fixture(scope="module")
@@ -313,14 +342,17 @@ def test_script_in_a_message_or_a_brand_name_stays_text(page):
     assert page.unexpected_dialogs == []
 
 
-def test_a_connection_dropped_mid_answer_comes_back_with_the_stored_partial(page):
+def test_a_connection_dropped_mid_answer_picks_up_where_it_left_off(page):
+    # The answer belongs to the server: a dropped connection only stops watching, and the
+    # page, back, receives exactly what it missed.
     sockets = []
 
     def route(ws):
         sockets.append((ws, ws.connect_to_server()))
 
     page.route_web_socket(re.compile(r"/ws/sessions/"), route)
-    start_session(page, "acme", "Flaky train wifi")
+    start_slow_session(page, "Flaky train wifi", words=45)
+    record_streaming_steps(page)
     page.fill("#composer-input", "Explain the termination clause in eight short words")
     page.press("#composer-input", "Enter")
     page.wait_for_function("() => document.querySelector('.msg--streaming .msg__body')?.textContent.length > 0")
@@ -328,64 +360,150 @@ def test_a_connection_dropped_mid_answer_comes_back_with_the_stored_partial(page
     server_side.close()
     page_side.close()
 
-    # The page reconnects by itself and shows the answer as the server stored it: partial.
-    page.wait_for_selector(".msg--assistant.msg--partial")
+    # The page reconnects by itself and the answer goes on to its end, nothing doubled.
+    page.wait_for_selector(".msg--assistant.msg--complete", timeout=30_000)
     page.wait_for_selector("[data-conn][data-state=live]")
     assert len(sockets) >= 2
     assert page.locator(".msg--streaming").count() == 0
-    assert "partial answer kept" in page.locator(".msg--assistant.msg--partial .msg__meta").inner_text()
+    shown = page.locator(".msg--assistant .msg__body").last.inner_text()
+    assert shown == stored_answers(page)[-1]["content"].strip()
+    assert "Cancelled" not in page.locator(".chat-log").inner_text()
     assert (
         page.locator(".msg--user .msg__body").last.inner_text() == "Explain the termination clause in eight short words"
     )
-    ask(page, "And now the whole answer?")
+
+
+def start_slow_session(page, name: str, *, words: int) -> str:
+    """A session on a model whose answers run `words` words (at the simulator's 15 tokens a second)."""
+    sid = page.evaluate(
+        """async ([name, model]) => {
+            const csrf = document.cookie.match(/csrftoken=([^;]+)/)?.[1] || "";
+            const response = await fetch("/api/ollama/session/start", {
+                method: "POST", credentials: "same-origin",
+                headers: {"Content-Type": "application/json", "X-CSRFToken": csrf},
+                body: JSON.stringify({client: "acme", model, name}),
+            });
+            return (await response.json()).session_id;
+        }""",
+        [name, f"ollama:llama3.2-words-{words}"],
+    )
+    page.goto(f"/sessions/{sid}/")
+    page.wait_for_selector("[data-conn][data-state=live]")
+    return sid
+
+
+def stored_answers(page) -> list[dict]:
+    """The session's stored assistant messages, as the server has them."""
+    return page.evaluate(
+        """async () => {
+            const config = JSON.parse(document.getElementById("chat-config").textContent);
+            const data = await (await fetch(config.messages_url, {credentials: "same-origin"})).json();
+            return data.messages.filter((m) => m.role === "assistant");
+        }"""
+    )
+
+
+def streaming_text(page) -> int:
+    return page.evaluate("() => document.querySelector('.msg--streaming .msg__body')?.textContent.length || 0")
+
+
+def test_an_answer_goes_on_while_the_page_is_left_and_is_whole_on_return(page):
+    sid = start_slow_session(page, "Walk away", words=90)
+    page.fill("#composer-input", "Draft the whole notice, please")
+    page.press("#composer-input", "Enter")
+    page.wait_for_function("() => document.querySelector('.msg--streaming .msg__body')?.textContent.length > 0")
+    page.goto("/")  # navigate away mid-answer
+    page.wait_for_selector("main")
+    page.goto(f"/sessions/{sid}/")
+    # Back mid-answer: the answer in progress is shown (not an empty slot), then the rest.
+    page.wait_for_function("() => document.querySelector('.msg--streaming .msg__body')?.textContent.length > 20")
+    assert page.locator(".msg--user").count() == 1  # the question once
+    page.wait_for_selector("[data-conn][data-state=live]")
+    page.wait_for_selector(".msg--assistant.msg--complete", timeout=30_000)
+    answer = stored_answers(page)[-1]
+    assert answer["status"] == "complete" and not answer["error"]
+    assert page.locator(".msg--assistant .msg__body").last.inner_text() == answer["content"].strip()
+    assert page.unexpected_dialogs == []
+
+
+def test_a_second_tab_opened_mid_answer_shows_the_text_so_far_then_the_rest(page):
+    sid = start_slow_session(page, "Two tabs", words=60)
+    page.fill("#composer-input", "Compare both offers")
+    page.press("#composer-input", "Enter")
+    page.wait_for_function("() => document.querySelector('.msg--streaming .msg__body')?.textContent.length > 20")
+
+    second = page.context.new_page()
+    second.goto(f"/sessions/{sid}/")
+    # The text so far arrives at once (the catch-up), while the first tab is still streaming.
+    second.wait_for_function("() => document.querySelector('.msg--streaming .msg__body')?.textContent.length > 20")
+    assert page.locator(".msg--streaming").count() == 1
+    for tab in (page, second):
+        tab.wait_for_selector(".msg--assistant.msg--complete", timeout=30_000)
+    first_text = page.locator(".msg--assistant .msg__body").last.inner_text()
+    second_text = second.locator(".msg--assistant .msg__body").last.inner_text()
+    assert first_text == second_text == stored_answers(page)[-1]["content"].strip()
+    assert second.locator(".msg--user").count() == 1  # the question once, not doubled
+    second.close()
+
+
+def test_a_server_killed_mid_answer_comes_back_with_the_saved_part_marked_cut_off(page, server):
+    start_slow_session(page, "Power cut", words=150)
+    page.fill("#composer-input", "Summarise all twelve schedules")
+    page.press("#composer-input", "Enter")
+    page.wait_for_function("() => document.querySelector('.msg--streaming .msg__body')?.textContent.length > 0")
+    time.sleep(2.5)  # past the first 2-second checkpoint
+    server.kill()
+    try:
+        page.wait_for_function(
+            "() => document.querySelector('[data-conn]').textContent.startsWith('Server unreachable, retrying in')"
+        )
+    finally:
+        server.start()
+    # Back by itself: the start-up stored the checkpointed text, and the page says it was cut off.
+    page.wait_for_selector(".msg--assistant.msg--partial", timeout=30_000)
+    page.wait_for_selector("[data-conn][data-state=live]")
+    meta = page.locator(".msg--assistant.msg--partial .msg__meta").inner_text()
+    assert "Cut off: the server stopped while this answer streamed" in meta
+    assert page.locator(".msg--streaming").count() == 0
+    answer = stored_answers(page)[-1]
+    assert answer["status"] == "partial" and answer["content"]
+
+
+def test_a_restart_keeps_a_signed_in_tab_usable_and_a_signed_out_one_offers_sign_in(page, server):
+    sid = start_slow_session(page, "Through a restart", words=5)
+    server.stop()
+    server.start()
+    page.wait_for_selector("[data-conn][data-state=live]", timeout=30_000)
+    ask(page, "Still there after the restart?")
     assert page.locator(".msg--assistant.msg--complete").count() == 1
 
+    # Signed out elsewhere (another tab): the next connection is refused with 4401, and the
+    # page says so, with a way back to this chat, instead of reconnecting for ever.
+    sockets = []
 
-def test_markdown_is_built_as_nodes_and_unsafe_links_stay_text(page):
-    source = (
-        "# Plan\n\nSome **bold**, *italic* and `code`.\n\n"
-        "- one\n- two\n  - nested\n\n1. first\n2. second\n\n"
-        "```python\nprint('<b>hi</b>')\n```\n\n"
-        "| a | b |\n|---|---:|\n| <i>x</i> | 2 |\n\n"
-        "> quoted\n\n[ok](https://example.com) [bad](javascript:alert(1)) <img src=x onerror=alert(1)>"
+    def route(ws):
+        sockets.append((ws, ws.connect_to_server()))
+
+    tab = page.context.new_page()
+    tab.route_web_socket(re.compile(r"/ws/sessions/"), route)
+    tab.goto(f"/sessions/{sid}/")
+    tab.wait_for_selector("[data-conn][data-state=live]")
+    page.evaluate(
+        """async () => {
+            const csrf = document.cookie.match(/csrftoken=([^;]+)/)?.[1] || "";
+            await fetch("/accounts/logout/", {method: "POST", credentials: "same-origin",
+                                              headers: {"X-CSRFToken": csrf}});
+        }"""
     )
-    result = page.evaluate(
-        """async (source) => {
-            const { renderMarkdown } = await import("/static/js/markdown.js");
-            const root = document.createElement("div");
-            root.append(renderMarkdown(source));
-            return {
-                heading: root.querySelector("h3")?.textContent,
-                strong: root.querySelector("p strong")?.textContent,
-                em: root.querySelector("p em")?.textContent,
-                code: root.querySelector("p code")?.textContent,
-                items: root.querySelectorAll(":scope > ul > li").length,
-                nested: root.querySelector("ul ul li")?.textContent,
-                ordered: Array.from(root.querySelectorAll("ol > li"), (li) => li.textContent),
-                block: root.querySelector(".code-block code")?.textContent,
-                language: root.querySelector(".code-lang")?.textContent,
-                cell: root.querySelector("tbody td")?.textContent,
-                align: root.querySelector("tbody td:last-child")?.style.textAlign,
-                quote: root.querySelector("blockquote")?.textContent.trim(),
-                links: Array.from(root.querySelectorAll("a"), (a) => a.getAttribute("href")),
-                images: root.querySelectorAll("img, script, i").length,
-                text: root.textContent,
-            };
-        }""",
-        source,
-    )
-    assert result["heading"] == "Plan"
-    assert (result["strong"], result["em"], result["code"]) == ("bold", "italic", "code")
-    assert result["items"] == 2 and result["nested"] == "nested"
-    assert result["ordered"] == ["first", "second"]
-    assert (result["block"], result["language"]) == ("print('<b>hi</b>')", "python")
-    assert (result["cell"], result["align"]) == ("<i>x</i>", "right")
-    assert result["quote"] == "quoted"
-    assert result["links"] == ["https://example.com"]
-    assert result["images"] == 0
-    assert "[bad](javascript:alert(1))" in result["text"]
-    assert "<img src=x onerror=alert(1)>" in result["text"]
-    assert page.unexpected_dialogs == []
+    tab_side, server_side = sockets[-1]
+    server_side.close()  # the connection drops (a blip, a proxy): the tab reconnects, signed out now
+    tab_side.close()
+    tab.wait_for_selector("[data-conn][data-state=closed]", timeout=30_000)
+    notice = tab.locator("[data-notice]")
+    assert notice.inner_text().startswith("Signed out: sign in again.")
+    link = notice.locator("a").get_attribute("href")
+    assert link == f"/accounts/login/?next=%2Fsessions%2F{sid}%2F"
+    tab.close()
 
 
 def test_every_page_passes_the_content_security_policy(page, live_url):

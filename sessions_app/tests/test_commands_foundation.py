@@ -170,3 +170,14 @@ def test_create_api_token_respects_client_membership(owner, colleague, client_ac
         run("create_api_token", owner.username, "--client", "acme")
     run("create_api_token", colleague.username, "--client", "acme")
     assert ApiToken.objects.get().user == colleague
+
+
+def test_seed_demo_leaves_an_unchanged_demo_password_alone_so_nobody_is_signed_out(settings, client):
+    settings.DEBUG = True
+    run("seed_demo", "--no-prices")
+    user = get_user_model().objects.get(username="consultant")
+    client.force_login(user)
+    assert client.get("/").status_code == 200
+    run("seed_demo", "--no-prices")  # `make run` again
+    assert get_user_model().objects.get(pk=user.pk).password == user.password
+    assert client.get("/").status_code == 200  # still signed in, not sent to the sign-in page

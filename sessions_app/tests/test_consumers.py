@@ -15,7 +15,7 @@ from channels.testing import WebsocketCommunicator
 from django.contrib.auth.models import AnonymousUser
 
 from billing.models import LLMUsage
-from sessions_app import services
+from sessions_app import livechat, services
 from sessions_app.consumers import (
     CLOSE_NOT_FOUND,
     CLOSE_UNAUTHENTICATED,
@@ -102,11 +102,19 @@ def reload(session) -> ChatSession:
 # --- Who may connect -------------------------------------------------------------------------
 
 
+async def refused_with(communicator) -> int:
+    """The code a refused socket is closed with: accepted first, so the page sees the code."""
+    assert await communicator.connect(timeout=10) == (True, None)
+    closed = await communicator.receive_output(timeout=10)
+    assert closed["type"] == "websocket.close"
+    return closed["code"]
+
+
 async def test_only_the_signed_in_owner_may_connect(start, outsider, staff):
     session = await database_sync_to_async(start)()
     for user, code in [(AnonymousUser(), CLOSE_UNAUTHENTICATED), (outsider, CLOSE_NOT_FOUND), (staff, CLOSE_NOT_FOUND)]:
         # Staff review sessions in the admin; a live chat is its owner's alone.
-        assert await socket(session, user).connect(timeout=10) == (False, code)
+        assert await refused_with(socket(session, user)) == code
 
 
 async def test_owner_is_greeted_with_the_session(start, owner):
@@ -137,7 +145,7 @@ async def test_full_stack_accepts_the_session_cookie_and_refuses_without_it(star
     await signed_in.disconnect()
 
     anonymous = WebsocketCommunicator(application, path, headers=[(b"origin", b"http://localhost")])
-    assert await anonymous.connect(timeout=10) == (False, CLOSE_UNAUTHENTICATED)
+    assert await refused_with(anonymous) == CLOSE_UNAUTHENTICATED
 
     foreign_origin = WebsocketCommunicator(
         application, path, headers=[(b"origin", b"https://evil.example"), (b"cookie", cookie)]
@@ -272,18 +280,25 @@ async def test_stop_cancels_the_answer_and_stores_exactly_what_was_shown(start, 
     assert (await reload(session)).turn_started_at is None
 
 
-async def test_disconnecting_mid_answer_stores_the_partial_answer(start, owner):
-    session = await database_sync_to_async(start)(model=SLOW)
+async def answers_finished() -> None:
+    """Wait for the turns this process runs (they outlive their sockets) to store their answers."""
+    await asyncio.gather(*livechat.turns_in_flight())
+
+
+async def test_disconnecting_mid_answer_does_not_cancel_it(start, owner):
+    # The page closing or reloading only stops watching: the answer runs to its end and is stored.
+    session = await database_sync_to_async(start)(model="ollama:llama3.2-fault-slow-words-12")
     communicator = await connected(session, owner)
     await communicator.send_json_to({"type": "chat", "message": "a long one please"})
     frames = await frames_until(communicator, "token")
     await communicator.disconnect()
+    await answers_finished()
 
     messages = await stored_messages(session)
     assert [m.role for m in messages] == ["user", "assistant"]
-    assert messages[-1].status == "partial"
+    assert messages[-1].status == "complete"
     assert messages[-1].content.startswith(token_text(frames))
-    assert len(messages[-1].content.split()) < 400
+    assert len(messages[-1].content.split()) == 12
     assert (await reload(session)).turn_started_at is None
 
 
@@ -470,3 +485,91 @@ async def test_turns_after_a_message_from_elsewhere_continue_the_same_history(st
     contents = [m.content for m in await stored_messages(session)]
     assert contents[:3] == [contents[0], contents[1], "from the phone"] and contents[3] == "second"
     assert await database_sync_to_async(check_session)(await reload(session)) == []
+
+
+# --- Answers that outlive the socket: resume --------------------------------------------------
+
+RESUMABLE = "ollama:llama3.2-fault-slow-words-30"  # 20 tokens a second: about 1.5 s of answer
+
+
+async def test_a_tab_opened_mid_answer_gets_the_text_so_far_then_the_rest(start, owner):
+    session = await database_sync_to_async(start)(model=RESUMABLE)
+    asking = await connected(session, owner)
+    await asking.send_json_to({"type": "chat", "message": "for everyone", "turn": "r1"})
+    asked = await frames_until(asking, "token")
+    asked += await frames_until(asking, "token")
+
+    late = await connected(session, owner)  # a second tab, opened mid-answer
+    await late.send_json_to({"type": "resume", "turn": None, "after": 0})
+    caught = await frames_until(late, "resumed")
+    assert caught[0] == {"type": "turn.started", "turn": "r1", "message": "for everyone", "resumed": True}
+    assert caught[-1]["turn"] == "r1" and caught[-1]["n"] >= 2
+    rest = await frames_until(late, "message.done")
+    asked += await frames_until(asking, "message.done")
+    await asking.disconnect()
+    await late.disconnect()
+
+    shown = token_text(caught + rest)
+    assert shown == token_text(asked) == asked[-1]["message"]["content"]
+    numbers = [f["n"] for f in caught + rest if f["type"] == "token"]
+    assert numbers == sorted(set(numbers))  # nothing doubled, in order
+
+
+async def test_a_reconnecting_tab_gets_exactly_the_frames_it_missed(start, owner):
+    session = await database_sync_to_async(start)(model=RESUMABLE)
+    asking = await connected(session, owner)
+    await asking.send_json_to({"type": "chat", "message": "keep going", "turn": "r2"})
+    first = await frames_until(asking, "token")
+    await asking.disconnect()  # the tab reloads: only watching stops
+    have = first[-1]["n"]
+    await asyncio.sleep(0.3)  # the answer goes on meanwhile
+
+    back = await connected(session, owner)
+    await back.send_json_to({"type": "resume", "turn": "r2", "after": have})
+    caught = await frames_until(back, "resumed")
+    rest = await frames_until(back, "message.done")
+    await back.disconnect()
+
+    assert "turn.started" not in [f["type"] for f in caught]
+    assert caught[0]["type"] == "token" and caught[0]["n"] > have
+    assert token_text(first + caught + rest) == rest[-1]["message"]["content"]
+    assert rest[-1]["message"]["status"] == "complete"
+
+
+async def test_resume_with_no_answer_streaming_says_so(start, owner):
+    session = await database_sync_to_async(start)()
+    communicator = await connected(session, owner)
+    await communicator.send_json_to({"type": "resume", "turn": "gone", "after": 3})
+    assert await receive(communicator) == {"type": "resumed", "turn": None}
+    for bad in ({"type": "resume", "after": -1}, {"type": "resume", "after": "3"}, {"type": "resume", "turn": "<x>"}):
+        await communicator.send_json_to(bad)
+        assert (await receive(communicator))["code"] == "bad_request"
+    await communicator.disconnect()
+
+
+async def test_a_tab_that_has_not_resumed_gets_no_tokens_of_a_turn_it_joined_late(start, owner):
+    session = await database_sync_to_async(start)(model="ollama:llama3.2-fault-slow-words-8")
+    asking = await connected(session, owner)
+    await asking.send_json_to({"type": "chat", "message": "quiet", "turn": "q"})
+    await frames_until(asking, "token")
+    late = await connected(session, owner)  # never resumes: no half an answer, only the end
+    done = await frames_until(late, "message.done")
+    await frames_until(asking, "message.done")
+    await asking.disconnect()
+    await late.disconnect()
+    assert [f["type"] for f in done] == ["message.done"]
+
+
+async def test_stop_from_another_tab_stops_the_answer_and_says_who_stopped_it(start, owner):
+    session = await database_sync_to_async(start)(model=SLOW)
+    asking = await connected(session, owner)
+    other = await connected(session, owner)
+    await asking.send_json_to({"type": "chat", "message": "long", "turn": "s2"})
+    await frames_until(other, "token")
+    await other.send_json_to({"type": "stop"})
+    stopped = (await frames_until(asking, "stopped"))[-1]
+    await frames_until(other, "stopped")
+    await asking.disconnect()
+    await other.disconnect()
+    assert stopped["stored"]["status"] == "partial"
+    assert stopped["stored"]["error"] == services.STOPPED_BY_USER

@@ -75,9 +75,8 @@ def test_guardian_ends_idle_sessions_at_their_last_activity(owner, session, chat
 
 
 def test_guardian_lists_stuck_sessions(owner, session, settings):
-    stuck_since = timezone.now() - timedelta(
-        seconds=settings.PROVIDER_FIRST_TOKEN_TIMEOUT + settings.PROVIDER_IDLE_TIMEOUT + 60
-    )
+    # Stuck means stale by the one setting the monitoring page and the claim takeover read too.
+    stuck_since = timezone.now() - services.turn_stale_after() - timedelta(seconds=1)
     ChatSession.objects.filter(pk=session.pk).update(turn_started_at=stuck_since)
     code, out = run("guard_sessions")
     assert code == 0 and f"stuck {session.pk}" in out and "1 stuck" in out

@@ -209,3 +209,45 @@ def test_a_socket_in_one_process_watches_and_stops_an_answer_asked_in_another(de
     status, content = deployment.stored_answer(sid)
     assert status == "partial" and content == stopped["stored"]["content"]
     assert 0 < len(content.split()) < 400
+
+
+def test_a_tab_opened_in_another_process_mid_answer_resumes_with_the_text_so_far(deployment):
+    sid = deployment.api(0).post("/session/start", json={"client": "acme", "model": SLOW_MODEL}).json()["session_id"]
+
+    async def scenario() -> tuple[list[dict], list[dict]]:
+        path = f"/ws/sessions/{sid}/"
+        asker = await Socket.open("127.0.0.1", deployment.ports[0], path, deployment.cookie)
+        try:
+            await asker.until("ready")
+            await asker.send({"type": "chat", "message": "Tell me a long story.", "turn": "far"})
+            asked: list[dict] = []
+            while sum(frame["type"] == "token" for frame in asked) < 5:
+                asked.append(await asyncio.wait_for(asker.receive(), 20))
+            # A tab opened on the other process: it asks the owning process for the text so far.
+            late = await Socket.open("127.0.0.1", deployment.ports[1], path, deployment.cookie)
+            try:
+                await late.until("ready")
+                await late.send({"type": "resume", "turn": None, "after": 0})
+                seen: list[dict] = []
+                while not seen or seen[-1]["type"] != "resumed":
+                    seen.append(await asyncio.wait_for(late.receive(), 20))
+                assert seen[-1]["turn"] == "far" and seen[-1]["n"] >= 5
+                while sum(frame["type"] == "token" for frame in seen) < 12:  # and then live, through Redis
+                    seen.append(await asyncio.wait_for(late.receive(), 20))
+                await late.send({"type": "stop"})
+                while seen[-1]["type"] != "stopped":
+                    seen.append(await asyncio.wait_for(late.receive(), 20))
+            finally:
+                late.close()
+            while asked[-1]["type"] != "stopped":
+                asked.append(await asyncio.wait_for(asker.receive(), 20))
+            return asked, seen
+        finally:
+            asker.close()
+
+    asked, seen = asyncio.run(scenario())
+    assert seen[0] == {"type": "turn.started", "turn": "far", "message": "Tell me a long story.", "resumed": True}
+    text = lambda frames: "".join(f["text"] for f in frames if f["type"] == "token")  # noqa: E731
+    assert text(seen) == text(asked) == asked[-1]["stored"]["content"]  # nothing missing, nothing doubled
+    numbers = [f["n"] for f in seen if f["type"] == "token"]
+    assert numbers == sorted(set(numbers))

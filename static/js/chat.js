@@ -2,6 +2,10 @@
 // stop and end. Untrusted text (answers, messages, brand names) only ever reaches the page
 // through textContent or the DOM-building Markdown renderer; brand colours are validated
 // before they become CSS custom properties.
+//
+// An answer belongs to the server, not to this tab: leaving or reloading does not stop it.
+// Its token frames are numbered (`n`); after (re)connecting the page says which turn it shows
+// and the last number it has (`resume`), and the server sends exactly what is missing.
 
 import { renderInto } from "./markdown.js";
 import { formatCost, formatMoney } from "./money.js";
@@ -13,6 +17,8 @@ const LOGO = /^(https?:\/\/[^\s"'<>()\\]+|\/[^\s"'<>()\\]*)$/;
 const SUMMARY_PATH = /^\/sessions\/[0-9a-f-]{36}\/summary\/$/;
 const PING_EVERY_MS = 25000;
 const MAX_BACKOFF_MS = 15000;
+const CLOSE_SIGNED_OUT = 4401;
+const CLOSE_NOT_FOUND = 4404;
 
 const config = JSON.parse(document.getElementById("chat-config").textContent);
 const root = document.querySelector("[data-chat]");
@@ -35,9 +41,13 @@ const state = {
   connected: false,
   retries: 0,
   reconnectTimer: null,
+  countdownTimer: null,
   pingTimer: null,
   dropped: false,
-  turn: null, // {id, own, text, element, body, userElement, userText}
+  everConnected: false,
+  signedOut: false,
+  refetchAfterResume: false,
+  turn: null, // {id, own, text, n, element, body, userElement, userText, reset}
   clientNames: config.client_names || {},
   modelsLoaded: false,
   offset: clockOffset(config.server_now),
@@ -305,15 +315,40 @@ function startTurn(id, userText, own) {
   body.append(typing);
   element.append(who, body);
   appendToLog(element);
-  state.turn = { id, own, text: "", element, body, userElement, userText };
+  state.turn = { id, own, text: "", n: 0, element, body, userElement, userText, reset: false };
   setBusy(true);
   return state.turn;
 }
 
-function appendToken(id, text) {
-  let turn = state.turn;
-  if (!turn || turn.id !== id) turn = startTurn(id, "", true); // joined mid-answer
-  turn.text += text;
+// A page loaded mid-answer shows the answer's last checkpoint (rendered by the server) until
+// the socket's catch-up replaces it with everything streamed so far.
+function adoptServerRenderedTurn() {
+  const element = log.querySelector("[data-live-turn]");
+  if (!element) return;
+  const body = element.querySelector(".msg__body");
+  const text = body.textContent;
+  if (text) renderInto(body, text);
+  else {
+    const typing = document.createElement("span");
+    typing.className = "typing";
+    typing.setAttribute("aria-label", "Writing");
+    typing.append(document.createElement("i"), document.createElement("i"), document.createElement("i"));
+    body.append(typing);
+  }
+  state.turn = { id: null, own: false, text, n: 0, element, body, userElement: null, userText: "", reset: true };
+  setBusy(true);
+}
+
+function appendToken(frame) {
+  const turn = state.turn;
+  if (!turn || turn.id !== frame.turn) return; // not in step with this turn: the resume brings it
+  if (typeof frame.n === "number") {
+    if (frame.n <= turn.n) return; // already shown
+    turn.n = frame.n;
+  }
+  // A catch-up after a server-rendered checkpoint carries everything so far: it replaces.
+  turn.text = turn.reset ? frame.text : turn.text + frame.text;
+  turn.reset = false;
   const stick = nearBottom();
   renderInto(turn.body, turn.text);
   if (stick) scrollToEnd(true);
@@ -323,9 +358,13 @@ function finishTurn(id, message) {
   const turn = state.turn && state.turn.id === id ? state.turn : null;
   if (turn) {
     if (message) {
-      turn.element.replaceWith(messageElement(message));
+      // A history refetched meanwhile may show the stored answer already.
+      const shown = log.querySelector(`[data-message-id="${CSS.escape(message.message_id)}"]`);
+      if (shown) turn.element.remove();
+      else turn.element.replaceWith(messageElement(message));
     } else {
       turn.element.classList.remove("msg--streaming");
+      turn.element.classList.add("msg--interrupted");
       turn.element.removeAttribute("aria-busy");
       turn.element.querySelector(".typing")?.remove();
     }
@@ -380,18 +419,48 @@ function submitMessage() {
 const handlers = {
   ready(frame) {
     updateSession(frame.session);
-    if (state.dropped) {
-      state.dropped = false;
-      refetchHistory();
-    } else if (frame.streaming && !state.turn) {
-      showNotice("An answer is being written in another tab or on another device.", "info");
+    state.streamingElsewhere = Boolean(frame.streaming);
+    if (state.turn || frame.streaming || state.dropped) {
+      // Say what this page shows; the server sends what it lacks (or that nothing streams).
+      send({ type: "resume", turn: state.turn ? state.turn.id : null, after: state.turn ? state.turn.n : 0 });
     }
   },
   "turn.started"(frame) {
-    if (!state.turn || state.turn.id !== frame.turn) startTurn(frame.turn, frame.message, false);
+    if (state.turn && state.turn.id === frame.turn) return;
+    if (frame.resumed && state.turn && state.turn.id === null) {
+      state.turn.id = frame.turn; // the answer this page was loaded with
+      return;
+    }
+    if (frame.resumed && state.turn) {
+      // The answer this page showed ended while it was away: the history brings it.
+      state.turn.element.remove();
+      state.turn = null;
+      state.refetchAfterResume = true;
+    }
+    // Joined mid-answer (resumed): the question is in the history already.
+    startTurn(frame.turn, frame.message, Boolean(frame.resumed));
   },
   token(frame) {
-    if (typeof frame.text === "string") appendToken(frame.turn, frame.text);
+    if (typeof frame.text === "string") appendToken(frame);
+  },
+  resumed(frame) {
+    const had = state.turn;
+    if (frame.turn === null && had) {
+      // Nothing streams any more: the answer was stored while this page was away.
+      had.element.remove();
+      state.turn = null;
+      setBusy(false);
+      state.refetchAfterResume = true;
+    }
+    if (state.refetchAfterResume || state.dropped) {
+      state.refetchAfterResume = false;
+      state.dropped = false;
+      refetchHistory();
+    } else if (frame.turn === null && state.streamingElsewhere) {
+      showNotice("An answer is being written in another tab or on another device.", "info");
+    } else {
+      clearNotice();
+    }
   },
   "message.done"(frame) {
     finishTurn(frame.turn, frame.message);
@@ -404,6 +473,7 @@ const handlers = {
   },
   error(frame) {
     if (frame.turn && "stored" in frame) {
+      // What arrived was stored (or, when `stored` is null, could not be: the text stays here).
       // The provider failed mid-answer: what arrived is stored, shown with the error.
       finishTurn(frame.turn, frame.stored);
       updateSession(frame.session);
@@ -458,16 +528,23 @@ function onFrame(event) {
 function connect() {
   clearTimeout(state.reconnectTimer);
   state.reconnectTimer = null;
-  if (state.ws || state.session.status === "ended") return;
+  if (state.ws || state.signedOut || state.session.status === "ended") return;
   const scheme = window.location.protocol === "https:" ? "wss" : "ws";
   const ws = new WebSocket(`${scheme}://${window.location.host}${config.ws_path}`);
   state.ws = ws;
   setConnection("connecting", "Connecting…");
+  let opened = false;
   ws.addEventListener("open", () => {
+    opened = true;
     state.connected = true;
+    state.everConnected = true;
     state.retries = 0;
     setConnection("live", "Live");
     if (sendButton) sendButton.disabled = false;
+    if (state.unreachable) {
+      state.unreachable = false;
+      if (!state.turn) clearNotice();
+    }
     clearInterval(state.pingTimer);
     state.pingTimer = setInterval(() => send({ type: "ping" }), PING_EVERY_MS);
   });
@@ -476,31 +553,74 @@ function connect() {
     state.ws = null;
     state.connected = false;
     clearInterval(state.pingTimer);
-    if (event.code === 4401) {
-      window.location.assign(`/accounts/login/?next=${encodeURIComponent(window.location.pathname)}`);
+    if (event.code === CLOSE_SIGNED_OUT) {
+      signedOut();
       return;
     }
-    if (event.code === 4404) {
+    if (event.code === CLOSE_NOT_FOUND) {
       setConnection("closed", "Unavailable");
       showNotice("This session is not available to you.", "error");
       return;
     }
     if (state.session.status === "ended") return;
     state.dropped = true;
-    if (state.turn) {
-      state.turn.element.classList.add("msg--interrupted");
-      showNotice("Connection lost mid-answer — reconnecting; the answer is kept on the server.", "warning");
-    }
-    scheduleReconnect();
+    if (state.turn) state.turn.element.classList.add("msg--interrupted");
+    scheduleReconnect(opened);
   });
 }
 
-function scheduleReconnect() {
-  const base = Math.min(MAX_BACKOFF_MS, 500 * 2 ** state.retries);
+function signedOut() {
+  // The sign-in expired (or the password changed): say so, and come back to this chat after.
+  state.signedOut = true;
+  clearTimeout(state.reconnectTimer);
+  clearInterval(state.countdownTimer);
+  setConnection("closed", "Signed out");
+  if (sendButton) sendButton.disabled = true;
+  showNotice("Signed out: sign in again.", "warning", {
+    href: `/accounts/login/?next=${encodeURIComponent(window.location.pathname)}`,
+    label: "Sign in",
+  });
+}
+
+function scheduleReconnect(justDropped) {
+  clearInterval(state.countdownTimer);
+  if (justDropped) {
+    // Dropped while connected (a restart, a network blip): try again at once, quietly.
+    setConnection("reconnecting", "Reconnecting…");
+    state.reconnectTimer = setTimeout(connect, 300);
+    return;
+  }
+  const base = Math.min(MAX_BACKOFF_MS, 1000 * 2 ** state.retries);
   const delay = Math.round(base * (0.8 + Math.random() * 0.4));
   state.retries += 1;
-  setConnection("reconnecting", `Reconnecting in ${Math.ceil(delay / 1000)} s…`);
-  state.reconnectTimer = setTimeout(connect, delay);
+  const due = Date.now() + delay;
+  const say = () => {
+    const seconds = Math.max(1, Math.ceil((due - Date.now()) / 1000));
+    setConnection("reconnecting", `Server unreachable, retrying in ${seconds} s`);
+  };
+  say();
+  state.countdownTimer = setInterval(say, 1000);
+  if (!state.unreachable) {
+    state.unreachable = true;
+    probeSignIn();
+  }
+  if (state.turn) {
+    showNotice("Server unreachable mid-answer — the answer shows here, as the server has it, once it is back.", "warning");
+  }
+  state.reconnectTimer = setTimeout(() => {
+    clearInterval(state.countdownTimer);
+    connect();
+  }, delay);
+}
+
+async function probeSignIn() {
+  // A socket that never opens cannot carry a close code: ask the server whether we are signed in.
+  try {
+    const response = await fetch(config.messages_url, { credentials: "same-origin", headers: { Accept: "application/json" } });
+    if (response.status === 401) signedOut();
+  } catch {
+    // Unreachable indeed: the countdown says so.
+  }
 }
 
 async function refetchHistory(attempt = 0) {
@@ -511,12 +631,16 @@ async function refetchHistory(attempt = 0) {
     });
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
     const data = await response.json();
-    state.turn = null;
-    setBusy(false);
+    const live = state.turn && state.turn.id !== null ? state.turn : null;
+    if (!live) {
+      state.turn = null;
+      setBusy(false);
+    }
     renderHistory(data.messages, data.context_streams);
+    if (live) appendToLog(live.element); // the answer still streaming goes on below its question
     updateSession(data.session);
-    if (data.streaming && attempt < 20) {
-      showNotice("The answer is still being written; it appears here when it is stored.", "info");
+    if (data.streaming && !live && attempt < 20) {
+      showNotice("The answer is still being written elsewhere; it appears here when it is stored.", "info");
       setTimeout(() => refetchHistory(attempt + 1), 1500);
     } else if (state.session.status !== "ended") {
       clearNotice();
@@ -635,6 +759,7 @@ function upgradeServerRenderedHistory() {
 
 function start() {
   upgradeServerRenderedHistory();
+  if (config.can_chat) adoptServerRenderedTurn();
   updateSession(state.session);
   if (timer && state.session.status === "active") {
     timer.dataset.timerStart = state.session.started_at;
@@ -659,10 +784,12 @@ function start() {
   switchForm.querySelector("[data-switch-cancel]").addEventListener("click", closeSwitch);
   endButton.addEventListener("click", endSession);
   window.addEventListener("online", () => {
-    if (!state.ws) connect();
+    if (!state.ws && !state.signedOut) connect();
   });
   document.addEventListener("visibilitychange", () => {
-    if (document.visibilityState === "visible" && !state.ws && state.session.status === "active") connect();
+    if (document.visibilityState === "visible" && !state.ws && !state.signedOut && state.session.status === "active") {
+      connect();
+    }
   });
   connect();
   input.focus();

@@ -2,8 +2,9 @@
 few ended demo sessions (sessions_app/demo.py) so the home page and reports have content.
 
 Idempotent: running it again updates the same rows (matched by slug and username) and
-creates nothing twice. Demo passwords are reset to the documented ones on every run,
-which is why it refuses to run with DEBUG off unless told `--force`.
+creates nothing twice. Demo passwords are set to the documented ones when they differ
+(an unchanged one is left alone: setting it again would sign everyone out on every
+`make run`), which is why it refuses to run with DEBUG off unless told `--force`.
 """
 
 from __future__ import annotations
@@ -158,7 +159,9 @@ class Command(BaseCommand):
         user.is_staff = demo.is_staff
         user.is_superuser = demo.is_staff
         user.is_active = True
-        user.set_password(demo.password)
+        # A new hash would change the session auth hash and sign every browser out.
+        if not user.check_password(demo.password):
+            user.set_password(demo.password)
         user.save()
         return user
 
