@@ -22,7 +22,7 @@ from django.views.decorators.csrf import csrf_exempt
 
 from sessions_app import boundary, selectors, services
 from sessions_app.auth import api_user, session_for_caller
-from sessions_app.errors import BadInput, MessageTooLarge, SessionError
+from sessions_app.errors import BadInput, MessageTooLarge, SessionError, Unavailable
 from sessions_app.events import Done, Token
 from sessions_app.integrity import public_key_info
 
@@ -41,7 +41,6 @@ DEFAULT_LIMIT = 50
 MAX_LIMIT = 200
 MAX_OFFSET = 2**31 - 1
 # Seconds a client should wait before retrying a 503.
-RETRY_AFTER_SECONDS = 2
 log = logging.getLogger(__name__)
 
 
@@ -60,11 +59,7 @@ def unexpected_error_response(request, exc: BaseException) -> JsonResponse:
     """
     if isinstance(exc, OperationalError | InterfaceError):
         log.warning("API %s %s: database unavailable", request.method, request.path, exc_info=exc)
-        response = JsonResponse(
-            {"error": {"code": "database_unavailable", "message": DATABASE_UNAVAILABLE}}, status=503
-        )
-        response["Retry-After"] = str(RETRY_AFTER_SECONDS)
-        return response
+        return error_response(Unavailable(DATABASE_UNAVAILABLE, code="database_unavailable"))
     log.error("API %s %s failed", request.method, request.path, exc_info=exc)
     return JsonResponse({"error": {"code": "internal_error", "message": INTERNAL_ERROR}}, status=500)
 

@@ -535,12 +535,16 @@ def test_an_uninvited_consultant_gets_404_on_every_endpoint_of_a_shared_session(
     from sessions_app.consumers import CLOSE_NOT_FOUND
     from sessions_app.routing import websocket_urlpatterns
 
-    async def connect():
+    async def refused_with() -> int:
+        # A refused socket is accepted first and then closed, so the page can read the code.
         communicator = WebsocketCommunicator(URLRouter(websocket_urlpatterns), f"/ws/sessions/{sid}/")
         communicator.scope["user"] = outsider
-        return await communicator.connect(timeout=10)
+        assert await communicator.connect(timeout=10) == (True, None)
+        closed = await communicator.receive_output(timeout=10)
+        assert closed["type"] == "websocket.close"
+        return closed["code"]
 
-    assert async_to_sync(connect)() == (False, CLOSE_NOT_FOUND)
+    assert async_to_sync(refused_with)() == CLOSE_NOT_FOUND
 
 
 # --- templates over REST, and the one access rule -------------------------------------------
