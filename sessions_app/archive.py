@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 
+from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.db.models import Exists, OuterRef, QuerySet
 from django.utils import timezone
@@ -126,6 +127,26 @@ def unpack_archive(blob: bytes | memoryview) -> list[dict]:
     if payload.get("format") != ARCHIVE_FORMAT:
         raise BadInput(f"Unknown archive format {payload.get('format')!r}.")
     return sorted(payload["messages"], key=lambda record: record["seq"])
+
+
+def stored_messages(session: ChatSession, *, related: tuple[str, ...] = ()) -> list[SessionMessage]:
+    """A session's messages in seq order, live or (after retention moved them) from its archive.
+
+    The one way to read a whole session's messages whatever its retention state. `related`
+    names the relations the caller reads (`"domain"`, `"author"`): loaded in one query either way.
+    """
+    if session.archived_at is None or session.archive_blob is None:
+        return list(SessionMessage.objects.filter(session_id=session.pk).select_related(*related).order_by("seq"))
+    messages = archived_messages(session)
+    if "domain" in related:
+        clients = ClientDomain.objects.in_bulk({m.domain_id for m in messages})
+        for message in messages:
+            message.domain = clients[message.domain_id]
+    if "author" in related:
+        people = get_user_model().objects.in_bulk({m.author_id for m in messages if m.author_id})
+        for message in messages:
+            message.author = people.get(message.author_id) if message.author_id else None
+    return messages
 
 
 def archived_messages(session: ChatSession) -> list[SessionMessage]:

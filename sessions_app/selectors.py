@@ -17,6 +17,7 @@ from billing.models import ClientDomain, InvoiceLine
 from billing.money import api_amount
 from billing.reports import allocate_seconds  # one rule: the reports cut seconds the same way
 from sessions_app import integrity
+from sessions_app.archive import stored_messages
 from sessions_app.errors import NOT_OWNER, SESSION_NOT_FOUND, BadInput, NotFound, NotOwner
 from sessions_app.models import (
     ChatSession,
@@ -209,13 +210,7 @@ class SessionRows:
 
 
 def session_rows(session: ChatSession) -> SessionRows:
-    if session.archived_at is not None:
-        # Archived (retention): the messages live compressed on the session row.
-        from sessions_app.archive import archived_messages
-
-        messages = archived_messages(session)
-    else:
-        messages = list(SessionMessage.objects.filter(session_id=session.pk).order_by("seq"))
+    messages = stored_messages(session)
     segments = list(SessionSegment.objects.filter(session_id=session.pk).order_by("started_at", "id"))
     streams = list(
         ContextStream.objects.filter(session_id=session.pk)

@@ -33,6 +33,7 @@ from django.contrib.auth import get_user_model
 from django.db import connections
 
 from sessions_app import conversation, selectors, services, transfer
+from sessions_app.archive import stored_messages
 from sessions_app.errors import BadInput, NotFound
 from sessions_app.events import Done, Token
 from sessions_app.models import ChatSession, SessionMessage, SessionSource
@@ -169,12 +170,7 @@ class SessionManager:
     @_sync_safe
     def history(self, session=None) -> list[dict]:
         target = self._resolve(session)
-        if target.archived_at is not None:
-            from sessions_app.archive import archived_messages
-
-            messages = archived_messages(target)
-        else:
-            messages = list(selectors.session_messages(session=target))
+        messages = stored_messages(target, related=("domain", "author"))
         return [selectors.message_as_dict(m) for m in messages]
 
     @_sync_safe

@@ -15,6 +15,7 @@ from django.utils.text import slugify
 
 from billing.money import format_cost
 from sessions_app import selectors
+from sessions_app.archive import stored_messages
 from sessions_app.models import ChatSession, SessionMessage
 from sessions_app.templatetags.session_tags import format_duration
 
@@ -34,11 +35,7 @@ def transcript_filename(session: ChatSession, extension: str) -> str:
 
 
 def _messages(session: ChatSession) -> list[SessionMessage]:
-    if session.archived_at is not None and session.archive_blob is not None:
-        from sessions_app.archive import archived_messages
-
-        return archived_messages(session)
-    return list(selectors.session_messages(session=session))
+    return stored_messages(session, related=("domain", "author"))
 
 
 def transcript_json(*, session: ChatSession) -> dict:

@@ -33,6 +33,7 @@ from django.utils.dateparse import parse_datetime
 
 from billing.models import ClientDomain
 from sessions_app import boundary, integrity
+from sessions_app.archive import stored_messages
 from sessions_app.errors import BadInput
 from sessions_app.models import (
     ChatSession,
@@ -113,15 +114,7 @@ def _message_record(message: SessionMessage) -> dict:
 
 
 def _messages_of(session: ChatSession) -> list[SessionMessage]:
-    if session.archived_at is not None and session.archive_blob is not None:
-        from sessions_app.archive import archived_messages
-
-        messages = archived_messages(session)
-        clients = ClientDomain.objects.in_bulk({m.domain_id for m in messages})
-        for message in messages:
-            message.domain = clients[message.domain_id]
-        return messages
-    return list(session.messages.select_related("domain").order_by("seq"))
+    return stored_messages(session, related=("domain",))
 
 
 def session_export(*, session: ChatSession) -> dict:

@@ -28,6 +28,7 @@ from django.utils import timezone
 from billing.models import ClientDomain, LLMUsage
 from billing.money import format_cost
 from sessions_app import conversation, selectors, services, transfer
+from sessions_app.archive import stored_messages
 from sessions_app.errors import BadInput, ProviderFailed, SessionError
 from sessions_app.events import Done, Token
 from sessions_app.models import ChatSession, EndReason, SessionSource, SessionStatus
@@ -452,12 +453,7 @@ class Command(BaseCommand):
 
     def _history(self, ident: str) -> None:
         session, _user = self._session(ident)
-        if session.archived_at is not None:
-            from sessions_app.archive import archived_messages
-
-            messages = archived_messages(session)
-        else:
-            messages = list(session.messages.select_related("author").order_by("seq"))
+        messages = stored_messages(session, related=("author",))
         w = self.stdout.write
         w(f"Session {session.session_id}" + (f" “{session.name}”" if session.name else ""))
         w(
