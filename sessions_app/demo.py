@@ -33,6 +33,7 @@ from sessions_app.models import (
     StreamReason,
 )
 from sessions_app.services import quantize_money
+from sessions_app.services.store import billable_totals, chain_link
 
 ZERO = Decimal("0")
 ANSWER_DELAY = timedelta(seconds=40)
@@ -125,11 +126,9 @@ class _Chain:
     messages: list[SessionMessage] = field(default_factory=list)
 
     def add(self, message: SessionMessage) -> SessionMessage:
-        self.seq += 1
-        message.seq = self.seq
-        message.hash = integrity.link_hash(self.previous, message)
+        self.previous = chain_link([message], after=(self.seq, self.previous))
+        self.seq = message.seq
         message.save(force_insert=True)
-        self.previous = message.hash
         self.messages.append(message)
         return message
 
@@ -199,12 +198,12 @@ def _build(demo: DemoSession, *, user, clients: dict[str, ClientDomain]) -> Chat
         at = seg_end
 
     messages = chain.messages
-    billable_cost = sum((m.cost_usd or ZERO for m in messages), ZERO)
+    count, tokens, billable_cost = billable_totals(messages)
     session.domain = clients[last.client]
     session.brand = default_brand(clients[last.client])
     session.current_model = last.model
-    session.total_messages = len(messages)
-    session.total_tokens = sum(m.tokens for m in messages)
+    session.total_messages = count
+    session.total_tokens = tokens
     session.estimated_cost_usd = quantize_money(billable_cost)
     session.last_activity_at = messages[-1].timestamp
     session.status = SessionStatus.ENDED

@@ -21,16 +21,15 @@ from decimal import Decimal
 
 from asgiref.sync import async_to_sync
 from django.db import transaction
-from django.db.models import F
 from django.utils import timezone
 
 from billing.models import LLMUsage, TokenSource, UsageStatus
 from providers import router, tokens
 from providers.base import ChatMessage, ProviderError, StreamOptions, Usage
 from providers.naming import parse_model
-from sessions_app import integrity
 from sessions_app.context import ContextEntry, ContextPlan, register_overflow_handler, reply_reserve
 from sessions_app.models import ChatSession, MessageRole, SessionMessage
+from sessions_app.services.store import chain_append
 
 logger = logging.getLogger(__name__)
 
@@ -145,11 +144,8 @@ def _store(*, session: ChatSession, model: str, content: str, calls: list[_Call]
     estimated = any(call.usage.source == TokenSource.ESTIMATED for call in calls)
     with transaction.atomic():
         locked = ChatSession.objects.select_for_update().get(pk=session.pk)
-        last = locked.messages.order_by("-seq").values_list("seq", "hash").first()
-        seq, previous = (last[0] + 1, last[1] or integrity.GENESIS) if last else (1, integrity.GENESIS)
         message = SessionMessage(
             session=locked,
-            seq=seq,
             role=MessageRole.SYSTEM,
             content=content,
             timestamp=now,
@@ -162,8 +158,7 @@ def _store(*, session: ChatSession, model: str, content: str, calls: list[_Call]
             token_source=TokenSource.ESTIMATED if estimated else TokenSource.PROVIDER,
             cost_usd=cost,
         )
-        message.hash = integrity.link_hash(previous, message)
-        message.save(force_insert=True)
+        chain_append(locked, [message], now=now)  # linked, stored and counted in the session's totals
         LLMUsage.objects.bulk_create(
             LLMUsage(
                 user_id=locked.user_id,
@@ -183,11 +178,6 @@ def _store(*, session: ChatSession, model: str, content: str, calls: list[_Call]
                 created_at=now,
             )
             for call, call_cost in zip(calls, costs, strict=True)
-        )
-        ChatSession.objects.filter(pk=locked.pk).update(
-            total_messages=F("total_messages") + 1,
-            total_tokens=F("total_tokens") + message.tokens,
-            estimated_cost_usd=F("estimated_cost_usd") + (cost or Decimal(0)),
         )
     return message
 

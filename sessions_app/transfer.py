@@ -45,6 +45,7 @@ from sessions_app.models import (
     SessionSource,
     SessionStatus,
 )
+from sessions_app.services.store import chain_link
 
 FORMAT_NAME = "billable-sessions/session"
 FORMAT_VERSION = 1
@@ -628,8 +629,7 @@ def session_import(*, user, data: str | bytes | dict, client: str | ClientDomain
                 is_imported=True,
             )
             # The copy gets this server's own chain; the file's hashes are kept below.
-            message.hash = integrity.link_hash(previous, message)
-            previous = message.hash
+            previous = chain_link([message], after=(message.seq - 1, previous))
             rows.append(message)
         SessionMessage.objects.bulk_create(rows)
         # Imported messages are never billed again: totals count billable messages only.

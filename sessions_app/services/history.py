@@ -11,7 +11,6 @@ from django.utils import timezone
 from billing.models import ClientDomain
 from providers.base import ChatMessage
 from providers.naming import parse_model
-from sessions_app import integrity
 from sessions_app.errors import (
     CLIENT_NOT_ALLOWED,
     MESSAGE_TOO_LARGE,
@@ -35,7 +34,7 @@ from sessions_app.services.inputs import (
     NAME_TOO_LONG,
     _require_text,
 )
-from sessions_app.services.store import _chain_tail, _load, _store_linked
+from sessions_app.services.store import _load, chain_append
 
 BRANCH_RANGE = "at_seq must be a whole number from 1 to {last}."
 
@@ -119,13 +118,9 @@ def _copy_session(
             continued_from=None if branched else original,
         )
         SessionSegment.objects.create(session=copy_session, domain=domain, brand=brand, model=model, started_at=now)
-        previous = integrity.GENESIS
-        count = 0
-        for message in original.messages.filter(seq__lte=upto).order_by("seq"):
-            count += 1
-            copy = SessionMessage(
+        copies = [
+            SessionMessage(
                 session=copy_session,
-                seq=count,
                 role=message.role,
                 content=message.content,
                 timestamp=message.timestamp,
@@ -142,9 +137,9 @@ def _copy_session(
                 copied_from=message,
                 author_id=message.author_id,
             )
-            previous = _store_linked(copy, previous)
-        copy_session.total_messages = count
-        copy_session.save(update_fields=["total_messages"])
+            for message in original.messages.filter(seq__lte=upto).order_by("seq")
+        ]
+        chain_append(copy_session, copies, now=now)  # copies count as messages, not as billed
     return _load(copy_session.pk)
 
 
@@ -181,11 +176,9 @@ def session_append_history(*, session_id, user, messages: list[ChatMessage], all
         else:
             _claim_or_explain(session.pk, now, last_activity_at=now)
         session = _load(session.pk)
-        seq, previous = _chain_tail(session.pk)
-        for offset, (role, content) in enumerate(cleaned):
-            message = SessionMessage(
+        appended = [
+            SessionMessage(
                 session=session,
-                seq=seq + offset,
                 role=role,
                 content=content,
                 timestamp=now,
@@ -196,7 +189,6 @@ def session_append_history(*, session_id, user, messages: list[ChatMessage], all
                 is_imported=True,
                 author=user if role == MessageRole.USER else None,
             )
-            previous = _store_linked(message, previous)
-        ChatSession.objects.filter(pk=session.pk).update(
-            total_messages=session.total_messages + len(cleaned), last_activity_at=now
-        )
+            for role, content in cleaned
+        ]
+        chain_append(session, appended, now=now)

@@ -243,9 +243,17 @@ def sessions_end_idle(*, now: datetime | None = None) -> list[ChatSession]:
     cutoff = now - timedelta(seconds=settings.SESSION_IDLE_TIMEOUT)
     ended = []
     for session in ChatSession.objects.idle_since(cutoff).filter(_no_live_turn(now)).select_related("domain"):
-        _end(session, reason=EndReason.IDLE_TIMEOUT, at=session.last_activity_at)
+        session_end_idle(session=session)
         ended.append(_load(session.pk))
     return ended
+
+
+def session_end_idle(*, session: ChatSession) -> dict:
+    """End a forgotten session at its last activity, never "now": the idle hours are not billed.
+
+    The guardian's rule, also used by `manage.py chat --clean`.
+    """
+    return _end(session, reason=EndReason.IDLE_TIMEOUT, at=session.last_activity_at)
 
 
 def sessions_stuck(*, now: datetime | None = None):

@@ -31,7 +31,7 @@ from sessions_app import conversation, selectors, services, transfer
 from sessions_app.archive import stored_messages
 from sessions_app.errors import BadInput, ProviderFailed, SessionError
 from sessions_app.events import Done, Token
-from sessions_app.models import ChatSession, EndReason, SessionSource, SessionStatus
+from sessions_app.models import ChatSession, SessionSource, SessionStatus
 
 DEFAULT_MODEL = "ollama:llama3.2"
 USAGE, FAILED, INTERRUPTED, BROKEN_PIPE = 2, 1, 130, 141
@@ -621,9 +621,7 @@ class Command(BaseCommand):
                 ended += 1
                 self.stdout.write(f"{verb_end} {label}  ({session.total_messages} messages)")
                 if not dry:
-                    # As the guardian does: the session ends at its last activity, never "now",
-                    # so the idle hours are not billed.
-                    services._end(session, reason=EndReason.IDLE_TIMEOUT, at=session.last_activity_at)
+                    services.session_end_idle(session=session)  # the guardian's rule
         prefix = "Dry run: would end" if dry else "Ended"
         self.stdout.write(
             f"{prefix} {ended} idle sessions and {'would remove' if dry else 'removed'} {removed} empty ones "
