@@ -94,6 +94,20 @@ def reply_reserve(window: int) -> int:
     return max(MIN_REPLY_RESERVE, min(MAX_REPLY_RESERVE, window // 8))
 
 
+def newest_that_fit(entries: list[ContextEntry], budget: int) -> list[ContextEntry]:
+    """The newest entries whose tokens fit in `budget`, in order; the newest is always kept
+    (it is what the consultant just asked)."""
+    kept: list[ContextEntry] = []
+    used = 0
+    for index, entry in enumerate(reversed(entries)):
+        if index > 0 and used + entry.tokens > budget:
+            break
+        kept.append(entry)
+        used += entry.tokens
+    kept.reverse()
+    return kept
+
+
 def build_context(*, session, target: ModelRef, rows: list[tuple] | None = None) -> ContextPlan:
     """Plan the messages for a call to `target`: system prompt always, newest history that fits.
 
@@ -131,15 +145,7 @@ def build_context(*, session, target: ModelRef, rows: list[tuple] | None = None)
         # An answer that failed before any text arrived has nothing to carry.
         if content.strip()
     ]
-    kept: list[ContextEntry] = []
-    used = 0
-    for index, entry in enumerate(reversed(candidates)):
-        # The newest message is always sent: it is what the consultant just asked.
-        if index > 0 and used + entry.tokens > budget:
-            break
-        kept.append(entry)
-        used += entry.tokens
-    kept.reverse()
+    kept = newest_that_fit(candidates, budget)
     kept_seqs = {entry.seq for entry in kept}
     omitted = [entry.seq for entry in candidates if entry.seq not in kept_seqs]
 

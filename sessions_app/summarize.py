@@ -27,7 +27,13 @@ from billing.models import LLMUsage, TokenSource, UsageStatus
 from providers import router, tokens
 from providers.base import ChatMessage, ProviderError, StreamOptions, Usage
 from providers.naming import parse_model
-from sessions_app.context import ContextEntry, ContextPlan, register_overflow_handler, reply_reserve
+from sessions_app.context import (
+    ContextEntry,
+    ContextPlan,
+    newest_that_fit,
+    register_overflow_handler,
+    reply_reserve,
+)
 from sessions_app.models import ChatSession, MessageRole, SessionMessage
 from sessions_app.services.store import chain_append
 
@@ -227,14 +233,7 @@ def summarize_overflow(*, session: ChatSession, target, plan: ContextPlan) -> Co
 
     # This call: the summary, then the newest messages that still fit beside it.
     budget = max(0, plan.budget - tokens.estimate_messages([{"role": "system", "content": content}]))
-    kept: list[ContextEntry] = []
-    used = 0
-    for index, entry in enumerate(reversed(plan.entries)):
-        if index > 0 and used + entry.tokens > budget:
-            break
-        kept.append(entry)
-        used += entry.tokens
-    kept.reverse()
+    kept = newest_that_fit(plan.entries, budget)
     sent = {entry.seq for entry in kept}
     # The summary leads the history, as a stored message: a switch's snapshot carries it too.
     lead = ContextEntry(
