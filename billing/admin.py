@@ -39,7 +39,9 @@ from billing.models import (
 )
 from billing.money import format_cost, format_ledger, format_money, format_rate
 from billing.rates import RecordLocked, client_terms_guard, exchange_rate_guard
+from providers.naming import PROVIDERS, parse_model
 from sessions_app.admin_layout import WideChangelist
+from sessions_app.models import SessionMessage
 
 HOSTNAME = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
 CURRENCY = re.compile(r"^[A-Z]{3}$")
@@ -91,7 +93,6 @@ class SessionBilling:
     """For the work-session admin: which invoice billed each client's part, and unknown prices."""
 
     def annotate(self, queryset):
-        from sessions_app.models import SessionMessage
 
         unpriced = SessionMessage.objects.filter(session=OuterRef("pk"), cost_usd__isnull=True).exclude(role="user")
         billed = (
@@ -922,7 +923,6 @@ class SessionTemplateForm(forms.ModelForm):
 
     def clean_default_model(self) -> str:
         """A `provider:model` name of a known provider; a key or a price is checked when a session starts."""
-        from providers.naming import PROVIDERS, parse_model
 
         name = (self.cleaned_data.get("default_model") or "").strip()
         if not name:

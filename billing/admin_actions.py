@@ -21,6 +21,8 @@ from billing.services import (
     last_month,
     unpriced_calls_on,
 )
+from sessions_app.integrity import verify_session
+from sessions_app.services import session_end_as_staff
 
 SESSION_HEADER = [
     "session_id",
@@ -108,7 +110,6 @@ def export_sessions_csv(modeladmin, request, queryset):
 
 @admin.action(description="Verify integrity (hash chain and seal)")
 def verify_integrity(modeladmin, request, queryset):
-    from sessions_app.integrity import verify_session
 
     good, bad = 0, []
     for session in queryset.order_by("started_at")[:500]:
@@ -127,7 +128,6 @@ def verify_integrity(modeladmin, request, queryset):
 
 @admin.action(description="End selected active sessions")
 def end_sessions(modeladmin, request, queryset):
-    from sessions_app.services import session_end_as_staff
 
     ended = 0
     for session in queryset.filter(status="active"):

@@ -43,6 +43,7 @@ from django.utils import timezone
 from billing.models import BudgetAlert, ClientBudget, ClientDomain, ClientTerms, ExchangeRate
 from billing.money import format_money, format_plain, quantize, quantize_cents, to_decimal
 from billing.reports import BASE_CURRENCY, HUNDRED, ZERO, RateBook, TermsBook, month_bounds
+from billing.selectors import rate_in_force
 from providers.naming import parse_model
 from sessions_app.errors import SessionError
 from sessions_app.models import SessionMessage, SessionSegment
@@ -254,8 +255,6 @@ def _used(client_id, currency: str, markup: Decimal, start: dt.datetime, end: dt
         usd = to_decimal(messages.aggregate(cost=Sum("cost_usd"))["cost"]) or ZERO
         converted, unconverted = usd, 0
     else:
-        from billing.selectors import rate_in_force
-
         rows = (
             messages.annotate(rate_from=rate_in_force())
             .values("rate_from")

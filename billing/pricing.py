@@ -15,7 +15,7 @@ from pathlib import Path
 
 from django.utils import timezone
 
-from billing.models import ModelPrice
+from billing.models import ModelAlias, ModelPrice
 from billing.money import quantize_micro
 
 BUNDLED_PRICES = Path(__file__).resolve().parent / "data" / "prices.json"
@@ -45,7 +45,6 @@ def price_for(provider: str, model_id: str, at: datetime | None = None) -> Model
     if best is not None:
         return ModelPrice(provider=provider, **dict(zip(names, best, strict=True)))
     # A friendly name (`claude-sonnet-4`) is priced as the id its alias points to.
-    from billing.models import ModelAlias
 
     target = ModelAlias.objects.filter(provider=provider, alias=model_id).values_list("target", flat=True).first()
     if target and target != model_id:
@@ -103,8 +102,6 @@ def load_price_list(data: dict | None = None, *, source: str = "") -> dict[str, 
     """
     from django.db import transaction
     from django.utils.dateparse import parse_datetime
-
-    from billing.models import ModelAlias
 
     data = data if data is not None else bundled_prices()
     default_from = data.get("effective_from")

@@ -47,10 +47,12 @@ from billing.models import (
 )
 from billing.money import quantize, to_decimal
 from billing.reports import (
+    ERR_MIXED_CURRENCIES,
     ZERO,
     BillingLine,
     GroupRow,
     LLMCharge,
+    MixedCurrencies,
     Period,
     RateBook,
     TermsBook,
@@ -193,8 +195,6 @@ class ReportData:
         if not self.totals:
             return Totals()
         if len(self.totals) > 1:
-            from billing.reports import ERR_MIXED_CURRENCIES, MixedCurrencies
-
             raise MixedCurrencies(
                 ERR_MIXED_CURRENCIES.format(currencies=", ".join(t.currency or "?" for t in self.totals))
             )

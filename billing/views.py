@@ -26,6 +26,8 @@ from billing.models import ClientDomain, ExchangeRate, Invoice
 from billing.money import format_money, format_plain
 from billing.reports import PERIOD_CHOICES, ROUNDING_RULE, PeriodError, parse_tz, period_from
 from billing.services import ERR_NOT_ISSUED, BillingError, billing_tz, invoice_create_draft, invoice_summary_text
+from sessions_app.errors import NotFound
+from sessions_app.selectors import session_get_for_user
 
 DRILLDOWN_SESSION_LIMIT = 500
 
@@ -305,8 +307,6 @@ def invoice_csv(request, pk):
 @login_required
 def chat_billing_json(request, session_id):
     """The chat page's billing panel, refreshed after each answer: the session's owner (or staff) only."""
-    from sessions_app.errors import NotFound
-    from sessions_app.selectors import session_get_for_user
 
     try:
         session = session_get_for_user(session_id=session_id, user=request.user)

@@ -18,6 +18,7 @@ from django.db.models import Avg, Count, F, Func, Min, Q, QuerySet, Sum
 from django.utils.html import escape
 from django.utils.safestring import SafeString, mark_safe
 
+from billing.models import ClientDomain
 from billing.money import api_amount
 from sessions_app.errors import BadInput, NotFound
 from sessions_app.models import ChatSession, SessionMessage
@@ -371,6 +372,5 @@ def sessions_stats(*, user, client: str | None = None) -> dict:
 
 
 def _client_exists(slug: str) -> bool:
-    from billing.models import ClientDomain
 
     return ClientDomain.objects.filter(slug=slug).exists()

@@ -16,8 +16,9 @@ from django.db.models import Q
 from django.utils import timezone
 
 from billing.models import Brand, ClientDomain, SessionTemplate
+from providers import router
 from providers.base import ModelInfo
-from sessions_app import model_picker
+from sessions_app import model_picker, throttle
 from sessions_app.models import SessionInvitation, SessionStatus
 
 logger = logging.getLogger(__name__)
@@ -34,7 +35,6 @@ TEMPLATE_NOT_OF_CLIENT = "That template is for {client}; pick it with that clien
 
 def load_models() -> tuple[list[ModelInfo], str]:
     """The router's live model list (cached briefly), and an error text if it could not be had."""
-    from providers import router
 
     models = cache.get(MODELS_CACHE_KEY)
     if models is not None:
@@ -242,7 +242,6 @@ class ThrottledSignInMixin:
     throttled_for = 0  # seconds to wait, when this attempt was refused
 
     def clean(self):
-        from sessions_app import throttle
 
         username = self.cleaned_data.get("username") or ""
         if self.request is not None and (wait := throttle.signin_wait(self.request, username)):

@@ -10,6 +10,7 @@ from decimal import Decimal
 
 from billing.models import ClientDomain, LLMUsage, UsageStatus
 from sessions_app import integrity
+from sessions_app.archive import archived_state
 from sessions_app.models import ChatSession, MessageRole, MessageStatus, SessionStatus
 from sessions_app.selectors import SessionRows, session_rows, session_summary
 
@@ -187,8 +188,6 @@ def session_verdict(session: ChatSession) -> tuple[str, list[str]]:
     session = ChatSession.objects.select_related("domain").get(pk=session.pk)
     rows = session_rows(session)
     if session.archived_at is not None:
-        from sessions_app.archive import archived_state
-
         messages, usage = archived_state(session)
     else:
         messages, usage = rows.messages, list(LLMUsage.objects.filter(session_id=session.pk))

@@ -24,6 +24,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from billing.models import LLMUsage, TokenSource, UsageStatus
+from billing.pricing import cost_of
 from providers import router, tokens
 from providers.base import ChatMessage, ProviderError, StreamOptions, Usage
 from providers.naming import parse_model
@@ -128,7 +129,6 @@ async def _fold(model: str, window: int, lines: list[str]) -> _Outcome:
 
 
 def _cost(ref, usage: Usage, at) -> Decimal | None:
-    from billing.pricing import cost_of
 
     return cost_of(
         provider=ref.provider,

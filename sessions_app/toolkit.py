@@ -32,6 +32,7 @@ from asgiref.sync import async_to_sync
 from django.contrib.auth import get_user_model
 from django.db import connections
 
+from billing.models import ClientDomain
 from sessions_app import conversation, selectors, services, transfer
 from sessions_app.archive import stored_messages
 from sessions_app.errors import BadInput, NotFound
@@ -268,7 +269,6 @@ class OllamaSessionManager:
 
     @_sync_safe
     def _default_client(self) -> str:
-        from billing.models import ClientDomain
 
         clients = list(ClientDomain.objects.active().open_to(self.user).values_list("slug", flat=True)[:2])
         if len(clients) != 1:
