@@ -39,8 +39,8 @@ from billing.models import (
 )
 from billing.money import format_cost, format_ledger, format_money, format_rate
 from billing.rates import RecordLocked, client_terms_guard, exchange_rate_guard
+from config.admin_layout import WideChangelist
 from providers.naming import PROVIDERS, parse_model
-from sessions_app.admin_layout import WideChangelist
 from sessions_app.models import SessionMessage
 
 HOSTNAME = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")

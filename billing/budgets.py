@@ -29,7 +29,6 @@ import threading
 import time
 from dataclasses import dataclass
 from decimal import Decimal
-from zoneinfo import ZoneInfo
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
@@ -42,7 +41,7 @@ from django.utils import timezone
 
 from billing.models import BudgetAlert, ClientBudget, ClientDomain, ClientTerms, ExchangeRate
 from billing.money import format_money, format_plain, quantize, quantize_cents, to_decimal
-from billing.reports import BASE_CURRENCY, HUNDRED, ZERO, RateBook, TermsBook, month_bounds
+from billing.reports import BASE_CURRENCY, HUNDRED, ZERO, RateBook, TermsBook, billing_tz, month_bounds
 from billing.selectors import rate_in_force
 from providers.naming import parse_model
 from sessions_app.errors import SessionError
@@ -72,10 +71,6 @@ class BudgetExceeded(SessionError):
     def __init__(self, message: str, *, state: BudgetState | None = None) -> None:
         super().__init__(message)
         self.state = state
-
-
-def billing_tz() -> ZoneInfo:
-    return ZoneInfo(settings.TIME_ZONE)
 
 
 def month_of(now: dt.datetime) -> dt.date:

@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from django.conf import settings
+
 from billing.models import TERMS_EPOCH
 from billing.money import quantize, quantize_cents
 
@@ -168,6 +170,11 @@ class Period:
             "end": self.last_day.isoformat(),
             "tz": self.tz.key,
         }
+
+
+def billing_tz() -> ZoneInfo:
+    """The billing desk's calendar (settings.TIME_ZONE): months, invoice periods and CSV times."""
+    return ZoneInfo(settings.TIME_ZONE)
 
 
 def parse_tz(value: str | None, default: str) -> ZoneInfo:

@@ -543,7 +543,7 @@ def chat_billing(*, session: ChatSession, clients, now: dt.datetime | None = Non
         "clients": out,
         "budget": state.as_dict() if state is not None else None,
         "server_now": now.isoformat(),
-        "url": f"/reports/chat/{session.pk}/billing.json",
+        "url": f"/sessions/{session.pk}/billing.json",
     }
 
 

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from zoneinfo import ZoneInfo
 
-from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
@@ -37,7 +35,7 @@ from billing.models import (
     InvoiceStatus,
 )
 from billing.money import amount_text, format_money, format_rate, quantize_cents
-from billing.reports import HUNDRED, PERIOD_CUSTOM, ZERO, BillingLine, Period, month_bounds
+from billing.reports import HUNDRED, PERIOD_CUSTOM, ZERO, BillingLine, Period, billing_tz, month_bounds
 from billing.selectors import lines_for_sessions, sessions_billing
 from sessions_app.models import ChatSession, SessionStatus
 
@@ -77,11 +75,6 @@ class BillingError(Exception):
 
     def __str__(self) -> str:
         return self.message
-
-
-def billing_tz() -> ZoneInfo:
-    """Invoices are cut on the billing desk's calendar: settings.TIME_ZONE."""
-    return ZoneInfo(settings.TIME_ZONE)
 
 
 def invoice_period(invoice: Invoice) -> Period:

@@ -13,7 +13,6 @@ urlpatterns = [
     path("clients/<slug:slug>/", views.client_report, name="client"),
     path("clients/<slug:slug>/invoice/", views.client_invoice_draft, name="client_invoice_draft"),
     path("invoices/<uuid:pk>.csv", views.invoice_csv, name="invoice_csv"),
-    path("chat/<uuid:session_id>/billing.json", views.chat_billing_json, name="chat_billing"),
     # The billing desk (staff): invoices outside the admin.
     path("invoices/", desk_views.invoice_list, name="invoices"),
     path("invoices/draft/", desk_views.invoice_draft, name="invoice_draft"),

@@ -14,7 +14,7 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.views import redirect_to_login
 from django.core.exceptions import PermissionDenied
-from django.http import HttpResponse, JsonResponse
+from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.utils import timezone
@@ -26,8 +26,6 @@ from billing.models import ClientDomain, ExchangeRate, Invoice
 from billing.money import format_money, format_plain
 from billing.reports import PERIOD_CHOICES, ROUNDING_RULE, PeriodError, parse_tz, period_from
 from billing.services import ERR_NOT_ISSUED, BillingError, billing_tz, invoice_create_draft, invoice_summary_text
-from sessions_app.errors import NotFound
-from sessions_app.selectors import session_get_for_user
 
 DRILLDOWN_SESSION_LIMIT = 500
 
@@ -301,18 +299,3 @@ def invoice_csv(request, pk):
     return csv_export.csv_response(
         request, f"{invoice.number}.csv", csv_export.INVOICE_HEADER, csv_export.invoice_rows(invoice, billing_tz())
     )
-
-
-@require_GET
-@login_required
-def chat_billing_json(request, session_id):
-    """The chat page's billing panel, refreshed after each answer: the session's owner (or staff) only."""
-
-    try:
-        session = session_get_for_user(session_id=session_id, user=request.user)
-    except NotFound as exc:
-        return JsonResponse(exc.as_dict(), status=404)
-    clients = ClientDomain.objects.open_to(request.user).active()
-    response = JsonResponse(selectors.chat_billing(session=session, clients=clients))
-    response["Cache-Control"] = "no-store"
-    return response

@@ -18,9 +18,9 @@ from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
 
 from billing.admin import ChoiceFilter, ReadOnlyAdminMixin, cost_with_flag, money, session_billing
-from billing.admin_actions import end_sessions, export_sessions_csv, verify_integrity
 from billing.models import ClientDomain, Provider
-from sessions_app.admin_layout import WideChangelist
+from config.admin_layout import WideChangelist
+from sessions_app.admin_actions import end_sessions, export_sessions_csv, verify_integrity
 from sessions_app.models import (
     ApiToken,
     ChatSession,

@@ -8,4 +8,5 @@ class SessionsAppConfig(AppConfig):
 
     def ready(self) -> None:
         # Connect the receivers and register CONTEXT_OVERFLOW=summarize.
-        from sessions_app import signals, summarize  # noqa: F401
+        # The invoice lock on sessions is a set of model-signal receivers (sessions_app/locks.py).
+        from sessions_app import locks, signals, summarize  # noqa: F401

@@ -10,6 +10,7 @@ urlpatterns = [
     path("sessions/new/", views.session_new_page, name="session-new"),
     path("sessions/models.json", views.session_models_json, name="session-models"),
     path("sessions/<uuid:session_id>/", views.session_chat_page, name="session-chat"),
+    path("sessions/<uuid:session_id>/billing.json", views.session_billing_json, name="session-billing"),
     path("sessions/<uuid:session_id>/summary/", views.session_summary_page, name="session-summary"),
     path("sessions/<uuid:session_id>/messages.json", views.session_messages_json, name="session-messages"),
     path("sessions/<uuid:session_id>/continue/", conversation_views.session_continue_page, name="session-continue"),

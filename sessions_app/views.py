@@ -280,3 +280,18 @@ def admin_sign_in(request: HttpRequest) -> HttpResponse:
     from django.contrib import admin
 
     return _throttled_status(admin.site.login(request))
+
+
+@require_GET
+@login_required
+def session_billing_json(request, session_id):
+    """The chat page's billing panel, refreshed after each answer: the session's owner (or staff) only."""
+
+    try:
+        session = selectors.session_get_for_user(session_id=session_id, user=request.user)
+    except NotFound as exc:
+        return JsonResponse(exc.as_dict(), status=404)
+    clients = ClientDomain.objects.open_to(request.user).active()
+    response = JsonResponse(billing_selectors.chat_billing(session=session, clients=clients))
+    response["Cache-Control"] = "no-store"
+    return response

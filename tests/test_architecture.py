@@ -3,6 +3,10 @@
 `providers` is a leaf: none of its modules (its own tests aside) imports an app of the
 project, at module level or inside a function. It learns about models from the catalogue
 billing hands it (`providers.router.set_catalogue`).
+
+`sessions_app` builds on `billing` (clients, brands, prices, money, budgets). `billing` reads
+sessions for its reports and invoices, so it may import `sessions_app.models` and
+`sessions_app.errors`, and nothing else of it: no session services, views or selectors.
 """
 
 from __future__ import annotations
@@ -35,6 +39,20 @@ def test_providers_import_no_app_of_the_project():
         for path in product_modules("providers")
         for line, module in imported_modules(path)
         if module.split(".")[0] in APPS
+    ]
+    assert offending == []
+
+
+BILLING_MAY_IMPORT = {"sessions_app.models", "sessions_app.errors"}
+
+
+def test_billing_reads_sessions_but_never_drives_them():
+    offending = [
+        f"{path.relative_to(BASE_DIR)}:{line} imports {module}"
+        for path in product_modules("billing")
+        if "migrations" not in path.parts
+        for line, module in imported_modules(path)
+        if module.split(".")[0] == "sessions_app" and module not in BILLING_MAY_IMPORT
     ]
     assert offending == []
 

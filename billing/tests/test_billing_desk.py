@@ -9,10 +9,10 @@ import io
 import pytest
 from django.utils import timezone
 
-from billing.admin_actions import SESSION_HEADER
 from billing.models import Invoice, InvoiceStatus
 from billing.services import invoice_create_draft, invoice_issue, last_month
 from billing.tests.helpers import at, work
+from sessions_app.admin_actions import SESSION_HEADER
 from tests.factories import PriceFactory
 
 

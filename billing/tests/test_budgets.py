@@ -188,7 +188,7 @@ def test_the_chat_page_shows_use_against_budget_and_what_a_switch_bills(budgeted
     page = owner_client.get(f"/sessions/{budgeted.pk}/").content.decode()
     assert "8.00 USD of 10.00 USD (80%)" in page and "budget-bar--warning" in page
     assert 'id="billing-config"' in page and "<script>" not in page
-    data = owner_client.get(f"/reports/chat/{budgeted.pk}/billing.json").json()
+    data = owner_client.get(f"/sessions/{budgeted.pk}/billing.json").json()
     assert data["budget"]["level"] == "warning" and data["client"] == "acme"
     # 7:30 so far for Acme, 6-minute increments: it rounds up to 12 minutes.
     assert (data["clients"]["acme"]["increment"], data["clients"]["acme"]["billed_minutes"]) == (6, 12)
@@ -197,4 +197,4 @@ def test_the_chat_page_shows_use_against_budget_and_what_a_switch_bills(budgeted
 
 def test_another_consultant_cannot_read_a_sessions_billing_panel(budgeted, client, colleague):
     client.force_login(colleague)
-    assert client.get(f"/reports/chat/{budgeted.pk}/billing.json").status_code == 404
+    assert client.get(f"/sessions/{budgeted.pk}/billing.json").status_code == 404

@@ -58,7 +58,7 @@ def chain_append(session: ChatSession, messages: Sequence[SessionMessage], *, no
     """Add `messages` to a stored session: link them after its tail, insert them, count them.
 
     Call inside a transaction that holds the session row (or owns the session alone). Each
-    message is saved on its own, so the invoice lock (billing/locks.py) sees it; the totals are
+    message is saved on its own, so the invoice lock (sessions_app/locks.py) sees it; the totals are
     summed in Decimal and written in one UPDATE.
     """
     now = now or timezone.now()

@@ -447,7 +447,7 @@ def _store_answer(turn: _Turn, *, now: datetime | None = None) -> SessionMessage
             error_text = _STOP_TEXTS.get(turn.stop_reason or "", CANCELLED)
 
     session = start.session
-    # The message's lock check (billing.locks) reads the invoice from the session it is given.
+    # The message's lock check (sessions_app/locks.py) reads the invoice from the session it is given.
     session.invoice_id = state.pop("invoice_id")
     seq, previous = _chain_tail(session_id)
     message = SessionMessage(

@@ -7,7 +7,7 @@ const configElement = document.getElementById("billing-config");
 const bar = document.querySelector("[data-budget]");
 const switchHint = document.querySelector("[data-switch-billing]");
 const clientSelect = document.getElementById("switch-client");
-const URL_PATTERN = /^\/reports\/chat\/[0-9a-f-]{36}\/billing\.json$/;
+const URL_PATTERN = /^\/sessions\/[0-9a-f-]{36}\/billing\.json$/;
 const REFRESH_ON = new Set(["message.done", "stopped", "switched"]);
 
 let billing = configElement ? JSON.parse(configElement.textContent) : null;
