@@ -19,6 +19,7 @@ Rules, stated once (docs/BILLING.md quotes them):
 from __future__ import annotations
 
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from typing import overload
 
 CENT = Decimal("0.01")
 MICRO = Decimal("0.000001")
@@ -66,6 +67,10 @@ def amount_text(value: Decimal, places: int = 2) -> str:
     return f"{quantize(value, places):.{places}f}"
 
 
+@overload
+def api_amount(value: Decimal) -> str: ...
+@overload
+def api_amount(value: Decimal | None) -> str | None: ...
 def api_amount(value: Decimal | None) -> str | None:
     """Money in the REST API: a string with six decimals (None for an unknown cost)."""
     amount = to_decimal(value)

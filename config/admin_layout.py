@@ -9,8 +9,10 @@ table scrolls inside its frame instead of being cut off.
 
 from __future__ import annotations
 
+from django.contrib import admin
 
-class WideChangelist:
+
+class WideChangelist(admin.ModelAdmin):
     """Mix into a ModelAdmin whose changelist has many columns."""
 
     class Media:

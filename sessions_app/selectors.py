@@ -7,7 +7,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, overload
 
 from django.contrib.auth import get_user_model
 from django.db.models import Q, QuerySet
@@ -27,6 +27,16 @@ from sessions_app.models import (
     SessionSegment,
     SessionStatus,
 )
+from sessions_app.shapes import (
+    ChatAnswerShape,
+    InvitationShape,
+    LineageShape,
+    MessageShape,
+    ParticipantShape,
+    SessionShape,
+    StreamShape,
+    SummaryShape,
+)
 
 HIDDEN_CHOICES = ("exclude", "include", "only")
 BAD_HIDDEN = "'hidden' must be one of exclude, include, only."
@@ -38,6 +48,10 @@ ZERO = Decimal("0")
 money = api_amount
 
 
+@overload
+def iso(value: datetime) -> str: ...
+@overload
+def iso(value: datetime | None) -> str | None: ...
 def iso(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
 
@@ -128,7 +142,7 @@ def session_list(
     return qs.order_by("-started_at", "-session_id")
 
 
-def session_as_dict(session: ChatSession) -> dict[str, Any]:
+def session_as_dict(session: ChatSession) -> SessionShape:
     return {
         "session_id": str(session.session_id),
         "status": session.status,
@@ -154,7 +168,7 @@ def author_name(message: SessionMessage) -> str | None:
     return message.author.get_username() if message.author_id else None
 
 
-def message_as_dict(message: SessionMessage) -> dict[str, Any]:
+def message_as_dict(message: SessionMessage) -> MessageShape:
     return {
         "message_id": str(message.message_id),
         "seq": message.seq,
@@ -176,12 +190,12 @@ def message_as_dict(message: SessionMessage) -> dict[str, Any]:
     }
 
 
-def chat_answer_as_dict(message: SessionMessage, session: ChatSession) -> dict[str, Any]:
+def chat_answer_as_dict(message: SessionMessage, session: ChatSession) -> ChatAnswerShape:
     """The chat answer: the assistant message plus the session with its new totals."""
     return {**message_as_dict(message), "session": session_as_dict(session)}
 
 
-def stream_as_dict(stream: ContextStream) -> dict[str, Any]:
+def stream_as_dict(stream: ContextStream) -> StreamShape:
     return {
         "stream_id": str(stream.stream_id),
         "source_model": stream.source_model,
@@ -229,7 +243,7 @@ def _client_seconds(session: ChatSession, segments: list[SessionSegment]) -> Ord
     return seconds
 
 
-def session_summary(*, session: ChatSession, rows: SessionRows | None = None) -> dict[str, Any]:
+def session_summary(*, session: ChatSession, rows: SessionRows | None = None) -> SummaryShape:
     """Duration, totals, by client (seconds, messages, tokens, cost), by model, streams, integrity.
 
     Reads the session's messages, segments and context streams once each, and the clients
@@ -305,7 +319,7 @@ def session_messages(*, session: ChatSession) -> QuerySet[SessionMessage]:
 PREVIEW_CHARS = 120
 
 
-def _lineage_row(session: ChatSession) -> dict[str, Any]:
+def _lineage_row(session: ChatSession) -> LineageShape:
     return {
         "session_id": str(session.session_id),
         "name": str(session),
@@ -433,7 +447,9 @@ def session_versions(*, session: ChatSession, user) -> dict[str, Any]:
     }
 
 
-def session_participants(*, session: ChatSession, messages: list[SessionMessage] | None = None) -> list[dict[str, Any]]:
+def session_participants(
+    *, session: ChatSession, messages: list[SessionMessage] | None = None
+) -> list[ParticipantShape]:
     """Who took part: the owner, then each invited consultant (their latest invitation), with messages typed.
 
     Counts from `messages` when the caller has read them (a summary has), so an archived
@@ -465,7 +481,7 @@ def session_participants(*, session: ChatSession, messages: list[SessionMessage]
     return rows
 
 
-def _participant(user, role: str, invitation, messages: int) -> dict[str, Any]:
+def _participant(user, role: str, invitation, messages: int) -> ParticipantShape:
     return {
         "user": user.get_username(),
         "name": user.get_full_name() or user.get_username(),
@@ -476,7 +492,7 @@ def _participant(user, role: str, invitation, messages: int) -> dict[str, Any]:
     }
 
 
-def invitation_as_dict(invitation) -> dict[str, Any]:
+def invitation_as_dict(invitation) -> InvitationShape:
     return {
         "user": invitation.user.get_username(),
         "invited_by": invitation.invited_by.get_username() if invitation.invited_by_id else None,

@@ -38,6 +38,7 @@ from sessions_app.archive import stored_messages
 from sessions_app.errors import BadInput, NotFound
 from sessions_app.events import Done, Token
 from sessions_app.models import ChatSession, SessionMessage, SessionSource
+from sessions_app.shapes import MessageShape, SessionShape, SummaryShape
 
 NO_SESSION = "No current session: call create_session() first or pass session=."
 
@@ -133,7 +134,7 @@ class SessionManager:
         return list(selectors.session_list(user=self.user, client=client, status=status))
 
     @_sync_safe
-    def end(self, session=None) -> dict:
+    def end(self, session=None) -> SummaryShape:
         target = self._resolve(session)
         return services.session_end(session_id=target.pk, user=self.user)
 
@@ -169,13 +170,13 @@ class SessionManager:
     # --- conversation tools ---------------------------------------------------------------
 
     @_sync_safe
-    def history(self, session=None) -> list[dict]:
+    def history(self, session=None) -> list[MessageShape]:
         target = self._resolve(session)
         messages = stored_messages(target, related=("domain", "author"))
         return [selectors.message_as_dict(m) for m in messages]
 
     @_sync_safe
-    def summary(self, session=None) -> dict:
+    def summary(self, session=None) -> SummaryShape:
         return selectors.session_summary(session=self._resolve(session))
 
     @_sync_safe
@@ -317,10 +318,10 @@ class OllamaSessionManager:
         """The messages in order, as dicts: role, content, timestamp, model, tokens, cost_usd, author, ..."""
         return self._manager.history(str(session_id))
 
-    def list_sessions(self, *, status: str | None = None) -> list[dict]:
+    def list_sessions(self, *, status: str | None = None) -> list[SessionShape]:
         return [selectors.session_as_dict(s) for s in self._manager.sessions(status=status)]
 
-    def end_session(self, session_id) -> dict:
+    def end_session(self, session_id) -> SummaryShape:
         """End the session and return its summary (time, cost, per client)."""
         return self._manager.end(str(session_id))
 

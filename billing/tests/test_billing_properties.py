@@ -428,12 +428,12 @@ def run(scenario) -> None:
         provider="openai", model="gpt-4o", input_per_mtok=99, output_per_mtok=99, effective_from=BASE
     )
     currency, when, rate = scenario["later_rate"]
-    row = ExchangeRate.objects.filter(currency=currency, effective_from=when).first()
-    row = row or ExchangeRate(currency=currency, effective_from=when)
-    row.usd_rate = Decimal(rate)
+    rate_row = ExchangeRate.objects.filter(currency=currency, effective_from=when).first()
+    rate_row = rate_row or ExchangeRate(currency=currency, effective_from=when)
+    rate_row.usd_rate = Decimal(rate)
     try:
         with transaction.atomic():
-            row.save()
+            rate_row.save()
     except RecordLocked:
         pass
     for client in built["clients"]:

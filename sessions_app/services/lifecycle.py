@@ -59,6 +59,7 @@ from sessions_app.services.turns import (
     local_turn,
     turn_stop_request,
 )
+from sessions_app.shapes import SummaryShape
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ def _wait_for_remote_turn(session: ChatSession, *, timeout: float | None = None)
     return None
 
 
-def _end(session: ChatSession, *, reason: str, at: datetime | None = None, wait_remote: bool = True) -> dict:
+def _end(session: ChatSession, *, reason: str, at: datetime | None = None, wait_remote: bool = True) -> SummaryShape:
     """End the session, ordered with any answer streaming in it.
 
     An answer streaming here is taken over and stored (partial) before the seal; one streaming
@@ -207,7 +208,7 @@ def _end(session: ChatSession, *, reason: str, at: datetime | None = None, wait_
     return session_summary(session=_load(session.pk))
 
 
-def session_end(*, session_id, user, reason: str = EndReason.USER) -> dict:
+def session_end(*, session_id, user, reason: str = EndReason.USER) -> SummaryShape:
     """Stop the timer, close the last segment, seal, and return the summary (idempotent).
 
     Only the owner (or staff) ends a session; an invited consultant gets `NotOwner`.
@@ -218,7 +219,7 @@ def session_end(*, session_id, user, reason: str = EndReason.USER) -> dict:
     return _end(session, reason=reason)
 
 
-async def asession_end(*, session_id, user, reason: str = EndReason.USER) -> dict:
+async def asession_end(*, session_id, user, reason: str = EndReason.USER) -> SummaryShape:
     """`session_end` for async callers: waits for an answer in another process without a thread."""
     if reason not in EndReason.values:
         raise BadInput(UNKNOWN_END_REASON.format(reason=reason, choices=", ".join(EndReason.values)))
@@ -230,7 +231,7 @@ async def asession_end(*, session_id, user, reason: str = EndReason.USER) -> dic
         )()
         await wait_for_turn(session.pk, limit=REMOTE_STOP_WAIT_SECONDS)
 
-    def end() -> dict:
+    def end() -> SummaryShape:
         fresh = session_get_for_owner(session_id=session.pk, user=user)
         return _end(fresh, reason=reason, wait_remote=False)
 
@@ -248,7 +249,7 @@ def sessions_end_idle(*, now: datetime | None = None) -> list[ChatSession]:
     return ended
 
 
-def session_end_idle(*, session: ChatSession) -> dict:
+def session_end_idle(*, session: ChatSession) -> SummaryShape:
     """End a forgotten session at its last activity, never "now": the idle hours are not billed.
 
     The guardian's rule, also used by `manage.py chat --clean`.
@@ -285,6 +286,6 @@ def sessions_settle_abandoned(*, now: datetime | None = None) -> list[tuple[Chat
     return settled
 
 
-def session_end_as_staff(*, session: ChatSession) -> dict:
+def session_end_as_staff(*, session: ChatSession) -> SummaryShape:
     """End any session for staff (the admin action)."""
     return _end(session, reason=EndReason.STAFF)
