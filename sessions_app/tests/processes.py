@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,6 +17,27 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def daphne(env: dict, log, *, port: int | None = None) -> tuple[subprocess.Popen, int]:
+    """daphne serving the app, and its port.
+
+    Without `port`, the listening socket is bound here and handed to daphne (`--fd`), so a test
+    running in parallel that picked the same "free" port can never answer in its place (a
+    browser test once signed in to another worker's server that way). With `port` (starting a
+    stopped server again on its old port), daphne binds it itself.
+    """
+    common = {"cwd": ROOT, "env": env, "stdout": log, "stderr": subprocess.STDOUT}
+    app = "config.asgi:application"
+    if port is not None:
+        command = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), app]
+        return subprocess.Popen(command, **common), port
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as daphne's own: restartable
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1024)
+        command = [sys.executable, "-m", "daphne", "--fd", str(sock.fileno()), app]
+        return subprocess.Popen(command, pass_fds=(sock.fileno(),), **common), sock.getsockname()[1]
 
 
 def process_log(process: subprocess.Popen) -> str:

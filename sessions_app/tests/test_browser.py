@@ -22,6 +22,8 @@ from urllib.parse import urlparse, urlunparse
 
 import pytest
 
+from sessions_app.tests.processes import daphne
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--headless",
@@ -93,23 +95,20 @@ def _browser_database(env: dict, workdir: Path) -> str:
 
 
 class Server:
-    """daphne serving the app on a fixed port, which a test may kill and start again."""
+    """daphne serving the app; a test may kill it and start it again on the same port."""
 
-    def __init__(self, port: int, env: dict, log) -> None:
-        self.port = port
+    def __init__(self, env: dict, log) -> None:
         self.env = env
         self.log = log
-        self.url = f"http://127.0.0.1:{port}"
+        self.port: int | None = None  # handed over on the first start, kept for restarts
         self.process: subprocess.Popen | None = None
 
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
     def start(self) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port), "config.asgi:application"],
-            cwd=ROOT,
-            env=self.env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
+        self.process, self.port = daphne(self.env, self.log, port=self.port)
         _wait_for_http(f"{self.url}/accounts/login/", time.monotonic() + 30)
 
     def kill(self) -> None:
@@ -132,7 +131,7 @@ def server(tmp_path_factory):
     # On tmpfs when there is one: migrating a fresh SQLite file is mostly fsync otherwise.
     shm = Path("/dev/shm")
     workdir = Path(tempfile.mkdtemp(dir=shm)) if shm.is_dir() else tmp_path_factory.mktemp("browser")
-    sim_port, port = _free_port(), _free_port()
+    sim_port = _free_port()
     env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "config.settings_test",
@@ -150,7 +149,7 @@ def server(tmp_path_factory):
     manage = [sys.executable, str(ROOT / "manage.py")]
     log = (workdir / "server.log").open("w")
     simulator = None
-    daphne = Server(port, env, log)
+    web = Server(env, log)
     try:
         simulator = subprocess.Popen(
             [*manage, "simulate_providers", "--port", str(sim_port), "--tokens-per-second", str(TOKENS_PER_SECOND)],
@@ -162,10 +161,10 @@ def server(tmp_path_factory):
         subprocess.run([*manage, "migrate", "--noinput", "-v", "0"], cwd=ROOT, env=env, check=True, timeout=180)
         subprocess.run([*manage, "shell", "-c", SEED], cwd=ROOT, env=env, check=True, timeout=60)
         _wait_for_http(f"http://127.0.0.1:{sim_port}/api/version", time.monotonic() + 30)
-        daphne.start()
-        yield daphne
+        web.start()
+        yield web
     finally:
-        for process in (daphne.process, simulator):
+        for process in (web.process, simulator):
             if process is not None and process.poll() is None:
                 process.terminate()
                 with contextlib.suppress(subprocess.TimeoutExpired):

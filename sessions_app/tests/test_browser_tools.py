@@ -22,6 +22,7 @@ from urllib.parse import urlparse, urlunparse
 
 import pytest
 
+from sessions_app.tests.processes import daphne
 from sessions_app.tests.test_browser import (
     CHROMIUM,
     CHROMIUM_ARGS,
@@ -84,7 +85,7 @@ def server(tmp_path_factory):
     """daphne on a free port with a fast simulator behind it; yields (base URL, port)."""
     shm = Path("/dev/shm")
     workdir = Path(tempfile.mkdtemp(dir=shm)) if shm.is_dir() else tmp_path_factory.mktemp("browser-tools")
-    sim_port, port = _free_port(), _free_port()
+    sim_port = _free_port()
     env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "config.settings_test",
@@ -115,15 +116,8 @@ def server(tmp_path_factory):
         )
         subprocess.run([*manage, "migrate", "--noinput", "-v", "0"], cwd=ROOT, env=env, check=True, timeout=180)
         subprocess.run([*manage, "shell", "-c", SEED], cwd=ROOT, env=env, check=True, timeout=60)
-        processes.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "config.asgi:application"],
-                cwd=ROOT,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        )
+        web, port = daphne(env, log)
+        processes.append(web)
         deadline = time.monotonic() + 30
         _wait_for_http(f"http://127.0.0.1:{sim_port}/api/version", deadline)
         _wait_for_http(f"http://127.0.0.1:{port}/accounts/login/", deadline)

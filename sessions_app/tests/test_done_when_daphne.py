@@ -17,7 +17,7 @@ from decimal import Decimal
 import httpx
 import pytest
 
-from sessions_app.tests.processes import ROOT, free_port, stop, wait_for
+from sessions_app.tests.processes import ROOT, daphne, stop, wait_for
 
 SEED = """
 from django.core.management import call_command
@@ -35,7 +35,6 @@ print(ApiToken.issue(user=user)[1])
 
 @pytest.mark.slow
 def test_done_when_against_daphne_and_the_simulator(tmp_path, simulator):
-    web_port = free_port()
     database = tmp_path / "db.sqlite3"
     env = {
         key: value
@@ -65,15 +64,9 @@ def test_done_when_against_daphne_and_the_simulator(tmp_path, simulator):
     assert seeded.returncode == 0, seeded.stderr
     token = seeded.stdout.strip().splitlines()[-1]
 
-    daphne = subprocess.Popen(
-        [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(web_port), "config.asgi:application"],
-        cwd=ROOT,
-        env=env,
-        stdout=(tmp_path / "daphne.log").open("w"),
-        stderr=subprocess.STDOUT,
-    )
+    web, web_port = daphne(env, (tmp_path / "daphne.log").open("w"))
     try:
-        wait_for(f"http://127.0.0.1:{web_port}/api/ollama/signing-key", daphne)
+        wait_for(f"http://127.0.0.1:{web_port}/api/ollama/signing-key", web)
         api = httpx.Client(
             base_url=f"http://127.0.0.1:{web_port}/api/ollama", headers={"Authorization": f"Bearer {token}"}, timeout=30
         )
@@ -111,4 +104,4 @@ def test_done_when_against_daphne_and_the_simulator(tmp_path, simulator):
         integrity = api.get(f"/session/{sid}/summary").json()["integrity"]
         assert integrity["valid"] is False and "message #4" in integrity["detail"]
     finally:
-        stop(daphne)
+        stop(web)

@@ -8,7 +8,6 @@ import base64
 import logging
 import os
 import secrets
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -19,7 +18,7 @@ from django.db import connection
 
 from config.logmask import MaskSecrets, mask
 from sessions_app.models import ApiToken
-from sessions_app.tests.processes import ROOT, free_port, stop, wait_for
+from sessions_app.tests.processes import daphne, stop, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -44,7 +43,6 @@ def daphne_with_token(owner, client_acme, use_simulator):
     """(base URL, raw token, log file) of a production-like daphne process, stopped afterwards."""
     _token, raw = ApiToken.issue(user=owner, client=client_acme, name="Editor")
     folder = Path(tempfile.mkdtemp(prefix="logs-test-"))
-    port = free_port()
     env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "config.settings",
@@ -58,13 +56,7 @@ def daphne_with_token(owner, client_acme, use_simulator):
     }
     env.pop("REDIS_URL", None)  # one process: nothing to share
     log = open(folder / "daphne.log", "w")  # closed below, after the process
-    process = subprocess.Popen(
-        [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "config.asgi:application"],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    process, port = daphne(env, log)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_for(f"{base}/api/version", process)

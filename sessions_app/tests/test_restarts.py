@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sessions_app.tests.processes import ROOT, free_port, process_log, stop, wait_for
+from sessions_app.tests.processes import ROOT, daphne, free_port, process_log, stop, wait_for
 from tests.wsclient import Socket
 
 pytestmark = pytest.mark.slow
@@ -71,17 +71,10 @@ class Site:
             [sys.executable, "manage.py", *args], cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=120
         )
 
-    def daphne(self, port: int, name: str) -> subprocess.Popen:
-        log = (self.logs / f"{name}.log").open("a")
-        process = subprocess.Popen(
-            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "config.asgi:application"],
-            cwd=ROOT,
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    def daphne(self, name: str) -> tuple[subprocess.Popen, int]:
+        process, port = daphne(self.env, (self.logs / f"{name}.log").open("a"))
         wait_for(f"http://127.0.0.1:{port}/api/version", process)
-        return process
+        return process, port
 
     def report(self) -> tuple[dict[str, list[dict]], dict[str, list[str]]]:
         """Every session's stored messages, and what fails verification (one process start)."""
@@ -224,10 +217,13 @@ def test_two_servers_through_a_redis_outage_and_a_sigterm(template, simulator):
         REDIS_URL=f"redis://127.0.0.1:{redis.port}/0",
         SHUTDOWN_GRACE_SECONDS="2",
     )
-    ports = [free_port(), free_port()]
-    servers = []
+    servers: list[subprocess.Popen] = []
+    ports: list[int] = []
     try:
-        servers = [site.daphne(ports[0], "a"), site.daphne(ports[1], "b")]
+        for name in ("a", "b"):
+            process, port = site.daphne(name)
+            servers.append(process)
+            ports.append(port)
         sid = site.sessions["chat"]
         pages = ["/", "/sessions/", f"/sessions/{sid}/", "/accounts/login/"]
 

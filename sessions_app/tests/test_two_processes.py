@@ -23,7 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import pytest
 
-from sessions_app.tests.processes import ROOT, free_port, stop, wait_for
+from sessions_app.tests.processes import ROOT, daphne, stop, wait_for
 from tests.wsclient import Socket
 
 DATABASE_URL = os.environ.get("DATABASE_URL", "")
@@ -112,21 +112,15 @@ def deployment(simulator, tmp_path_factory):
     )
     servers: list[subprocess.Popen] = []
     try:
-        setup = Deployment(env=env, ports=[free_port(), free_port()], token="", cookie="")
+        setup = Deployment(env=env, ports=[], token="", cookie="")
         seeded = setup.manage("shell", "-v", "0", "-c", SEED)
         assert seeded.returncode == 0, seeded.stderr
         setup.token, setup.cookie = seeded.stdout.strip().splitlines()[-2:]
         logs = tmp_path_factory.mktemp("daphne")
-        for port in setup.ports:
-            servers.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "config.asgi:application"],
-                    cwd=ROOT,
-                    env=env,
-                    stdout=(logs / f"{port}.log").open("w"),
-                    stderr=subprocess.STDOUT,
-                )
-            )
+        for index in range(2):
+            process, port = daphne(env, (logs / f"daphne-{index}.log").open("w"))
+            servers.append(process)
+            setup.ports.append(port)
         for port, process in zip(setup.ports, servers, strict=True):
             wait_for(f"http://127.0.0.1:{port}/api/version", process)
         yield setup
