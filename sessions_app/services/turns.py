@@ -139,11 +139,11 @@ class _TurnStart:
     stream: ContextStream | None
     carried_seqs: set[int]
     rows: list[tuple]  # the stored messages before this turn (`TURN_ROW_FIELDS`)
-    turn: _Turn | None = None  # registered in `_TURNS` until the answer is stored
+    turn: StreamingAnswer | None = None  # registered in `_TURNS` until the answer is stored
 
 
 @dataclass
-class _Turn:
+class StreamingAnswer:
     """What one answer has gathered; registered from its claim on, shared with `_end` for a take-over."""
 
     start: _TurnStart
@@ -201,7 +201,7 @@ class _Turn:
 
 
 # In-process registry of streaming answers, so an end in this process can stop and store them.
-_TURNS: dict[str, _Turn] = {}
+_TURNS: dict[str, StreamingAnswer] = {}
 
 
 _TURNS_LOCK = threading.Lock()
@@ -217,25 +217,25 @@ def _stop_key(session_id, claim: datetime) -> str:
     return f"sessions:stop:{session_id}:{claim.timestamp():.6f}"
 
 
-def _register(turn: _Turn) -> None:
+def _register(turn: StreamingAnswer) -> None:
     with _TURNS_LOCK:
         _TURNS[str(turn.start.session.pk)] = turn
 
 
-def _unregister(turn: _Turn) -> None:
+def _unregister(turn: StreamingAnswer) -> None:
     with _TURNS_LOCK:
         key = str(turn.start.session.pk)
         if _TURNS.get(key) is turn:
             del _TURNS[key]
 
 
-def local_turn(session_id) -> _Turn | None:
+def local_turn(session_id) -> StreamingAnswer | None:
     """The answer streaming in this process for the session, if any (claimed, not yet stored)."""
     with _TURNS_LOCK:
         return _TURNS.get(str(session_id))
 
 
-def local_turns() -> list[_Turn]:
+def local_turns() -> list[StreamingAnswer]:
     with _TURNS_LOCK:
         return list(_TURNS.values())
 
@@ -363,12 +363,12 @@ def begin_turn(*, session_id, user, message, known: KnownSession | None = None) 
     # Registered before anything else can run on this thread, so an end in this process finds
     # the turn even before its first token, and stops it (DESIGN.md: an end and a starting
     # turn are ordered).
-    start.turn = _Turn(start=start)
+    start.turn = StreamingAnswer(start=start)
     _register(start.turn)
     return start
 
 
-def _turn_usage(turn: _Turn) -> tuple[int, int, str, str]:
+def _turn_usage(turn: StreamingAnswer) -> tuple[int, int, str, str]:
     """Token counts to bill: the provider's, else an estimate (marked so), else none at all."""
     usage = turn.usage or (turn.error.usage if turn.error is not None else None)
     if usage is not None and (usage.prompt_tokens or usage.completion_tokens or turn.outcome == "ok"):
@@ -382,7 +382,7 @@ def _turn_usage(turn: _Turn) -> tuple[int, int, str, str]:
     return 0, 0, TokenSource.ESTIMATED, ""
 
 
-def _carried_tokens(turn: _Turn, prompt_tokens: int) -> int:
+def _carried_tokens(turn: StreamingAnswer, prompt_tokens: int) -> int:
     """The part of the reported prompt that is the history carried by the pending switch."""
     start = turn.start
     if start.stream is None or not prompt_tokens:
@@ -394,7 +394,7 @@ def _carried_tokens(turn: _Turn, prompt_tokens: int) -> int:
     return min(prompt_tokens, round(prompt_tokens * carried_estimate / total_estimate))
 
 
-def _store_answer(turn: _Turn, *, now: datetime | None = None) -> SessionMessage | None:
+def _store_answer(turn: StreamingAnswer, *, now: datetime | None = None) -> SessionMessage | None:
     """Store the assistant message, usage, stream settlement, totals and chain link.
 
     The caller holds a transaction. None, with the text logged, when the session no longer
@@ -518,7 +518,7 @@ def _store_answer(turn: _Turn, *, now: datetime | None = None) -> SessionMessage
     return message
 
 
-def _finish_turn(turn: _Turn) -> tuple[SessionMessage, ChatSession] | None:
+def _finish_turn(turn: StreamingAnswer) -> tuple[SessionMessage, ChatSession] | None:
     """The last write transaction of a turn; None when it is not this turn's to store.
 
     That is when `session_end` took the answer over, or the session no longer holds the claim.
@@ -543,7 +543,7 @@ def _finish_turn(turn: _Turn) -> tuple[SessionMessage, ChatSession] | None:
         turn.finished.set()
 
 
-def _give_up(turn: _Turn) -> None:
+def _give_up(turn: StreamingAnswer) -> None:
     """The final store failed: log the text, and hand the claim to the guardian with all of it.
 
     The claim is marked `ORPHANED_TURN` (no longer this process's: the next chat, end or
@@ -572,7 +572,7 @@ def _give_up(turn: _Turn) -> None:
         logger.warning("session %s: the claim stays until it is stale (the database is unreachable)", start.session.pk)
 
 
-def _write_checkpoint(turn: _Turn, text: str) -> None:
+def _write_checkpoint(turn: StreamingAnswer, text: str) -> None:
     """One UPDATE: the answer so far on the session row, while this turn still holds the claim."""
     start = turn.start
     ChatSession.objects.filter(pk=start.session.pk, turn_started_at=start.claim).update(
@@ -580,7 +580,7 @@ def _write_checkpoint(turn: _Turn, text: str) -> None:
     )
 
 
-async def _checkpoint(turn: _Turn) -> None:
+async def _checkpoint(turn: StreamingAnswer) -> None:
     try:
         await db_sync_to_async(_write_checkpoint)(turn, turn.text)
     except DatabaseError:
@@ -608,7 +608,7 @@ async def _pump(stream: AsyncIterator, queue: asyncio.Queue) -> None:
                 await aclose()
 
 
-async def _watch_stop(key: str, turn: _Turn) -> None:
+async def _watch_stop(key: str, turn: StreamingAnswer) -> None:
     """Across processes: poll the shared cache for a stop asked by another worker (its reason)."""
     while True:
         await asyncio.sleep(0.5)
