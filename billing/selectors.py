@@ -119,11 +119,6 @@ def with_unpriced_flag(sessions: QuerySet) -> QuerySet:
     return sessions.annotate(has_unpriced=Exists(unpriced))
 
 
-def billed_on_issued(session_ref, client_ref) -> Exists:
-    """An issued invoice bills this (session, client) part."""
-    return Exists(InvoiceLine.objects.billed().filter(session_id=session_ref, client_id=client_ref))
-
-
 def with_totals(qs: QuerySet, *group_by: str) -> QuerySet:
     """Message counts, tokens, summed cost and unknown-price calls, grouped by `group_by`."""
     return qs.values(*group_by).annotate(
