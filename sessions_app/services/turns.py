@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
+from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
@@ -40,7 +41,7 @@ from billing import budgets, pricing
 from billing.models import LLMUsage, TokenSource, UsageStatus
 from config.dbthread import db_sync_to_async
 from providers import router, tokens
-from providers.base import ErrorKind, ProviderError, Usage
+from providers.base import ErrorKind, ProviderError, StreamOptions, Usage
 from providers.naming import ModelRef, parse_model
 from sessions_app import integrity
 from sessions_app.context import ContextPlan, build_context
@@ -642,27 +643,63 @@ async def session_chat(
     Raises `ProviderFailed`/`ProviderTimeout` after storing a failed answer, `SessionEnded`
     when the session was ended mid-answer (the partial answer is stored), and `StoreFailed`
     when the answer could not be stored.
+
+    The stages: begin (claim, store the user message), open the provider, relay what it
+    sends, wind down (store the answer whatever happened), then answer or raise.
     """
+    start, opts = await _begin(
+        session_id=session_id, user=user, message=message, options=options, start=start, known=known
+    )
+    provider_stream = await _open_provider(start, opts)
+    turn = start.turn
+    assert turn is not None  # begin_turn registers it
+    queue: asyncio.Queue = asyncio.Queue()
+    pump = asyncio.create_task(_pump(provider_stream, queue))
+    watcher = _arm_stop(start, turn, pump, queue)
+    stored: tuple[tuple[SessionMessage, ChatSession] | None, StoreFailed | None] = (None, None)
     try:
-        opts = _stream_options(options)  # bad options are refused before anything is stored
+        while True:
+            text = _take(turn, await queue.get())
+            if text is None:
+                break
+            if text:
+                yield Token(text)
+    finally:
+        stored = await _wind_down(turn, pump, watcher)
+    yield _answer(start, turn, *stored)
+
+
+async def _begin(
+    *, session_id: Any, user: Any, message: Any, options: Any, start: _TurnStart | None, known: KnownSession | None
+) -> tuple[_TurnStart, StreamOptions]:
+    """The turn begun (claimed, the user message stored) and its options; bad options store nothing."""
+    try:
+        opts = _stream_options(options)
     except BaseException:
         if start is not None:
             await db_sync_to_async(_abandon_start)(start)
         raise
     if start is None:
         start = await db_sync_to_async(begin_turn)(session_id=session_id, user=user, message=message, known=known)
-    turn = start.turn
+    return start, opts
+
+
+async def _open_provider(start: _TurnStart, opts: StreamOptions) -> AsyncIterator:
+    """The provider's stream for the turn; a begun turn that cannot stream is abandoned."""
     try:
         if start.ref.provider == "ollama" and opts.num_ctx is None:
             opts.num_ctx = start.plan.window
         resolved = ModelRef(start.ref.provider, start.model_id)
-        provider_stream = router.stream_chat(resolved, start.plan.messages, opts, resolved=True)
+        return router.stream_chat(resolved, start.plan.messages, opts, resolved=True)
     except BaseException:
         await db_sync_to_async(_abandon_start)(start)
         raise
 
-    queue: asyncio.Queue = asyncio.Queue()
-    pump = asyncio.create_task(_pump(provider_stream, queue))
+
+def _arm_stop(
+    start: _TurnStart, turn: StreamingAnswer, pump: asyncio.Task, queue: asyncio.Queue
+) -> asyncio.Task | None:
+    """Let a Stop or an End (in this process, or through Redis from another) cut the relay short."""
 
     def stop() -> None:
         if turn.outcome == "streaming":
@@ -676,64 +713,76 @@ async def session_chat(
     if asked:
         stop()  # stopped (or taken over by an end) before it began streaming
     turn.next_checkpoint = turn.began + CHECKPOINT_SECONDS
-    watcher = (
-        asyncio.create_task(_watch_stop(_stop_key(start.session.pk, start.claim), turn))
-        if getattr(settings, "REDIS_URL", "")
-        else None
-    )
-    result = None
-    store_failed: StoreFailed | None = None
-    try:
-        while True:
-            item = await queue.get()
-            if item is _STOPPED:
-                break
-            if item is _END:
-                if turn.outcome == "streaming":
-                    turn.outcome = "ok"
-                break
-            if isinstance(item, ProviderError):
-                turn.error = item
-                if turn.outcome == "streaming":
-                    turn.outcome = "error"
-                break
-            if isinstance(item, Usage):
-                turn.usage = item
-                continue
-            if item:
-                with turn.lock:
-                    if turn.state == "taken":
-                        break  # `session_end` stores what was yielded so far
-                    turn.parts.append(item)
-                now = time.monotonic()
-                if turn.first_token_ms is None:
-                    turn.first_token_ms = int((now - turn.began) * 1000)
-                if now >= turn.next_checkpoint and (turn.checkpoint is None or turn.checkpoint.done()):
-                    turn.next_checkpoint = now + CHECKPOINT_SECONDS
-                    turn.checkpoint = asyncio.create_task(_checkpoint(turn))
-                yield Token(item)
-    finally:
-        if turn.outcome == "streaming":
-            turn.outcome = "cancelled"  # the caller closed us or our task was cancelled
-        if watcher is not None:
-            watcher.cancel()
-        if not pump.done():
-            pump.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await pump
-        if turn.checkpoint is not None:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await turn.checkpoint
-        # Store even when cancelled: shield the write from a second cancellation. The turn
-        # stays registered until it is stored, so an end meanwhile takes it over rather than
-        # waiting for a claim that only this process's database thread can release.
-        try:
-            result = await asyncio.shield(asyncio.ensure_future(db_sync_to_async(_finish_turn)(turn)))
-        except StoreFailed as exc:
-            store_failed = exc  # raised below, unless the caller is gone (then the log tells)
-        finally:
-            _unregister(turn)
+    if not getattr(settings, "REDIS_URL", ""):
+        return None
+    return asyncio.create_task(_watch_stop(_stop_key(start.session.pk, start.claim), turn))
 
+
+def _take(turn: StreamingAnswer, item: object) -> str | None:
+    """What the relay does with one item from the provider: text to pass on, "" for none, None to stop."""
+    if item is _STOPPED:
+        return None
+    if item is _END:
+        if turn.outcome == "streaming":
+            turn.outcome = "ok"
+        return None
+    if isinstance(item, ProviderError):
+        turn.error = item
+        if turn.outcome == "streaming":
+            turn.outcome = "error"
+        return None
+    if isinstance(item, Usage):
+        turn.usage = item
+        return ""
+    if not item:
+        return ""
+    text = str(item)
+    with turn.lock:
+        if turn.state == "taken":
+            return None  # `session_end` stores what was yielded so far
+        turn.parts.append(text)
+    now = time.monotonic()
+    if turn.first_token_ms is None:
+        turn.first_token_ms = int((now - turn.began) * 1000)
+    if now >= turn.next_checkpoint and (turn.checkpoint is None or turn.checkpoint.done()):
+        turn.next_checkpoint = now + CHECKPOINT_SECONDS
+        turn.checkpoint = asyncio.create_task(_checkpoint(turn))
+    return text
+
+
+async def _wind_down(
+    turn: StreamingAnswer, pump: asyncio.Task, watcher: asyncio.Task | None
+) -> tuple[tuple[SessionMessage, ChatSession] | None, StoreFailed | None]:
+    """Stop the pump and the watcher, then store the answer, whatever ended the relay."""
+    if turn.outcome == "streaming":
+        turn.outcome = "cancelled"  # the caller closed us or our task was cancelled
+    if watcher is not None:
+        watcher.cancel()
+    if not pump.done():
+        pump.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await pump
+    if turn.checkpoint is not None:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await turn.checkpoint
+    # Store even when cancelled: shield the write from a second cancellation. The turn
+    # stays registered until it is stored, so an end meanwhile takes it over rather than
+    # waiting for a claim that only this process's database thread can release.
+    try:
+        return await asyncio.shield(asyncio.ensure_future(db_sync_to_async(_finish_turn)(turn))), None
+    except StoreFailed as exc:
+        return None, exc  # raised by `_answer`, unless the caller is gone (then the log tells)
+    finally:
+        _unregister(turn)
+
+
+def _answer(
+    start: _TurnStart,
+    turn: StreamingAnswer,
+    result: tuple[SessionMessage, ChatSession] | None,
+    store_failed: StoreFailed | None,
+) -> Done:
+    """`Done` with the stored answer, or the error that says why there is none to go on with."""
     if store_failed is not None:
         raise store_failed
     if result is None or turn.outcome == "stopped":
@@ -753,7 +802,7 @@ async def session_chat(
             kind=str(error.kind) if error is not None else "server",
             message_id=stored.message_id,
         )
-    yield Done(message=stored, session=session, known=_known_after(start, stored, session))
+    return Done(message=stored, session=session, known=_known_after(start, stored, session))
 
 
 def _abandon_start(start: _TurnStart) -> None:
