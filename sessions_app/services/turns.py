@@ -419,33 +419,8 @@ def _store_answer(turn: StreamingAnswer, *, now: datetime | None = None) -> Sess
         return None
     prompt, completion, source, provider_model = _turn_usage(turn)
     model_id = provider_model or start.model_id
-    if prompt or completion:
-        cost = quantize_money(
-            pricing.cost_of(
-                provider=start.ref.provider,
-                model_id=model_id,
-                prompt_tokens=prompt,
-                completion_tokens=completion,
-                at=now,
-            )
-        )
-    else:
-        cost = Decimal("0")
-
-    if turn.outcome == "ok":
-        status, usage_status, error_text = MessageStatus.COMPLETE, UsageStatus.OK, ""
-    elif turn.outcome == "error":
-        status = MessageStatus.PARTIAL if turn.text else MessageStatus.ERROR
-        usage_status = UsageStatus.ERROR
-        error = turn.error
-        error_text = f"{error.kind}: {error.message}" if error is not None else "error"
-    else:
-        status = MessageStatus.PARTIAL if turn.text else MessageStatus.ERROR
-        usage_status = UsageStatus.CANCELLED
-        if turn.outcome == "stopped":
-            error_text = STOPPED_BY_END
-        else:
-            error_text = _STOP_TEXTS.get(turn.stop_reason or "", CANCELLED)
+    cost = _call_cost(start, model_id, prompt, completion, now)
+    status, usage_status, error_text = _outcome_fields(turn)
 
     session = start.session
     # The message's lock check (sessions_app/locks.py) reads the invoice from the session it is given.
@@ -470,21 +445,7 @@ def _store_answer(turn: StreamingAnswer, *, now: datetime | None = None) -> Sess
         context_omitted=start.plan.omitted_count,
     )
     _store_linked(message, previous)
-
-    carried = 0
-    stream = start.stream
-    if stream is not None and prompt:
-        carried = _carried_tokens(turn, prompt)
-        stream_cost = quantize_money(
-            pricing.input_cost(provider=start.ref.provider, model_id=model_id, tokens=carried, at=now)
-        )
-        if stream_cost is not None and cost is not None:
-            stream_cost = min(stream_cost, cost)  # a breakdown of the call's cost, never more
-        ContextStream.objects.filter(pk=stream.pk, settled_at__isnull=True).update(
-            total_tokens=carried, cost_usd=stream_cost, settled_at=now
-        )
-
-    elapsed_ms = int((time.monotonic() - turn.began) * 1000)
+    carried = _settle_stream(turn, model_id, prompt, cost, now)
     LLMUsage.objects.create(
         user_id=start.user_message.author_id or session.user_id,  # who asked (shared sessions)
         session_id=session_id,
@@ -499,24 +460,71 @@ def _store_answer(turn: StreamingAnswer, *, now: datetime | None = None) -> Sess
         cost=cost,
         carried_tokens=carried,
         time_to_first_token_ms=turn.first_token_ms,
-        duration_ms=max(0, elapsed_ms),
+        duration_ms=max(0, int((time.monotonic() - turn.began) * 1000)),
         status=usage_status,
         error_text=error_text[:2000],
         created_at=now,
     )
+    _add_to_totals(session, state, tokens=prompt + completion, cost=cost, now=now)
+    return message
 
+
+def _call_cost(start: _TurnStart, model_id: str, prompt: int, completion: int, now: datetime) -> Decimal | None:
+    """What the call cost at the price in force (None: no known price; zero when nothing was used)."""
+    if not (prompt or completion):
+        return Decimal("0")
+    return quantize_money(
+        pricing.cost_of(
+            provider=start.ref.provider, model_id=model_id, prompt_tokens=prompt, completion_tokens=completion, at=now
+        )
+    )
+
+
+def _outcome_fields(turn: StreamingAnswer) -> tuple[str, str, str]:
+    """The message status, the usage status and the error text the answer's outcome stores."""
+    if turn.outcome == "ok":
+        return MessageStatus.COMPLETE, UsageStatus.OK, ""
+    status = MessageStatus.PARTIAL if turn.text else MessageStatus.ERROR
+    if turn.outcome == "error":
+        error = turn.error
+        return status, UsageStatus.ERROR, f"{error.kind}: {error.message}" if error is not None else "error"
+    if turn.outcome == "stopped":
+        return status, UsageStatus.CANCELLED, STOPPED_BY_END
+    return status, UsageStatus.CANCELLED, _STOP_TEXTS.get(turn.stop_reason or "", CANCELLED)
+
+
+def _settle_stream(turn: StreamingAnswer, model_id: str, prompt: int, cost: Decimal | None, now: datetime) -> int:
+    """Settle the context a switch carried from this first call's prompt; the tokens it carried."""
+    start = turn.start
+    if start.stream is None or not prompt:
+        return 0
+    carried = _carried_tokens(turn, prompt)
+    stream_cost = quantize_money(
+        pricing.input_cost(provider=start.ref.provider, model_id=model_id, tokens=carried, at=now)
+    )
+    if stream_cost is not None and cost is not None:
+        stream_cost = min(stream_cost, cost)  # a breakdown of the call's cost, never more
+    ContextStream.objects.filter(pk=start.stream.pk, settled_at__isnull=True).update(
+        total_tokens=carried, cost_usd=stream_cost, settled_at=now
+    )
+    return carried
+
+
+def _add_to_totals(
+    session: ChatSession, state: dict[str, Any], *, tokens: int, cost: Decimal | None, now: datetime
+) -> None:
+    """Add the answer to the session's totals and release the claim, in one UPDATE."""
     update = {
         "total_messages": state["total_messages"] + 1,
-        "total_tokens": state["total_tokens"] + prompt + completion,
+        "total_tokens": state["total_tokens"] + tokens,
         "estimated_cost_usd": quantize_money(Decimal(state["estimated_cost_usd"]) + (cost or Decimal("0"))),
         "last_activity_at": max(now, state["last_activity_at"]),
     }
     # A message could be added, so no issued invoice covers the session: a plain UPDATE under
     # the row lock (no lock-check read) is safe. The claim and its checkpoint go with it.
-    ChatSession.objects.filter(pk=session_id).update(**update, **CLAIM_CLEARED)
+    ChatSession.objects.filter(pk=session.pk).update(**update, **CLAIM_CLEARED)
     for name, value in (*state.items(), *update.items(), *CLAIM_CLEARED.items()):
         setattr(session, name, value)
-    return message
 
 
 def _finish_turn(turn: StreamingAnswer) -> tuple[SessionMessage, ChatSession] | None:
