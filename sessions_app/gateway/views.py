@@ -224,8 +224,14 @@ async def _start_turn(request: HttpRequest, path_token: str | None, parse, start
     token, data, chat, session, start = await db_sync_to_async(_prepare)(raw, body, parse, request)
     if chat is None:
         return Started(data)
+    # A caller that wants no stream gets none from upstream either: one response, no relay.
     events = services.session_chat(
-        session_id=session.pk, user=token.user, message=chat.message, options=chat.options, start=start
+        session_id=session.pk,
+        user=token.user,
+        message=chat.message,
+        options=chat.options,
+        start=start,
+        stream=chat.stream,
     )
     turn = Turn(started_ns, chat.options.max_tokens)
     try:

@@ -630,12 +630,16 @@ async def session_chat(
     options=None,
     start: _TurnStart | None = None,
     known: KnownSession | None = None,
+    stream: bool = True,
 ) -> AsyncIterator[Token | Done]:
     """One chat turn: yield `Token`s as the provider streams, then `Done` with the stored answer.
 
     `start` is a turn the caller has begun itself (`begin_turn`, in the same trip to the
     database thread as its own reads); by default the turn begins here, with `known` (the
     previous turn's `Done.known`, say) if the caller has it.
+
+    With `stream=False` (a caller that relays no deltas) the provider is asked for the whole
+    answer at once; it arrives as one `Token`, stored and billed exactly as a streamed one.
 
     Closing the generator (the caller went away) cancels the answer and stores what arrived.
     A Stop (`session_stop`) or a shutdown ends it early with `Done` and the partial answer.
@@ -656,7 +660,7 @@ async def session_chat(
         if start.ref.provider == "ollama" and opts.num_ctx is None:
             opts.num_ctx = start.plan.window
         resolved = ModelRef(start.ref.provider, start.model_id)
-        provider_stream = router.stream_chat(resolved, start.plan.messages, opts, resolved=True)
+        provider_stream = router.stream_chat(resolved, start.plan.messages, opts, resolved=True, stream=stream)
     except BaseException:
         await db_sync_to_async(_abandon_start)(start)
         raise
