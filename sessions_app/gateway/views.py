@@ -20,6 +20,7 @@ from django.db import OperationalError
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
+from billing.catalogue import catalogue_pinned
 from config.dbthread import db_sync_to_async
 from config.logmask import mask
 from providers import router
@@ -121,6 +122,7 @@ def _check_model(name: str) -> None:
         raise GatewayError(404, MODEL_NOT_FOUND.format(name=name) + f": {exc}", code="model_not_found") from None
 
 
+@catalogue_pinned()
 def _prepare(raw: str, body: bytes, parse: Callable[[dict], ChatRequest | None], request: HttpRequest | None = None):
     """Authenticate, parse, validate, join the session and begin the turn (its user message
     stored), in one trip to the database thread: the provider is called straight after."""

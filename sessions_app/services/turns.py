@@ -37,6 +37,7 @@ from django.db import DatabaseError, transaction
 from django.utils import timezone
 
 from billing import budgets, pricing
+from billing.catalogue import catalogue_pinned
 from billing.models import LLMUsage, TokenSource, UsageStatus
 from config.dbthread import db_sync_to_async
 from providers import router, tokens
@@ -278,6 +279,7 @@ def session_stop(*, session_id, user) -> bool:
 
 
 @budgets.alerts_on_refusal
+@catalogue_pinned()
 def begin_turn(*, session_id, user, message, known: KnownSession | None = None) -> _TurnStart:
     """Transaction 1: claim the session and store the user message before any provider call.
 
@@ -518,6 +520,7 @@ def _store_answer(turn: StreamingAnswer, *, now: datetime | None = None) -> Sess
     return message
 
 
+@catalogue_pinned()
 def _finish_turn(turn: StreamingAnswer) -> tuple[SessionMessage, ChatSession] | None:
     """The last write transaction of a turn; None when it is not this turn's to store.
 
