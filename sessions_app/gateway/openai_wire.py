@@ -14,11 +14,13 @@ from providers.base import ChatMessage, StreamOptions
 from sessions_app.gateway.common import (
     CONTENT_NOT_TEXT,
     IMAGES_UNSUPPORTED,
+    LAST_NOT_USER,
     MESSAGES_NOT_LIST,
     N_UNSUPPORTED,
     ROLE_UNSUPPORTED,
     TOOLS_UNSUPPORTED,
     ChatRequest,
+    GatewayCall,
     GatewayError,
     flag,
     model_ref,
@@ -214,3 +216,45 @@ def models_object(names: list[str], created: int) -> dict[str, Any]:
             {"id": name, "object": "model", "created": created, "owned_by": name.split(":", 1)[0]} for name in names
         ],
     }
+
+
+class OpenAIWire:
+    """The chat view's strategy for `/v1/chat/completions`: server-sent events or one object."""
+
+    content_type = EVENT_STREAM
+    parse = staticmethod(parse_chat)
+    error_response = staticmethod(error_response)
+
+    def idle_response(self, data: dict[str, Any]) -> HttpResponse:
+        raise GatewayError(400, LAST_NOT_USER, param="messages")  # parse_chat never asks for one
+
+    def framer(self, chat: ChatRequest) -> OpenAIFramer:
+        return OpenAIFramer(Completion(model=chat.model, include_usage=chat.include_usage))
+
+
+class OpenAIFramer:
+    """One completion's chunks; the closing ones go out as one write (the events stay separate)."""
+
+    __slots__ = ("completion",)
+
+    def __init__(self, completion: Completion) -> None:
+        self.completion = completion
+
+    def opening(self) -> bytes:
+        return self.completion.role_chunk()
+
+    def delta(self, text: str) -> bytes:
+        return self.completion.delta_chunk(text)
+
+    def closing(self, call: GatewayCall) -> bytes:
+        completion = self.completion
+        closing = completion.finish_chunk(call.finish_reason)
+        if completion.include_usage:
+            closing += completion.usage_chunk(call.prompt_tokens, call.completion_tokens)
+        return closing + DONE_EVENT
+
+    def error(self, error: GatewayError) -> bytes:
+        return error_event(error)
+
+    def whole(self, call: GatewayCall) -> HttpResponse:
+        return self.completion.response(call.text, call.finish_reason, call.prompt_tokens, call.completion_tokens)

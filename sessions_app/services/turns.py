@@ -38,6 +38,7 @@ from django.db import DatabaseError, transaction
 from django.utils import timezone
 
 from billing import budgets, pricing
+from billing.catalogue import catalogue_pinned
 from billing.models import LLMUsage, TokenSource, UsageStatus
 from config.dbthread import db_sync_to_async
 from providers import router, tokens
@@ -279,6 +280,7 @@ def session_stop(*, session_id, user) -> bool:
 
 
 @budgets.alerts_on_refusal
+@catalogue_pinned()
 def begin_turn(*, session_id, user, message, known: KnownSession | None = None) -> _TurnStart:
     """Transaction 1: claim the session and store the user message before any provider call.
 
@@ -527,6 +529,7 @@ def _add_to_totals(
         setattr(session, name, value)
 
 
+@catalogue_pinned()
 def _finish_turn(turn: StreamingAnswer) -> tuple[SessionMessage, ChatSession] | None:
     """The last write transaction of a turn; None when it is not this turn's to store.
 
@@ -639,12 +642,16 @@ async def session_chat(
     options=None,
     start: _TurnStart | None = None,
     known: KnownSession | None = None,
+    stream: bool = True,
 ) -> AsyncIterator[Token | Done]:
     """One chat turn: yield `Token`s as the provider streams, then `Done` with the stored answer.
 
     `start` is a turn the caller has begun itself (`begin_turn`, in the same trip to the
     database thread as its own reads); by default the turn begins here, with `known` (the
     previous turn's `Done.known`, say) if the caller has it.
+
+    With `stream=False` (a caller that relays no deltas) the provider is asked for the whole
+    answer at once; it arrives as one `Token`, stored and billed exactly as a streamed one.
 
     Closing the generator (the caller went away) cancels the answer and stores what arrived.
     A Stop (`session_stop`) or a shutdown ends it early with `Done` and the partial answer.
@@ -658,7 +665,7 @@ async def session_chat(
     start, opts = await _begin(
         session_id=session_id, user=user, message=message, options=options, start=start, known=known
     )
-    provider_stream = await _open_provider(start, opts)
+    provider_stream = await _open_provider(start, opts, stream=stream)
     turn = start.turn
     assert turn is not None  # begin_turn registers it
     queue: asyncio.Queue = asyncio.Queue()
@@ -692,13 +699,13 @@ async def _begin(
     return start, opts
 
 
-async def _open_provider(start: _TurnStart, opts: StreamOptions) -> AsyncIterator:
+async def _open_provider(start: _TurnStart, opts: StreamOptions, *, stream: bool = True) -> AsyncIterator:
     """The provider's stream for the turn; a begun turn that cannot stream is abandoned."""
     try:
         if start.ref.provider == "ollama" and opts.num_ctx is None:
             opts.num_ctx = start.plan.window
         resolved = ModelRef(start.ref.provider, start.model_id)
-        return router.stream_chat(resolved, start.plan.messages, opts, resolved=True)
+        return router.stream_chat(resolved, start.plan.messages, opts, resolved=True, stream=stream)
     except BaseException:
         await db_sync_to_async(_abandon_start)(start)
         raise
