@@ -110,10 +110,11 @@ async def refused_with(communicator) -> int:
     return closed["code"]
 
 
-async def test_only_the_signed_in_owner_may_connect(start, outsider, staff):
+async def test_only_the_signed_in_owner_may_connect_to_an_unshared_session(start, outsider, staff):
     session = await database_sync_to_async(start)()
     for user, code in [(AnonymousUser(), CLOSE_UNAUTHENTICATED), (outsider, CLOSE_NOT_FOUND), (staff, CLOSE_NOT_FOUND)]:
-        # Staff review sessions in the admin; a live chat is its owner's alone.
+        # Staff review sessions in the admin; a live chat is its participants' alone
+        # (test_shared_live.py: the consultants it is shared with).
         assert await refused_with(socket(session, user)) == code
 
 
@@ -381,7 +382,10 @@ async def test_a_second_tab_watches_the_same_answer_live(start, owner):
     await asking.disconnect()
     await watching.disconnect()
 
+    question = watched[0].pop("question")
     assert watched[0] == {"type": "turn.started", "turn": "w", "message": "for both tabs"}
+    assert (question["seq"], question["author"], question["content"]) == (1, "olivia", "for both tabs")
+    assert asked[-1]["question"] == question  # the asker learns its message's number and time
     assert token_text(watched) == token_text(asked) == watched[-1]["message"]["content"]
     assert watched[-1]["message"]["message_id"] == asked[-1]["message"]["message_id"]
 
