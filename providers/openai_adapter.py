@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator
 
@@ -59,8 +60,8 @@ class OpenAIAdapter(ProviderAdapter):
         provider_model = ""
         stop_reason = None
         try:
-            async with client.chat.completions.with_streaming_response.create(**params) as response:
-                async for _event, data in iter_events(iter_lines(response.http_response.aiter_bytes())):
+            async with _post(client, params) as response:
+                async for _event, data in iter_events(iter_lines(response.aiter_bytes())):
                     if data.startswith("[DONE]"):
                         continue  # read to the end of the body so the connection can be reused
                     try:
@@ -118,8 +119,8 @@ class OpenAIAdapter(ProviderAdapter):
         client = _client()
         params = _params(model, messages, options or StreamOptions(), stream=False)
         try:
-            async with client.chat.completions.with_streaming_response.create(**params) as response:
-                raw = await response.http_response.aread()
+            async with _post(client, params) as response:
+                raw = await response.aread()
         except openai.APIStatusError as exc:
             raise _status_error(exc, model)
         except openai.APITimeoutError:
@@ -161,6 +162,29 @@ class OpenAIAdapter(ProviderAdapter):
         except openai.APIConnectionError as exc:
             raise errors.connection_error(NAME, _connection_detail(exc))
         return [ModelInfo(name=f"{NAME}:{m.id}", provider=NAME, model=m.id, paid=True) for m in page.data]
+
+
+# Tells the SDK to hand back the HTTP response unread (as `with_streaming_response` does).
+_UNREAD = {"X-Stainless-Raw-Response": "stream"}
+
+
+@contextlib.asynccontextmanager
+async def _post(client: openai.AsyncOpenAI, params: dict) -> AsyncIterator[httpx2.Response]:
+    """POST /chat/completions through the SDK's client (auth, base URL, headers, error statuses
+    raised as `APIStatusError`), without `create()`'s typed-parameter transform and response
+    wrappers: the body is plain JSON already, and the adapters read the response themselves."""
+    extra = params.pop("extra_body", None)
+    body = {**params, **extra} if extra else params
+    response = await client.post(
+        "/chat/completions",
+        cast_to=httpx2.Response,
+        body=body,
+        options={"headers": _UNREAD, "security": {"bearer_auth": True}},
+    )
+    try:
+        yield response
+    finally:
+        await response.aclose()
 
 
 def _params(model: str, messages: list[ChatMessage], options: StreamOptions, *, stream: bool) -> dict:

@@ -125,6 +125,7 @@ class Completion:
     include_usage: bool = False
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
+    _delta_frame: tuple[bytes, bytes] | None = field(default=None, init=False, repr=False, compare=False)
 
     def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
         payload: dict[str, Any] = {
@@ -144,7 +145,15 @@ class Completion:
         return self._chunk([_choice({"role": "assistant", "content": ""})])
 
     def delta_chunk(self, text: str) -> bytes:
-        return self._chunk([_choice({"content": text})])
+        """`_chunk([_choice({"content": text})])`, byte for byte, from a frame built once per
+        completion: only the text is encoded per token."""
+        frame = self._delta_frame
+        if frame is None:
+            marker = "\x00"
+            whole = self._chunk([_choice({"content": marker})]).decode()
+            head, _, tail = whole.rpartition(json.dumps(marker))
+            frame = self._delta_frame = (head.encode(), tail.encode())
+        return frame[0] + json.dumps(text, ensure_ascii=False).encode() + frame[1]
 
     def finish_chunk(self, finish_reason: str) -> bytes:
         return self._chunk([_choice({}, finish_reason)])
