@@ -9,7 +9,7 @@ import logging
 
 import pytest
 from channels.db import database_sync_to_async
-from channels.layers import InMemoryChannelLayer, channel_layers
+from channels.layers import InMemoryChannelLayer
 from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
 from django.contrib.auth.models import AnonymousUser
@@ -67,22 +67,6 @@ async def frames_until(communicator, frame_type: str, timeout: float = 20) -> li
 
 def token_text(frames: list[dict]) -> str:
     return "".join(f["text"] for f in frames if f["type"] == "token")
-
-
-@pytest.fixture(autouse=True)
-def fresh_channel_layer(settings):
-    """An in-memory channel layer made on this test's event loop.
-
-    These tests drive the consumer in pytest's own event loop, which is torn down after each
-    test by cancelling every task left on it; a channels_redis receive cancelled that way has
-    been seen never to finish, hanging the run. The real Redis fan-out is exercised by the
-    browser tests, whose daphne process uses REDIS_URL, and the unreachable-Redis test below
-    sets its own layer.
-    """
-    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
-    channel_layers.backends.clear()
-    yield
-    channel_layers.backends.clear()
 
 
 @pytest.fixture

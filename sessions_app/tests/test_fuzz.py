@@ -250,8 +250,6 @@ def test_no_gateway_endpoint_answers_500_to_hostile_input(callers):
 
 @pytest.mark.django_db(transaction=True)
 async def test_no_frame_closes_the_chat_socket_or_goes_unanswered(callers, owner, settings):
-    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
-    channel_layers.backends.pop("default", None)
     rng = random.Random(SEED + 2)
     communicator = WebsocketCommunicator(URLRouter(websocket_urlpatterns), f"/ws/sessions/{callers['session']}/")
     communicator.scope["user"] = owner
