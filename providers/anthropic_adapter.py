@@ -152,12 +152,7 @@ class AnthropicAdapter(ProviderAdapter):
             raise errors.timeout_error(NAME, "no answer in time")
         except httpx2.TransportError:
             raise errors.connection_error(NAME, "the connection closed before the answer was complete")
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            raise errors.from_response(NAME, 502, f"an answer that is not JSON: {raw[:80]!r}") from None
-        if not isinstance(body, dict):
-            raise errors.from_response(NAME, 502, "an answer that is not a JSON object")
+        body = errors.json_object(NAME, raw)
         if body.get("type") == "error" or "error" in body:
             raise errors.from_response(NAME, 200, body, model=model)
         text = "".join(

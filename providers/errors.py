@@ -138,6 +138,18 @@ def from_response(
     )
 
 
+def json_object(provider: str, raw: bytes) -> dict[str, Any]:
+    """A whole (not streamed) answer's body as a JSON object, or the error saying what came instead."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        text = raw[:80].decode("utf-8", "replace")
+        raise from_response(provider, 502, f"an answer that is not JSON: {text}") from None
+    if not isinstance(body, dict):
+        raise from_response(provider, 502, "an answer that is not a JSON object")
+    return body
+
+
 def connection_error(provider: str, detail: str, *, usage: Usage | None = None) -> ProviderError:
     return ProviderError(
         ErrorKind.CONNECTION, describe(provider, ErrorKind.CONNECTION, detail), provider=provider, usage=usage

@@ -126,13 +126,7 @@ class OllamaAdapter(ProviderAdapter):
             raise errors.connection_error(NAME, "the connection closed before the answer was complete")
         if response.status_code != 200:
             raise errors.from_response(NAME, response.status_code, response.content, model=model)
-        try:
-            final = json.loads(response.content)
-        except ValueError:
-            text = response.content[:80].decode("utf-8", "replace")
-            raise errors.from_response(NAME, 502, f"an answer that is not JSON: {text}") from None
-        if not isinstance(final, dict):
-            raise errors.from_response(NAME, 502, "an answer that is not a JSON object")
+        final = errors.json_object(NAME, response.content)
         if "error" in final:
             raise errors.from_response(NAME, 200, final, model=model)
         message = final.get("message")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import httpx2
 import openai
@@ -47,6 +47,24 @@ def _status_error(exc: openai.APIStatusError, model: str) -> ProviderError:
     return errors.from_response(NAME, exc.status_code, body, model=model)
 
 
+@contextlib.contextmanager
+def _translated(model: str, *, stalled: str, cut: str) -> Iterator[None]:
+    """The SDK's and the transport's exceptions as `ProviderError`s; `stalled` and `cut` say
+    how a read timeout and a broken connection read at this point of the call."""
+    try:
+        yield
+    except openai.APIStatusError as exc:
+        raise _status_error(exc, model)
+    except openai.APITimeoutError:
+        raise errors.timeout_error(NAME, "no answer in time")
+    except openai.APIConnectionError as exc:
+        raise errors.connection_error(NAME, _connection_detail(exc))
+    except httpx2.TimeoutException:
+        raise errors.timeout_error(NAME, stalled)
+    except httpx2.TransportError:
+        raise errors.connection_error(NAME, cut)
+
+
 class OpenAIAdapter(ProviderAdapter):
     name = NAME
 
@@ -59,7 +77,9 @@ class OpenAIAdapter(ProviderAdapter):
         usage: dict | None = None
         provider_model = ""
         stop_reason = None
-        try:
+        with _translated(
+            model, stalled="the model stopped sending tokens", cut="the connection closed in the middle of the answer"
+        ):
             async with _post(client, params) as response:
                 async for _event, data in iter_events(iter_lines(response.aiter_bytes())):
                     if data.startswith("[DONE]"):
@@ -84,16 +104,6 @@ class OpenAIAdapter(ProviderAdapter):
                             yield text
                         if choice.get("finish_reason"):
                             stop_reason = choice["finish_reason"]
-        except openai.APIStatusError as exc:
-            raise _status_error(exc, model)
-        except openai.APITimeoutError:
-            raise errors.timeout_error(NAME, "no answer in time")
-        except openai.APIConnectionError as exc:
-            raise errors.connection_error(NAME, _connection_detail(exc))
-        except httpx2.TimeoutException:
-            raise errors.timeout_error(NAME, "the model stopped sending tokens")
-        except httpx2.TransportError:
-            raise errors.connection_error(NAME, "the connection closed in the middle of the answer")
         if usage is None and stop_reason is None:
             raise errors.connection_error(NAME, "the answer ended before it was finished")
         text = "".join(parts)
@@ -118,25 +128,12 @@ class OpenAIAdapter(ProviderAdapter):
         JSON, as the stream's events are, without the SDK's typed objects."""
         client = _client()
         params = _params(model, messages, options or StreamOptions(), stream=False)
-        try:
+        with _translated(
+            model, stalled="no answer in time", cut="the connection closed before the answer was complete"
+        ):
             async with _post(client, params) as response:
                 raw = await response.aread()
-        except openai.APIStatusError as exc:
-            raise _status_error(exc, model)
-        except openai.APITimeoutError:
-            raise errors.timeout_error(NAME, "no answer in time")
-        except openai.APIConnectionError as exc:
-            raise errors.connection_error(NAME, _connection_detail(exc))
-        except httpx2.TimeoutException:
-            raise errors.timeout_error(NAME, "no answer in time")
-        except httpx2.TransportError:
-            raise errors.connection_error(NAME, "the connection closed before the answer was complete")
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            raise errors.from_response(NAME, 502, f"an answer that is not JSON: {raw[:80]!r}") from None
-        if not isinstance(body, dict):
-            raise errors.from_response(NAME, 502, "an answer that is not a JSON object")
+        body = errors.json_object(NAME, raw)
         if body.get("error"):
             raise errors.from_response(NAME, 200, body, model=model)
         text, stop_reason = "", None
