@@ -146,7 +146,22 @@ def _wait_for_remote_turn(session: ChatSession, *, timeout: float | None = None)
     return None
 
 
-def _end(session: ChatSession, *, reason: str, at: datetime | None = None, wait_remote: bool = True) -> SummaryShape:
+def _take_over(turn: StreamingAnswer) -> bool:
+    """Take a streaming answer over for the end, and stop it; False once its stream has ended."""
+    if not turn.take_over():
+        return False
+    turn.request_stop(STOP_END)
+    return True
+
+
+def _end(
+    session: ChatSession,
+    *,
+    reason: str,
+    at: datetime | None = None,
+    wait_remote: bool = True,
+    taken: StreamingAnswer | None = None,
+) -> SummaryShape:
     """End the session, ordered with any answer streaming in it.
 
     An answer streaming here is taken over and stored (partial) before the seal; one streaming
@@ -159,17 +174,15 @@ def _end(session: ChatSession, *, reason: str, at: datetime | None = None, wait_
     if session.is_locked:
         raise SessionLocked(SESSION_LOCKED)
 
-    turn = local_turn(session.pk)
-    if turn is None and wait_remote and turn_is_live(session):
-        turn = _wait_for_remote_turn(session)
-    taken = False
-    if turn is not None:
-        taken = turn.take_over()
-        if taken:
-            turn.request_stop(STOP_END)
-        else:
-            # The answer is being stored right now in another thread: let it finish.
+    turn = taken
+    if turn is None:
+        turn = local_turn(session.pk)
+        if turn is None and wait_remote and turn_is_live(session):
+            turn = _wait_for_remote_turn(session)
+        if turn is not None and not _take_over(turn):
+            # Its stream has ended: it stores its own answer (complete or failed) right now.
             turn.finished.wait(timeout=30)
+            turn = None
 
     now = timezone.now()
     with transaction.atomic():
@@ -178,7 +191,7 @@ def _end(session: ChatSession, *, reason: str, at: datetime | None = None, wait_
             ended = True
         else:
             ended = False
-            if taken:
+            if turn is not None:
                 _store_answer(turn, now=now)
             claim = ChatSession.objects.filter(pk=session.pk).values_list("turn_started_at", flat=True).first()
             if claim is not None:
@@ -205,7 +218,7 @@ def _end(session: ChatSession, *, reason: str, at: datetime | None = None, wait_
             locked.save(update_fields=["status", "ended_at", "duration_seconds", "end_reason", *CLAIM_CLEARED])
             locked.soulfra_hash = integrity.build_seal(locked)
             locked.save(update_fields=["soulfra_hash"])
-    if taken:
+    if turn is not None:
         turn.finished.set()  # state stays "taken": the chat generator must not store it again
     if ended:
         logger.info("session %s was already ended", session.pk)
@@ -235,9 +248,15 @@ async def asession_end(*, session_id: SessionRef, user, reason: str = EndReason.
         )()
         await wait_for_turn(session.pk, limit=REMOTE_STOP_WAIT_SECONDS)
 
+    turn = local_turn(session.pk)
+    if turn is not None and not _take_over(turn):
+        # Its stream has ended and it stores its own answer on the database thread: wait off it.
+        await sync_to_async(turn.finished.wait, thread_sensitive=False)(30)
+        turn = None
+
     def end() -> SummaryShape:
         fresh = session_get_for_owner(session_id=session.pk, user=user)
-        return _end(fresh, reason=reason, wait_remote=False)
+        return _end(fresh, reason=reason, wait_remote=False, taken=turn)
 
     return await db_sync_to_async(end)()
 

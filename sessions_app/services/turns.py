@@ -180,14 +180,23 @@ class StreamingAnswer:
                 loop.call_soon_threadsafe(on_stop)
 
     def take_over(self) -> bool:
-        """Claim the right to store this answer (for `session_end`); False if it is being stored."""
+        """Claim the right to store this answer (for `session_end`) while it still streams.
+
+        False once the provider's stream has ended (the turn is about to store its own answer,
+        complete or failed, and the end waits for that) or the answer is being stored.
+        """
         with self.lock:
-            if self.state == "streaming":
+            if self.state == "streaming" and self.outcome == "streaming":
                 self.state = "taken"
-                if self.outcome == "streaming":
-                    self.outcome = "stopped"
+                self.outcome = "stopped"
                 return True
         return False
+
+    def conclude(self, outcome: str) -> None:
+        """Set how the answer ended, unless that is already settled (under the lock: an end races it)."""
+        with self.lock:
+            if self.outcome == "streaming":
+                self.outcome = outcome
 
     def begin_finishing(self) -> bool:
         with self.lock:
@@ -717,8 +726,7 @@ def _arm_stop(
     """Let a Stop or an End (in this process, or through Redis from another) cut the relay short."""
 
     def stop() -> None:
-        if turn.outcome == "streaming":
-            turn.outcome = "stopped" if turn.stop_reason == STOP_END else "cancelled"
+        turn.conclude("stopped" if turn.stop_reason == STOP_END else "cancelled")
         pump.cancel()
         queue.put_nowait(_STOPPED)
 
@@ -738,13 +746,11 @@ def _take(turn: StreamingAnswer, item: object) -> str | None:
     if item is _STOPPED:
         return None
     if item is _END:
-        if turn.outcome == "streaming":
-            turn.outcome = "ok"
+        turn.conclude("ok")
         return None
     if isinstance(item, ProviderError):
         turn.error = item
-        if turn.outcome == "streaming":
-            turn.outcome = "error"
+        turn.conclude("error")
         return None
     if isinstance(item, Usage):
         turn.usage = item
@@ -769,8 +775,7 @@ async def _wind_down(
     turn: StreamingAnswer, pump: asyncio.Task, watcher: asyncio.Task | None
 ) -> tuple[tuple[SessionMessage, ChatSession] | None, StoreFailed | None]:
     """Stop the pump and the watcher, then store the answer, whatever ended the relay."""
-    if turn.outcome == "streaming":
-        turn.outcome = "cancelled"  # the caller closed us or our task was cancelled
+    turn.conclude("cancelled")  # if still streaming: the caller closed us or our task was cancelled
     if watcher is not None:
         watcher.cancel()
     if not pump.done():
