@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
 
 from asgiref.sync import async_to_sync
@@ -33,10 +34,25 @@ INVITE_CHOICES_LIMIT = 500
 TEMPLATE_NOT_OF_CLIENT = "That template is for {client}; pick it with that client, or another template."
 
 
+def models_cache_key() -> str:
+    """The model list's cache key, by what the list depends on: where each provider answers and
+    which have a key. Two deployments sharing one Redis (or a test's servers) never read each
+    other's list."""
+    config = (
+        settings.OLLAMA_HOST,
+        settings.OPENAI_BASE_URL,
+        bool(settings.OPENAI_API_KEY),
+        settings.ANTHROPIC_BASE_URL,
+        bool(settings.ANTHROPIC_API_KEY),
+    )
+    return f"{MODELS_CACHE_KEY}:{hashlib.sha256(repr(config).encode()).hexdigest()[:16]}"
+
+
 def load_models() -> tuple[list[ModelInfo], str]:
     """The router's live model list (cached briefly), and an error text if it could not be had."""
 
-    models = cache.get(MODELS_CACHE_KEY)
+    key = models_cache_key()
+    models = cache.get(key)
     if models is not None:
         return models, ""
     try:
@@ -44,7 +60,7 @@ def load_models() -> tuple[list[ModelInfo], str]:
     except Exception as exc:  # an unreachable Ollama must not break the page
         logger.warning("Listing models failed: %s", exc)
         return [], MODELS_UNAVAILABLE.format(error=str(exc)[:200] or type(exc).__name__)
-    cache.set(MODELS_CACHE_KEY, models, MODELS_CACHE_SECONDS)
+    cache.set(key, models, MODELS_CACHE_SECONDS)
     return models, ""
 
 

@@ -230,3 +230,16 @@ def test_models_json_lists_the_routers_live_models(owner_client, use_simulator):
     names = [m["name"] for m in data["models"]]
     assert "ollama:llama3.2:latest" in names
     assert data["error"] == ""
+
+
+def test_the_model_list_is_cached_per_provider_configuration(settings):
+    """Two deployments sharing one Redis (the browser tests' servers do) never read each other's list."""
+    from sessions_app.forms import models_cache_key
+
+    settings.OPENAI_API_KEY = "sk-one"
+    keyed = models_cache_key()
+    assert models_cache_key() == keyed
+    settings.OPENAI_API_KEY = ""
+    assert models_cache_key() != keyed
+    settings.OPENAI_API_KEY = "sk-two"  # another key, same providers: the same list
+    assert models_cache_key() == keyed
