@@ -15,7 +15,13 @@ from django.utils import timezone
 
 from billing.models import LLMUsage
 from sessions_app import livechat, services
-from sessions_app.consumers import CLOSE_NOT_FOUND, CLOSE_REVOKED, END_NOT_OWNER_MESSAGE, REVOKED_MESSAGE
+from sessions_app.consumers import (
+    CLOSE_NOT_FOUND,
+    CLOSE_REVOKED,
+    END_NOT_OWNER_MESSAGE,
+    LEFT_MESSAGE,
+    REVOKED_MESSAGE,
+)
 from sessions_app.models import ChatSession, SessionInvitation, SessionMessage, SessionSegment, SessionSource
 from sessions_app.tests.test_consumers import (
     FAST,
@@ -160,6 +166,14 @@ async def test_revoking_closes_the_guests_open_socket_at_once_and_leaves_the_own
     assert await refused_with(socket(session, colleague)) == CLOSE_NOT_FOUND  # and cannot come back
 
 
+async def test_a_guest_who_leaves_is_told_so(shared, colleague):
+    session = await database_sync_to_async(shared)()
+    theirs = await connected(session, colleague)
+    await database_sync_to_async(services.session_revoke)(session_id=session.pk, user=colleague, invitee="colin")
+    assert await receive(theirs) == {"type": "revoked", "message": LEFT_MESSAGE}
+    assert await closed_with(theirs) == CLOSE_REVOKED
+
+
 async def test_a_revocation_nobody_announced_applies_on_the_guests_next_frame(shared, colleague):
     session = await database_sync_to_async(shared)()
     theirs = await connected(session, colleague)
@@ -201,6 +215,11 @@ async def test_an_edit_makes_a_new_version_streams_its_answer_and_ends_the_owner
     version = (await frames_until(mine, "version"))[-1]
     assert version["kind"] == "edit" and version["replaces_seq"] == 1
     assert version["url"] == f"/sessions/{version['session']['session_id']}/"
+    # Its question is stored and claimed before the page hears of it: the page it goes to finds it.
+    asked = await database_sync_to_async(
+        lambda: list(SessionMessage.objects.filter(session_id=version["session"]["session_id"], seq=1))
+    )()
+    assert [(m.role, m.content) for m in asked] == [("user", "better question")]
     # The owner's old session ended (one timer); the guest's page hears it.
     assert (await frames_until(theirs, "ended"))[-1]["summary"]["session_id"] == str(session.pk)
     await finish_turns()
