@@ -5,15 +5,24 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from decimal import Decimal
+from typing import TypedDict
 
 from django.conf import settings
 from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
-from django.db import models
+from django.db import models, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-MONEY = {"max_digits": 12, "decimal_places": 6}
-RATE = {"max_digits": 14, "decimal_places": 6}
+
+class Digits(TypedDict):
+    """The size of a DecimalField, spread into it (`models.DecimalField(**MONEY)`)."""
+
+    max_digits: int
+    decimal_places: int
+
+
+MONEY: Digits = {"max_digits": 12, "decimal_places": 6}
+RATE: Digits = {"max_digits": 14, "decimal_places": 6}
 # The beginning of a client's terms when they were never changed: they cover all earlier work.
 TERMS_EPOCH = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
 HEX_COLOR = RegexValidator(r"^#[0-9a-fA-F]{6}$", "Enter a colour as #rrggbb, for example #1f6feb.")
@@ -228,7 +237,55 @@ class Brand(models.Model):
         return self.FONT_STACKS.get(self.font, self.FONT_STACKS["system"])
 
 
-class ModelPriceQuerySet(models.QuerySet):
+CATALOGUE_KEY = "catalogue"
+
+
+class CatalogueVersion(models.Model):
+    """One row: a new random `version` each time a price or alias is written, in the same
+    transaction, so every process sees at once that its cached catalogue is stale
+    (`billing.catalogue`)."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    key = models.CharField(max_length=20, unique=True, default=CATALOGUE_KEY)
+    version = models.UUIDField(default=uuid.uuid4)
+
+    class Meta:
+        db_table = "model_catalogue_version"
+
+    def __str__(self) -> str:
+        return f"catalogue version {self.version}"
+
+
+def catalogue_changed() -> None:
+    """Inside the writer's transaction: give the catalogue a new version (creating its row)."""
+    new = uuid.uuid4()
+    if not CatalogueVersion.objects.filter(key=CATALOGUE_KEY).update(version=new):
+        CatalogueVersion.objects.update_or_create(key=CATALOGUE_KEY, defaults={"version": new})
+
+
+class CatalogueQuerySet(models.QuerySet):
+    """Bulk writes that skip the model signals still move the catalogue's version."""
+
+    def update(self, **kwargs):
+        with transaction.atomic(using=self.db):
+            rows = super().update(**kwargs)
+            catalogue_changed()
+        return rows
+
+    def bulk_create(self, objs, *args, **kwargs):
+        with transaction.atomic(using=self.db):
+            created = super().bulk_create(objs, *args, **kwargs)
+            catalogue_changed()
+        return created
+
+    def bulk_update(self, objs, *args, **kwargs):
+        with transaction.atomic(using=self.db):
+            rows = super().bulk_update(objs, *args, **kwargs)
+            catalogue_changed()
+        return rows
+
+
+class ModelPriceQuerySet(CatalogueQuerySet):
     def in_force(self, at) -> ModelPriceQuerySet:
         return self.filter(effective_from__lte=at)
 
@@ -269,6 +326,8 @@ class ModelAlias(models.Model):
     provider = models.CharField(max_length=20, choices=Provider.choices)
     alias = models.CharField(max_length=200)
     target = models.CharField(max_length=200)
+
+    objects = CatalogueQuerySet.as_manager()
 
     class Meta:
         db_table = "model_aliases"

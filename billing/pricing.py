@@ -7,53 +7,42 @@ row says otherwise. Costs are quantized to the ledger's six decimals by `billing
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from decimal import Decimal
-from functools import cache
-from pathlib import Path
 
 from django.utils import timezone
 
+from billing.catalogue import (
+    BUNDLED_PRICES,
+    FREE_PROVIDERS,
+    SEPARATORS,
+    bundled_prices,
+    known_context_window,
+    price_in_force,
+)
 from billing.models import ModelAlias, ModelPrice
 from billing.money import quantize_micro
 
-BUNDLED_PRICES = Path(__file__).resolve().parent / "data" / "prices.json"
 MILLION = Decimal(1_000_000)
-FREE_PROVIDERS = ("ollama",)
-# A price for `gpt-4o` also covers `gpt-4o-2024-08-06`, but `gpt-4` must not cover `gpt-4o`:
-# the id has to continue with a separator after the priced prefix.
-SEPARATORS = ("-", ":", "@", "/")
+# Re-exported: the catalogue module holds them now, callers still import them from here.
+__all__ = [
+    "BUNDLED_PRICES",
+    "FREE_PROVIDERS",
+    "SEPARATORS",
+    "bundled_prices",
+    "cost_of",
+    "from_litellm",
+    "input_cost",
+    "known_context_window",
+    "load_price_list",
+    "price_for",
+]
 
 
 def price_for(provider: str, model_id: str, at: datetime | None = None) -> ModelPrice | None:
-    """The price in force at `at`: the exact model, else the longest priced prefix of the id,
-    else (for a friendly name) the price of the id its alias points to."""
-    at = at or timezone.now()
-    # Plain tuples: a call's cost is looked up on every chat turn, and model instances for every
-    # price row of the provider would cost more than the query.
-    names = ("id", "model", "input_per_mtok", "output_per_mtok", "effective_from", "context_window")
-    rows = ModelPrice.objects.in_force(at).filter(provider=provider).order_by("-effective_from").values_list(*names)
-    best: tuple | None = None
-    for row in rows:  # newest first, so the first row per model is the one in force
-        model = row[1]
-        if model == model_id:
-            return ModelPrice(provider=provider, **dict(zip(names, row, strict=True)))
-        if model_id.startswith(model) and model_id[len(model) : len(model) + 1] in SEPARATORS:
-            if best is None or len(model) > len(best[1]):
-                best = row
-    if best is not None:
-        return ModelPrice(provider=provider, **dict(zip(names, best, strict=True)))
-    # A friendly name (`claude-sonnet-4`) is priced as the id its alias points to.
-
-    target = ModelAlias.objects.filter(provider=provider, alias=model_id).values_list("target", flat=True).first()
-    if target and target != model_id:
-        return price_for(provider, target, at)
-    if provider in FREE_PROVIDERS:
-        return ModelPrice(
-            provider=provider, model=model_id, input_per_mtok=Decimal(0), output_per_mtok=Decimal(0), effective_from=at
-        )
-    return None
+    """The price in force at `at` (now by default), from the per-process catalogue cache:
+    see `billing.catalogue.price_in_force`."""
+    return price_in_force(provider, model_id, at or timezone.now())
 
 
 def cost_of(
@@ -73,25 +62,6 @@ def input_cost(*, provider: str, model_id: str, tokens: int, at: datetime | None
     if price is None:
         return None
     return quantize_micro(Decimal(tokens) * price.input_per_mtok / MILLION)
-
-
-@cache
-def bundled_prices() -> dict:
-    return json.loads(BUNDLED_PRICES.read_text())
-
-
-def known_context_window(provider: str, model_id: str) -> int | None:
-    """The context window from the bundled price list (exact, then longest prefix)."""
-    best: tuple[int, int] | None = None
-    for row in bundled_prices()["prices"]:
-        if row["provider"] != provider or not row.get("context_window"):
-            continue
-        if row["model"] == model_id:
-            return int(row["context_window"])
-        if model_id.startswith(row["model"]) and model_id[len(row["model"]) : len(row["model"]) + 1] in SEPARATORS:
-            if best is None or len(row["model"]) > best[0]:
-                best = (len(row["model"]), int(row["context_window"]))
-    return best[1] if best else None
 
 
 def load_price_list(data: dict | None = None, *, source: str = "") -> dict[str, int]:

@@ -1,5 +1,8 @@
 """Keep the per-Host brand cache honest, and record a client's new terms with their date.
 
+A saved or deleted price or alias gives the model catalogue a new version in the same
+transaction, so every process drops its cached catalogue (`billing.catalogue`).
+
 A saved or deleted client or brand forgets the per-Host brand cache. A client whose rate,
 markup or increment changed gets a dated `ClientTerms` row (`billing.rates`), so past work
 keeps the terms it was done at; its currency is fixed once an invoice was issued in it.
@@ -12,7 +15,18 @@ from django.dispatch import receiver
 
 from billing.branding import forget_hosts
 from billing.budgets import budgets_changed
-from billing.models import Brand, ClientBudget, ClientDomain, ClientTerms, ExchangeRate, Invoice, InvoiceStatus
+from billing.models import (
+    Brand,
+    ClientBudget,
+    ClientDomain,
+    ClientTerms,
+    ExchangeRate,
+    Invoice,
+    InvoiceStatus,
+    ModelAlias,
+    ModelPrice,
+    catalogue_changed,
+)
 from billing.rates import TERMS_FIELDS, RecordLocked, client_terms_record
 
 ERR_CURRENCY_FIXED = (
@@ -74,3 +88,12 @@ def brand_changed(sender, instance: Brand, **kwargs) -> None:
 for _model in (ClientBudget, ClientDomain, ClientTerms, ExchangeRate):
     post_save.connect(budgets_changed, sender=_model, dispatch_uid=f"billing.budgets_changed_save_{_model.__name__}")
     post_delete.connect(budgets_changed, sender=_model, dispatch_uid=f"billing.budgets_changed_del_{_model.__name__}")
+
+
+@receiver(post_save, sender=ModelPrice, dispatch_uid="billing.price_saved_new_catalogue")
+@receiver(post_delete, sender=ModelPrice, dispatch_uid="billing.price_deleted_new_catalogue")
+@receiver(post_save, sender=ModelAlias, dispatch_uid="billing.alias_saved_new_catalogue")
+@receiver(post_delete, sender=ModelAlias, dispatch_uid="billing.alias_deleted_new_catalogue")
+def catalogue_edited(sender, instance, **kwargs) -> None:
+    # In the edit's own transaction: every process's cached prices and aliases go stale with it.
+    catalogue_changed()

@@ -1,4 +1,4 @@
-"""Anthropic Messages streaming on one pooled `anthropic.AsyncAnthropic` per event loop."""
+"""Anthropic Messages, streamed or whole, on one pooled `anthropic.AsyncAnthropic` per event loop."""
 
 from __future__ import annotations
 
@@ -70,22 +70,8 @@ class AnthropicAdapter(ProviderAdapter):
     async def stream(
         self, model: str, messages: list[ChatMessage], options: StreamOptions | None = None
     ) -> AsyncIterator[str | Usage]:
-        options = options or StreamOptions()
         client = _client()
-        system, turns = prepare(messages)
-        params: dict = {
-            "model": model,
-            "messages": turns,
-            "max_tokens": options.max_tokens or settings.ANTHROPIC_MAX_TOKENS,
-            "stream": True,
-        }
-        if system:
-            params["system"] = system
-        # No `temperature`: the pinned SDK's `messages.create` has no such parameter and raises
-        # TypeError before any request (it broke context summaries on Anthropic models). A caller's
-        # temperature is a preference, not a requirement, so Anthropic calls use the model's default.
-        if options.extra:
-            params["extra_body"] = dict(options.extra)
+        params = _params(model, messages, options or StreamOptions(), stream=True)
         parts: list[str] = []
         input_tokens: int | None = None
         output_tokens: int | None = None
@@ -147,6 +133,47 @@ class AnthropicAdapter(ProviderAdapter):
             return
         yield Usage(input_tokens or 0, output_tokens or 0, "provider", provider_model, stop_reason)
 
+    async def complete(
+        self, model: str, messages: list[ChatMessage], options: StreamOptions | None = None
+    ) -> tuple[str, Usage]:
+        """One Messages response (`stream: false`): the same usage, no per-event relay."""
+        client = _client()
+        params = _params(model, messages, options or StreamOptions(), stream=False)
+        try:
+            async with client.messages.with_streaming_response.create(**params) as response:
+                raw = await response.http_response.aread()
+        except anthropic.APIStatusError as exc:
+            raise _status_error(exc, model)
+        except anthropic.APITimeoutError:
+            raise errors.timeout_error(NAME, "no answer in time")
+        except anthropic.APIConnectionError:
+            raise errors.connection_error(NAME, f"nothing answers at {settings.ANTHROPIC_BASE_URL}")
+        except httpx2.TimeoutException:
+            raise errors.timeout_error(NAME, "no answer in time")
+        except httpx2.TransportError:
+            raise errors.connection_error(NAME, "the connection closed before the answer was complete")
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            raise errors.from_response(NAME, 502, f"an answer that is not JSON: {raw[:80]!r}") from None
+        if not isinstance(body, dict):
+            raise errors.from_response(NAME, 502, "an answer that is not a JSON object")
+        if body.get("type") == "error" or "error" in body:
+            raise errors.from_response(NAME, 200, body, model=model)
+        text = "".join(
+            block.get("text") or ""
+            for block in body.get("content") or ()
+            if isinstance(block, dict) and block.get("type") == "text"
+        )
+        provider_model = str(body.get("model") or "")
+        stop_reason = body.get("stop_reason")
+        input_tokens, output_tokens = _merge(body.get("usage"), None, None)
+        if input_tokens is None and output_tokens is None:
+            return text, Usage(
+                estimate_messages(messages), estimate_tokens(text), "estimated", provider_model, stop_reason
+            )
+        return text, Usage(input_tokens or 0, output_tokens or 0, "provider", provider_model, stop_reason)
+
     async def list_models(self) -> list[ModelInfo]:
         try:
             page = await _client().models.list()
@@ -155,6 +182,24 @@ class AnthropicAdapter(ProviderAdapter):
         except anthropic.APIConnectionError:
             raise errors.connection_error(NAME, f"nothing answers at {settings.ANTHROPIC_BASE_URL}")
         return [ModelInfo(name=f"{NAME}:{m.id}", provider=NAME, model=m.id, paid=True) for m in page.data]
+
+
+def _params(model: str, messages: list[ChatMessage], options: StreamOptions, *, stream: bool) -> dict:
+    system, turns = prepare(messages)
+    params: dict = {
+        "model": model,
+        "messages": turns,
+        "max_tokens": options.max_tokens or settings.ANTHROPIC_MAX_TOKENS,
+        "stream": stream,
+    }
+    if system:
+        params["system"] = system
+    # No `temperature`: the pinned SDK's `messages.create` has no such parameter and raises
+    # TypeError before any request (it broke context summaries on Anthropic models). A caller's
+    # temperature is a preference, not a requirement, so Anthropic calls use the model's default.
+    if options.extra:
+        params["extra_body"] = dict(options.extra)
+    return params
 
 
 def _merge(usage: dict | None, input_tokens: int | None, output_tokens: int | None) -> tuple[int | None, int | None]:

@@ -1,7 +1,9 @@
 """The one interface every provider adapter implements.
 
-An adapter's `stream()` yields text deltas (`str`) and ends with exactly one `Usage`.
-Failures raise `ProviderError`, whose `kind` says what went wrong and whether retrying helps.
+An adapter's `stream()` yields text deltas (`str`) and ends with exactly one `Usage`;
+`complete()` asks for the whole answer in one response (no per-token relay) and returns the
+text with the same `Usage`. Failures raise `ProviderError`, whose `kind` says what went wrong
+and whether retrying helps.
 """
 
 from __future__ import annotations
@@ -99,6 +101,26 @@ class ProviderAdapter(ABC):
     @abstractmethod
     def stream(self, model: str, messages: list[ChatMessage], options: StreamOptions) -> AsyncIterator[str | Usage]:
         """Yield text deltas, then one `Usage`. Closing the iterator closes the upstream stream."""
+
+    async def complete(self, model: str, messages: list[ChatMessage], options: StreamOptions) -> tuple[str, Usage]:
+        """The whole answer and its usage in one response. This default drains `stream()`;
+        adapters whose provider reports the same usage without streaming override it."""
+        parts: list[str] = []
+        usage: Usage | None = None
+        stream = self.stream(model, messages, options)
+        try:
+            async for item in stream:
+                if isinstance(item, Usage):
+                    usage = item
+                else:
+                    parts.append(item)
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        if usage is None:
+            raise ProviderError(ErrorKind.CONNECTION, "the answer ended without its usage", provider=self.name)
+        return "".join(parts), usage
 
     @abstractmethod
     async def list_models(self) -> list[ModelInfo]:

@@ -54,7 +54,8 @@ def timeouts() -> dict[str, float]:
     """Transport-level limits. The router enforces first-token and between-token limits exactly;
     the read limit here is a backstop for callers that use an adapter directly."""
     connect = settings.PROVIDER_CONNECT_TIMEOUT
-    read = max(settings.PROVIDER_FIRST_TOKEN_TIMEOUT, settings.PROVIDER_IDLE_TIMEOUT)
+    # A whole answer asked without streaming may take the first-token limit plus the idle one.
+    read = settings.PROVIDER_FIRST_TOKEN_TIMEOUT + settings.PROVIDER_IDLE_TIMEOUT
     return {"connect": connect, "read": read, "write": max(connect, 10.0), "pool": connect}
 
 

@@ -1,4 +1,4 @@
-"""Ollama's native `/api/chat` (NDJSON) on one pooled `httpx.AsyncClient` per event loop."""
+"""Ollama's native `/api/chat` (NDJSON, or one object) on one pooled `httpx.AsyncClient` per event loop."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def _client() -> httpx.AsyncClient:
     )
 
 
-def build_request(model: str, messages: list[ChatMessage], options: StreamOptions) -> dict:
+def build_request(model: str, messages: list[ChatMessage], options: StreamOptions, *, stream: bool = True) -> dict:
     """The `/api/chat` body: keep_alive top-level; num_ctx, temperature, seed, num_predict in options."""
     model_options: dict = {"num_ctx": options.num_ctx or settings.OLLAMA_NUM_CTX}
     if options.temperature is not None:
@@ -47,7 +47,7 @@ def build_request(model: str, messages: list[ChatMessage], options: StreamOption
     body: dict = {
         "model": model,
         "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
-        "stream": True,
+        "stream": stream,
         "options": model_options,
     }
     keep_alive = options.keep_alive if options.keep_alive is not None else settings.OLLAMA_KEEP_ALIVE
@@ -107,6 +107,37 @@ class OllamaAdapter(ProviderAdapter):
         if final is None:
             raise errors.connection_error(NAME, "the answer ended without its final chunk")
         yield self._usage(final, messages, "".join(parts))
+
+    async def complete(
+        self, model: str, messages: list[ChatMessage], options: StreamOptions | None = None
+    ) -> tuple[str, Usage]:
+        """One `/api/chat` response (`stream: false`): the same counts, no per-line relay."""
+        host = settings.OLLAMA_HOST
+        body = build_request(model, messages, options or StreamOptions(), stream=False)
+        try:
+            response = await _client().post(f"{host}/api/chat", json=body)
+        except httpx.ConnectTimeout:
+            raise errors.timeout_error(NAME, f"no connection to {host} within {settings.PROVIDER_CONNECT_TIMEOUT:g}s")
+        except httpx.ConnectError:
+            raise errors.connection_error(NAME, f"nothing answers at {host}; is Ollama running?")
+        except httpx.TimeoutException:
+            raise errors.timeout_error(NAME, "no answer in time")
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError, httpx.CloseError):
+            raise errors.connection_error(NAME, "the connection closed before the answer was complete")
+        if response.status_code != 200:
+            raise errors.from_response(NAME, response.status_code, response.content, model=model)
+        try:
+            final = json.loads(response.content)
+        except ValueError:
+            text = response.content[:80].decode("utf-8", "replace")
+            raise errors.from_response(NAME, 502, f"an answer that is not JSON: {text}") from None
+        if not isinstance(final, dict):
+            raise errors.from_response(NAME, 502, "an answer that is not a JSON object")
+        if "error" in final:
+            raise errors.from_response(NAME, 200, final, model=model)
+        message = final.get("message")
+        text = (message.get("content") if isinstance(message, dict) else final.get("response")) or ""
+        return text, self._usage(final, messages, text)
 
     @staticmethod
     def _usage(final: dict, messages: list[ChatMessage], text: str) -> Usage:

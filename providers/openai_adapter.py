@@ -1,7 +1,8 @@
-"""OpenAI Chat Completions streaming on one pooled `openai.AsyncOpenAI` per event loop."""
+"""OpenAI Chat Completions, streamed or whole, on one pooled `openai.AsyncOpenAI` per event loop."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator
 
@@ -52,29 +53,15 @@ class OpenAIAdapter(ProviderAdapter):
     async def stream(
         self, model: str, messages: list[ChatMessage], options: StreamOptions | None = None
     ) -> AsyncIterator[str | Usage]:
-        options = options or StreamOptions()
         client = _client()
-        params: dict = {
-            "model": model,
-            "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        if options.temperature is not None:
-            params["temperature"] = options.temperature
-        if options.max_tokens is not None:
-            params["max_completion_tokens"] = options.max_tokens
-        if options.seed is not None:
-            params["seed"] = options.seed
-        if options.extra:
-            params["extra_body"] = dict(options.extra)
+        params = _params(model, messages, options or StreamOptions(), stream=True)
         parts: list[str] = []
         usage: dict | None = None
         provider_model = ""
         stop_reason = None
         try:
-            async with client.chat.completions.with_streaming_response.create(**params) as response:
-                async for _event, data in iter_events(iter_lines(response.http_response.aiter_bytes())):
+            async with _post(client, params) as response:
+                async for _event, data in iter_events(iter_lines(response.aiter_bytes())):
                     if data.startswith("[DONE]"):
                         continue  # read to the end of the body so the connection can be reused
                     try:
@@ -122,6 +109,51 @@ class OpenAIAdapter(ProviderAdapter):
             stop_reason,
         )
 
+    async def complete(
+        self, model: str, messages: list[ChatMessage], options: StreamOptions | None = None
+    ) -> tuple[str, Usage]:
+        """One Chat Completions response (`stream: false`): the same usage, no per-token relay.
+
+        The SDK makes the request (auth, base URL, error statuses); the body is read as plain
+        JSON, as the stream's events are, without the SDK's typed objects."""
+        client = _client()
+        params = _params(model, messages, options or StreamOptions(), stream=False)
+        try:
+            async with _post(client, params) as response:
+                raw = await response.aread()
+        except openai.APIStatusError as exc:
+            raise _status_error(exc, model)
+        except openai.APITimeoutError:
+            raise errors.timeout_error(NAME, "no answer in time")
+        except openai.APIConnectionError as exc:
+            raise errors.connection_error(NAME, _connection_detail(exc))
+        except httpx2.TimeoutException:
+            raise errors.timeout_error(NAME, "no answer in time")
+        except httpx2.TransportError:
+            raise errors.connection_error(NAME, "the connection closed before the answer was complete")
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            raise errors.from_response(NAME, 502, f"an answer that is not JSON: {raw[:80]!r}") from None
+        if not isinstance(body, dict):
+            raise errors.from_response(NAME, 502, "an answer that is not a JSON object")
+        if body.get("error"):
+            raise errors.from_response(NAME, 200, body, model=model)
+        text, stop_reason = "", None
+        for choice in body.get("choices") or ():
+            if isinstance(choice, dict) and choice.get("index", 0) == 0:
+                text = (choice.get("message") or {}).get("content") or ""
+                stop_reason = choice.get("finish_reason")
+                break
+        provider_model = str(body.get("model") or "")
+        usage = body.get("usage")
+        if not isinstance(usage, dict):
+            return text, Usage(
+                estimate_messages(messages), estimate_tokens(text), "estimated", provider_model, stop_reason
+            )
+        prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+        return text, Usage(prompt, completion, "provider", provider_model, stop_reason)
+
     async def list_models(self) -> list[ModelInfo]:
         try:
             page = await _client().models.list()
@@ -130,6 +162,48 @@ class OpenAIAdapter(ProviderAdapter):
         except openai.APIConnectionError as exc:
             raise errors.connection_error(NAME, _connection_detail(exc))
         return [ModelInfo(name=f"{NAME}:{m.id}", provider=NAME, model=m.id, paid=True) for m in page.data]
+
+
+# Tells the SDK to hand back the HTTP response unread (as `with_streaming_response` does).
+_UNREAD = {"X-Stainless-Raw-Response": "stream"}
+
+
+@contextlib.asynccontextmanager
+async def _post(client: openai.AsyncOpenAI, params: dict) -> AsyncIterator[httpx2.Response]:
+    """POST /chat/completions through the SDK's client (auth, base URL, headers, error statuses
+    raised as `APIStatusError`), without `create()`'s typed-parameter transform and response
+    wrappers: the body is plain JSON already, and the adapters read the response themselves."""
+    extra = params.pop("extra_body", None)
+    body = {**params, **extra} if extra else params
+    response = await client.post(
+        "/chat/completions",
+        cast_to=httpx2.Response,
+        body=body,
+        options={"headers": _UNREAD, "security": {"bearer_auth": True}},
+    )
+    try:
+        yield response
+    finally:
+        await response.aclose()
+
+
+def _params(model: str, messages: list[ChatMessage], options: StreamOptions, *, stream: bool) -> dict:
+    params: dict = {
+        "model": model,
+        "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
+        "stream": stream,
+    }
+    if stream:
+        params["stream_options"] = {"include_usage": True}
+    if options.temperature is not None:
+        params["temperature"] = options.temperature
+    if options.max_tokens is not None:
+        params["max_completion_tokens"] = options.max_tokens
+    if options.seed is not None:
+        params["seed"] = options.seed
+    if options.extra:
+        params["extra_body"] = dict(options.extra)
+    return params
 
 
 def _connection_detail(exc: Exception) -> str:

@@ -133,12 +133,18 @@ async def stream_chat(
     options: StreamOptions | None = None,
     *,
     resolved: bool = False,
+    stream: bool = True,
 ) -> AsyncIterator[str | Usage]:
     """Stream one answer: text deltas, then exactly one `Usage`. Raises `ProviderError`.
 
     Retries (at most PROVIDER_MAX_RETRIES) only before the first token and only when the error
     says a retry can help; never after a first-token timeout (the consultant already waited).
     `resolved` says the caller has already looked up the model's alias (`resolve_alias`).
+
+    With `stream=False` the provider is asked for the whole answer in one response
+    (`adapter.complete`), which arrives here as one delta and the `Usage`: a caller that wants
+    no deltas skips the per-token relay. The whole answer may take the first-token limit plus
+    the between-token limit.
     """
     ref = _ref(model)
     adapter = get_adapter(ref.provider)
@@ -147,9 +153,13 @@ async def stream_chat(
     options = options or StreamOptions()
     first_limit = settings.PROVIDER_FIRST_TOKEN_TIMEOUT
     idle_limit = settings.PROVIDER_IDLE_TIMEOUT
+    if not stream:
+        first_limit += idle_limit
     attempt = 0
     while True:
-        upstream: Any = adapter.stream(ref.model, messages, options)
+        upstream: Any = (
+            adapter.stream(ref.model, messages, options) if stream else _whole(adapter, ref.model, messages, options)
+        )
         watchdog = _Watchdog()
         started = False
         try:
@@ -166,8 +176,9 @@ async def stream_chat(
                         raise errors.timeout_error(
                             ref.provider, f"no token for {idle_limit:g}s in the middle of the answer"
                         ) from None
+                    waited = "no first token" if stream else "no answer"
                     raise errors.timeout_error(
-                        ref.provider, f"no first token within {first_limit:g}s", retryable=False
+                        ref.provider, f"{waited} within {first_limit:g}s", retryable=False
                     ) from None
                 finally:
                     watchdog.disarm()
@@ -191,6 +202,16 @@ async def stream_chat(
         finally:
             watchdog.close()
             await upstream.aclose()
+
+
+async def _whole(
+    adapter: ProviderAdapter, model: str, messages: list[ChatMessage], options: StreamOptions
+) -> AsyncIterator[str | Usage]:
+    """`adapter.complete()` in the shape of a stream: the whole text, then its `Usage`."""
+    text, usage = await adapter.complete(model, messages, options)
+    if text:
+        yield text
+    yield usage
 
 
 class _Watchdog:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
-
+from django.contrib.auth.models import User
+from django.core.exceptions import PermissionDenied
+from django.http import HttpRequest
 from django.middleware.csrf import CsrfViewMiddleware
-from django.utils import timezone
 
 from sessions_app import throttle
 from sessions_app.errors import SESSION_NOT_FOUND, NotFound, SessionError
 from sessions_app.models import ApiToken, ChatSession
+from sessions_app.refs import Person
 from sessions_app.selectors import session_get_for_user
 
 NO_CREDENTIALS = "Sign in, or send 'Authorization: Bearer <token>' (create one with manage.py create_api_token)."
@@ -17,7 +18,6 @@ BAD_TOKEN = "The API token is unknown, revoked or malformed."
 BAD_SCHEME = "Use 'Authorization: Bearer <token>'."
 CSRF_FAILED = "CSRF check failed: send the csrftoken cookie's value in the X-CSRFToken header."
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS", "TRACE")
-TOUCH_EVERY = timedelta(minutes=1)
 
 
 class Unauthorized(SessionError):
@@ -36,6 +36,14 @@ class Throttled(SessionError):
     def __init__(self, wait: int) -> None:
         super().__init__(throttle.token_message(wait))
         self.retry_after = wait
+
+
+def signed_in(request: HttpRequest) -> Person:
+    """The user of a view that only signed-in users reach (`login_required`)."""
+    user = request.user
+    if not isinstance(user, User) or not user.is_authenticated:
+        raise PermissionDenied("Sign in first.")
+    return user
 
 
 def _csrf_ok(request) -> bool:
@@ -65,9 +73,7 @@ def api_user(request):
             if wait := throttle.token_failed(request):
                 raise Throttled(wait)
             raise Unauthorized(BAD_TOKEN)
-        now = timezone.now()
-        if token.last_used_at is None or token.last_used_at < now - TOUCH_EVERY:
-            ApiToken.objects.filter(pk=token.pk).update(last_used_at=now)
+        token.touch()
         request.api_token = token
         return token.user
     user = getattr(request, "user", None)

@@ -48,6 +48,7 @@ from sessions_app.errors import (
     NotFound,
     SessionError,
 )
+from sessions_app.frames import ReadyFrame, SwitchedFrame
 from sessions_app.live import REVOKED_EVENT, brand_payload, display_name, session_brand_style
 from sessions_app.livechat import TokenCoalescer
 from sessions_app.models import ChatSession, SessionInvitation, SessionStatus
@@ -546,7 +547,7 @@ class SessionConsumer(AsyncWebsocketConsumer):
         # One indexed EXISTS per frame a guest sends; never per token (those go the other way).
         return SessionInvitation.objects.live().filter(session_id=self.session_id, user_id=self.user.pk).exists()
 
-    def _ready_payload(self) -> dict:
+    def _ready_payload(self) -> ReadyFrame:
         session = self._session()
         return {
             "type": "ready",
@@ -558,7 +559,7 @@ class SessionConsumer(AsyncWebsocketConsumer):
     def _claimed(self) -> bool:
         return ChatSession.objects.filter(pk=self.session_id, turn_started_at__isnull=False).exists()
 
-    def _switch(self, *, client: str | None, model: str | None, reason: str) -> dict:
+    def _switch(self, *, client: str | None, model: str | None, reason: str) -> SwitchedFrame:
         stream = services.session_switch(
             session_id=self.session_id, user=self.user, client=client, model=model, reason=reason
         )

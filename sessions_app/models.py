@@ -406,6 +406,10 @@ class SessionInvitation(models.Model):
         return self.revoked_at is None
 
 
+# last_used_at is for people ("used 3 minutes ago"), not an audit log: one write a minute is plenty.
+TOKEN_TOUCH_EVERY = timedelta(minutes=1)
+
+
 class ApiTokenQuerySet(models.QuerySet):
     def live(self) -> ApiTokenQuerySet:
         return self.filter(revoked_at__isnull=True)
@@ -446,6 +450,16 @@ class ApiToken(models.Model):
         raw = cls.PREFIX + secrets.token_urlsafe(32)
         token = cls.objects.create(user=user, client=client, name=name, token_hash=cls.hash_token(raw), hint=raw[:10])
         return token, raw
+
+    def touch(self, now=None) -> None:
+        """Record a use in `last_used_at`: at most one write a minute (`TOKEN_TOUCH_EVERY`).
+
+        The one place a token's use is recorded, for the REST API and the gateway alike.
+        """
+        now = now or timezone.now()
+        if self.last_used_at is None or now - self.last_used_at >= TOKEN_TOUCH_EVERY:
+            ApiToken.objects.filter(pk=self.pk).update(last_used_at=now)
+            self.last_used_at = now
 
     @classmethod
     def authenticate(cls, raw: str) -> ApiToken | None:

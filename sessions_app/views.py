@@ -14,6 +14,7 @@ from django.utils import timezone
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
+from billing import panel
 from billing import selectors as billing_selectors
 from billing.models import ClientDomain
 from sessions_app import selectors, services
@@ -183,7 +184,7 @@ def session_chat_page(request: HttpRequest, session_id) -> HttpResponse:
         "first_message": first_message,
         "shared": not is_owner and not request.user.is_staff,
     }
-    context["billing"] = billing_selectors.chat_billing(session=session, clients=clients)  # budget, increments
+    context["billing"] = panel.chat_billing(session=session, clients=clients)  # budget, increments
     return render(request, "sessions_app/session_chat.html", context)
 
 
@@ -310,6 +311,6 @@ def session_billing_json(request, session_id):
     except NotFound as exc:
         return JsonResponse(exc.as_dict(), status=404)
     clients = ClientDomain.objects.open_to(request.user).active()
-    response = JsonResponse(billing_selectors.chat_billing(session=session, clients=clients))
+    response = JsonResponse(panel.chat_billing(session=session, clients=clients))
     response["Cache-Control"] = "no-store"
     return response

@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 from django.http import HttpRequest
-from django.utils import timezone
 
 from config.dbthread import db_sync_to_async
 from sessions_app import throttle
 from sessions_app.gateway.common import TOKEN_INVALID, TOKEN_MISSING, GatewayError
 from sessions_app.models import ApiToken
-
-# last_used_at is for people ("used 3 minutes ago"), not an audit log: one write a minute is plenty.
-LAST_USED_RESOLUTION = timedelta(minutes=1)
 
 
 def raw_token(request: HttpRequest, path_token: str | None) -> str:
@@ -37,10 +31,7 @@ def authenticate_raw(raw: str, request: HttpRequest | None = None) -> ApiToken:
         if request is not None and (wait := throttle.token_failed(request)):
             raise GatewayError(429, throttle.token_message(wait), code="rate_limit_exceeded", retry_after=wait)
         raise GatewayError(401, TOKEN_INVALID, code="invalid_api_key")
-    now = timezone.now()
-    if token.last_used_at is None or now - token.last_used_at >= LAST_USED_RESOLUTION:
-        ApiToken.objects.filter(pk=token.pk).update(last_used_at=now)
-        token.last_used_at = now
+    token.touch()
     return token
 
 

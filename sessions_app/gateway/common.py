@@ -1,8 +1,9 @@
-"""What both gateway protocols share: the parsed chat request and protocol-neutral errors."""
+"""What both gateway protocols share: the parsed chat request, the call, protocol-neutral errors."""
 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,6 +11,7 @@ from providers.base import ChatMessage, StreamOptions
 from providers.naming import ModelRef, parse_model
 from sessions_app import boundary
 from sessions_app.errors import ProviderFailed, SessionError
+from sessions_app.events import Done, Token
 
 BODY_MISSING = "missing request body"
 BODY_NOT_JSON = "invalid JSON in request body: {detail}"
@@ -144,3 +146,70 @@ def flag(data: dict[str, Any], name: str, default: bool) -> bool:
     if not isinstance(value, bool):
         raise GatewayError(400, BAD_OPTION.format(name=name, kind="true or false"), param=name)
     return value
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Ollama's done chunk: the counts (the provider's) and durations (the gateway's own), in ns."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_ns: int
+    prompt_ns: int
+    eval_ns: int
+    done_reason: str = "stop"
+
+
+class GatewayCall:
+    """One gateway call's answer: the text as it arrived, and the gateway's clock for Ollama's durations."""
+
+    __slots__ = ("done", "first_ns", "max_tokens", "parts", "started_ns")
+
+    def __init__(self, started_ns: int, max_tokens: int | None = None) -> None:
+        self.started_ns = started_ns
+        self.max_tokens = max_tokens
+        self.first_ns: int | None = None
+        self.parts: list[str] = []
+        self.done: Done | None = None
+
+    def take(self, event: Token | Done) -> str | None:
+        """Record an event; return the text delta to forward, if any."""
+        if isinstance(event, Token):
+            if self.first_ns is None:
+                self.first_ns = time.perf_counter_ns()
+            self.parts.append(event.text)
+            return event.text
+        self.done = event
+        return None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.done.message.prompt_tokens if self.done else 0
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.done.message.completion_tokens if self.done else 0
+
+    @property
+    def finish_reason(self) -> str:
+        # The stored message keeps counts, not the stop reason: an answer that used the whole
+        # allowance was cut by it.
+        if self.max_tokens and self.completion_tokens >= self.max_tokens:
+            return "length"
+        return "stop"
+
+    def metrics(self) -> Metrics:
+        end = time.perf_counter_ns()
+        first = self.first_ns or end
+        return Metrics(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            total_ns=end - self.started_ns,
+            prompt_ns=first - self.started_ns,
+            eval_ns=end - first,
+            done_reason=self.finish_reason,
+        )

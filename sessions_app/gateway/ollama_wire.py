@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,7 +16,9 @@ from sessions_app.gateway.common import (
     ROLE_UNSUPPORTED,
     TOOLS_UNSUPPORTED,
     ChatRequest,
+    GatewayCall,
     GatewayError,
+    Metrics,
     flag,
     model_ref,
     number,
@@ -38,18 +39,6 @@ _MAPPED_OPTIONS = {"temperature", "num_predict", "num_ctx", "seed"}
 
 def now_rfc3339() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
-
-
-@dataclass(frozen=True)
-class Metrics:
-    """The done chunk's counts (the provider's) and durations (as the gateway measured them), in ns."""
-
-    prompt_tokens: int
-    completion_tokens: int
-    total_ns: int
-    prompt_ns: int
-    eval_ns: int
-    done_reason: str = "stop"
 
 
 def _options(data: dict[str, Any]) -> StreamOptions:
@@ -194,3 +183,51 @@ def error_response(error: GatewayError) -> HttpResponse:
     if error.retry_after:
         response["Retry-After"] = str(error.retry_after)
     return response
+
+
+class OllamaWire:
+    """The chat view's strategy for `/api/chat` and `/api/generate` (`kind`): NDJSON or one object."""
+
+    content_type = NDJSON
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.parse = parse_chat if kind == "chat" else parse_generate
+
+    error_response = staticmethod(error_response)
+
+    def idle_response(self, data: dict[str, Any]) -> HttpResponse:
+        """A load or unload request (no conversation): answered without a session."""
+        return load_response(
+            self.kind,
+            data["model"],
+            unload=data.get("keep_alive") in (0, "0", "0s"),
+            stream=data.get("stream") is not False,
+        )
+
+    def framer(self, chat: ChatRequest) -> OllamaFramer:
+        return OllamaFramer(self.kind, chat.model)
+
+
+class OllamaFramer:
+    """One call's answer in Ollama's framing."""
+
+    __slots__ = ("kind", "model")
+
+    def __init__(self, kind: str, model: str) -> None:
+        self.kind, self.model = kind, model
+
+    def opening(self) -> bytes:
+        return b""
+
+    def delta(self, text: str) -> bytes:
+        return delta_line(self.kind, self.model, text)
+
+    def closing(self, call: GatewayCall) -> bytes:
+        return done_line(self.kind, self.model, call.metrics())
+
+    def error(self, error: GatewayError) -> bytes:
+        return error_line(error.message)
+
+    def whole(self, call: GatewayCall) -> HttpResponse:
+        return complete_response(self.kind, self.model, call.text, call.metrics())

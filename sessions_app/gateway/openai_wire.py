@@ -14,11 +14,13 @@ from providers.base import ChatMessage, StreamOptions
 from sessions_app.gateway.common import (
     CONTENT_NOT_TEXT,
     IMAGES_UNSUPPORTED,
+    LAST_NOT_USER,
     MESSAGES_NOT_LIST,
     N_UNSUPPORTED,
     ROLE_UNSUPPORTED,
     TOOLS_UNSUPPORTED,
     ChatRequest,
+    GatewayCall,
     GatewayError,
     flag,
     model_ref,
@@ -123,6 +125,7 @@ class Completion:
     include_usage: bool = False
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
+    _delta_frame: tuple[bytes, bytes] | None = field(default=None, init=False, repr=False, compare=False)
 
     def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
         payload: dict[str, Any] = {
@@ -142,7 +145,15 @@ class Completion:
         return self._chunk([_choice({"role": "assistant", "content": ""})])
 
     def delta_chunk(self, text: str) -> bytes:
-        return self._chunk([_choice({"content": text})])
+        """`_chunk([_choice({"content": text})])`, byte for byte, from a frame built once per
+        completion: only the text is encoded per token."""
+        frame = self._delta_frame
+        if frame is None:
+            marker = "\x00"
+            whole = self._chunk([_choice({"content": marker})]).decode()
+            head, _, tail = whole.rpartition(json.dumps(marker))
+            frame = self._delta_frame = (head.encode(), tail.encode())
+        return frame[0] + json.dumps(text, ensure_ascii=False).encode() + frame[1]
 
     def finish_chunk(self, finish_reason: str) -> bytes:
         return self._chunk([_choice({}, finish_reason)])
@@ -214,3 +225,45 @@ def models_object(names: list[str], created: int) -> dict[str, Any]:
             {"id": name, "object": "model", "created": created, "owned_by": name.split(":", 1)[0]} for name in names
         ],
     }
+
+
+class OpenAIWire:
+    """The chat view's strategy for `/v1/chat/completions`: server-sent events or one object."""
+
+    content_type = EVENT_STREAM
+    parse = staticmethod(parse_chat)
+    error_response = staticmethod(error_response)
+
+    def idle_response(self, data: dict[str, Any]) -> HttpResponse:
+        raise GatewayError(400, LAST_NOT_USER, param="messages")  # parse_chat never asks for one
+
+    def framer(self, chat: ChatRequest) -> OpenAIFramer:
+        return OpenAIFramer(Completion(model=chat.model, include_usage=chat.include_usage))
+
+
+class OpenAIFramer:
+    """One completion's chunks; the closing ones go out as one write (the events stay separate)."""
+
+    __slots__ = ("completion",)
+
+    def __init__(self, completion: Completion) -> None:
+        self.completion = completion
+
+    def opening(self) -> bytes:
+        return self.completion.role_chunk()
+
+    def delta(self, text: str) -> bytes:
+        return self.completion.delta_chunk(text)
+
+    def closing(self, call: GatewayCall) -> bytes:
+        completion = self.completion
+        closing = completion.finish_chunk(call.finish_reason)
+        if completion.include_usage:
+            closing += completion.usage_chunk(call.prompt_tokens, call.completion_tokens)
+        return closing + DONE_EVENT
+
+    def error(self, error: GatewayError) -> bytes:
+        return error_event(error)
+
+    def whole(self, call: GatewayCall) -> HttpResponse:
+        return self.completion.response(call.text, call.finish_reason, call.prompt_tokens, call.completion_tokens)

@@ -1,8 +1,9 @@
 """Gateway views: Ollama- and OpenAI-compatible endpoints over the session services.
 
-Each view authenticates the token, parses the protocol's request, joins the token's
-automatic session (`joining.gateway_session_join`) and streams `session_chat` back in the
-protocol's own framing. Nothing is added to the stream but framing: the text is the
+One chat view (`_chat`) serves both protocols: it authenticates the token, parses the
+request, joins the token's automatic session (`joining.gateway_join`) and relays
+`session_chat` back; the protocol (`ollama_wire.OllamaWire`, `openai_wire.OpenAIWire`) is a
+strategy that parses, frames and shapes errors. Nothing is added to the stream but framing: the text is the
 provider's, the usage at the end is the provider's count.
 """
 
@@ -13,26 +14,27 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from django.conf import settings
 from django.db import OperationalError
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
+from billing.catalogue import catalogue_pinned
 from config.dbthread import db_sync_to_async
 from config.logmask import mask
 from providers import router
 from providers.base import ProviderError
 from sessions_app import services
 from sessions_app.errors import MESSAGE_EMPTY, MESSAGE_TOO_LARGE, BadInput, MessageTooLarge, SessionEnded, SessionError
-from sessions_app.events import Done, Token
 from sessions_app.gateway import ollama_wire, openai_wire
 from sessions_app.gateway.auth import authenticate, authenticate_raw, raw_token
 from sessions_app.gateway.common import (
     METHOD_NOT_ALLOWED,
     MODEL_NOT_FOUND,
     ChatRequest,
+    GatewayCall,
     GatewayError,
     error_from_session,
     model_ref,
@@ -54,7 +56,25 @@ NO_STORE = "no-store"
 STREAM_HEADERS = {"Cache-Control": NO_STORE, "X-Accel-Buffering": "no"}
 
 
-PARSERS = {"chat": ollama_wire.parse_chat, "generate": ollama_wire.parse_generate}
+class Framer(Protocol):
+    """One call's answer in a protocol's framing."""
+
+    def opening(self) -> bytes: ...
+    def delta(self, text: str) -> bytes: ...
+    def closing(self, call: GatewayCall) -> bytes: ...
+    def error(self, error: GatewayError) -> bytes: ...
+    def whole(self, call: GatewayCall) -> HttpResponse: ...
+
+
+class ChatWire(Protocol):
+    """A protocol's side of the chat view (`ollama_wire.OllamaWire`, `openai_wire.OpenAIWire`)."""
+
+    content_type: str
+
+    def parse(self, data: dict[str, Any]) -> ChatRequest | None: ...
+    def error_response(self, error: GatewayError) -> HttpResponse: ...
+    def idle_response(self, data: dict[str, Any]) -> HttpResponse: ...
+    def framer(self, chat: ChatRequest) -> Framer: ...
 
 
 def gateway_view(render: Callable[[GatewayError], HttpResponse]):
@@ -121,6 +141,7 @@ def _check_model(name: str) -> None:
         raise GatewayError(404, MODEL_NOT_FOUND.format(name=name) + f": {exc}", code="model_not_found") from None
 
 
+@catalogue_pinned()
 def _prepare(raw: str, body: bytes, parse: Callable[[dict], ChatRequest | None], request: HttpRequest | None = None):
     """Authenticate, parse, validate, join the session and begin the turn (its user message
     stored), in one trip to the database thread: the provider is called straight after."""
@@ -153,155 +174,121 @@ def _prepare(raw: str, body: bytes, parse: Callable[[dict], ChatRequest | None],
         return token, data, chat, session, start
 
 
-class Turn:
-    """One streamed answer: the text as it arrived, and the gateway's own clock for Ollama's durations."""
-
-    def __init__(self, started_ns: int, max_tokens: int | None = None) -> None:
-        self.started_ns = started_ns
-        self.max_tokens = max_tokens
-        self.first_ns: int | None = None
-        self.parts: list[str] = []
-        self.done: Done | None = None
-
-    def take(self, event: Token | Done) -> str | None:
-        """Record an event; return the text delta to forward, if any."""
-        if isinstance(event, Token):
-            if self.first_ns is None:
-                self.first_ns = time.perf_counter_ns()
-            self.parts.append(event.text)
-            return event.text
-        self.done = event
-        return None
-
-    @property
-    def text(self) -> str:
-        return "".join(self.parts)
-
-    @property
-    def prompt_tokens(self) -> int:
-        return self.done.message.prompt_tokens if self.done else 0
-
-    @property
-    def completion_tokens(self) -> int:
-        return self.done.message.completion_tokens if self.done else 0
-
-    @property
-    def finish_reason(self) -> str:
-        # The stored message keeps counts, not the stop reason: an answer that used the whole
-        # allowance was cut by it.
-        if self.max_tokens and self.completion_tokens >= self.max_tokens:
-            return "length"
-        return "stop"
-
-    def metrics(self) -> ollama_wire.Metrics:
-        end = time.perf_counter_ns()
-        first = self.first_ns or end
-        return ollama_wire.Metrics(
-            prompt_tokens=self.prompt_tokens,
-            completion_tokens=self.completion_tokens,
-            total_ns=end - self.started_ns,
-            prompt_ns=first - self.started_ns,
-            eval_ns=end - first,
-            done_reason=self.finish_reason,
-        )
-
-
 @dataclass
 class Started:
-    """A turn run up to its first event; `chat` is None for an Ollama load/unload request."""
+    """A call run up to its first event; `chat` is None for an Ollama load/unload request."""
 
     data: dict[str, Any]
+    call: GatewayCall
     chat: ChatRequest | None = None
     session: Any = None
     events: Any = None
-    turn: Turn | None = None
 
 
-async def _start_turn(request: HttpRequest, path_token: str | None, parse, started_ns: int) -> Started:
-    """Run the turn up to its first event, so failures before any output get a real status."""
+async def _start_call(request: HttpRequest, path_token: str | None, parse, started_ns: int) -> Started:
+    """Run the call up to its first event, so failures before any output get a real status."""
     raw = raw_token(request, path_token)
     body = _body(request)
     token, data, chat, session, start = await db_sync_to_async(_prepare)(raw, body, parse, request)
     if chat is None:
-        return Started(data)
+        return Started(data, GatewayCall(started_ns))
+    # A caller that wants no stream gets none from upstream either: one response, no relay.
     events = services.session_chat(
-        session_id=session.pk, user=token.user, message=chat.message, options=chat.options, start=start
+        session_id=session.pk,
+        user=token.user,
+        message=chat.message,
+        options=chat.options,
+        start=start,
+        stream=chat.stream,
     )
-    turn = Turn(started_ns, chat.options.max_tokens)
+    call = GatewayCall(started_ns, chat.options.max_tokens)
     try:
         if (first := await anext(events, None)) is not None:
-            turn.take(first)
+            call.take(first)
     except BaseException:
         await events.aclose()
         raise
-    return Started(data, chat, session, events, turn)
+    return Started(data, call, chat, session, events)
 
 
-async def _drain(events: AsyncIterator, turn: Turn) -> None:
+async def _drain(events: AsyncIterator, call: GatewayCall) -> None:
     try:
         async for event in events:
-            turn.take(event)
+            call.take(event)
     finally:
         await events.aclose()
+
+
+def _stream_failure(exc: Exception) -> GatewayError:
+    """What a client is told when the stream fails after its headers went out."""
+    if isinstance(exc, SessionError):
+        return error_from_session(exc)
+    log.exception("gateway stream failed")
+    if isinstance(exc, OperationalError):
+        return GatewayError(503, DATABASE_BUSY, code="database_busy")
+    return GatewayError(500, INTERNAL_ERROR, code="internal_error")
+
+
+async def _chat(request: HttpRequest, token: str | None, wire: ChatWire) -> HttpResponse:
+    """One chat call in either protocol; `wire` (ollama_wire / openai_wire) is all that differs."""
+    if refused := _methods(request, ("POST",), wire.error_response):
+        return refused
+    started_ns = time.perf_counter_ns()
+    try:
+        started = await _start_call(request, token, wire.parse, started_ns)
+        if started.chat is None:
+            return wire.idle_response(started.data)
+        chat, session, events, call = started.chat, started.session, started.events, started.call
+        framer = wire.framer(chat)
+        if not chat.stream:
+            await _drain(events, call)
+            response = framer.whole(call)
+            response["X-Session-Id"] = str(session.pk)
+            return response
+    except GatewayError as exc:
+        return wire.error_response(exc)
+    except SessionError as exc:
+        return wire.error_response(error_from_session(exc))
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            if opening := framer.opening():
+                yield opening
+            if call.parts:
+                yield framer.delta(call.parts[0])
+            take, delta = call.take, framer.delta
+            async for event in events:
+                if (text := take(event)) is not None:
+                    yield delta(text)
+            yield framer.closing(call)
+        except Exception as exc:
+            yield framer.error(_stream_failure(exc))
+        finally:
+            await events.aclose()
+
+    response = StreamingHttpResponse(body(), content_type=wire.content_type, headers=STREAM_HEADERS)
+    response["X-Session-Id"] = str(session.pk)
+    return response
+
+
+OLLAMA_CHAT, OLLAMA_GENERATE, OPENAI_CHAT = (
+    ollama_wire.OllamaWire("chat"),
+    ollama_wire.OllamaWire("generate"),
+    openai_wire.OpenAIWire(),
+)
 
 
 # --- Ollama ---------------------------------------------------------------------------------------
 
 
-async def _ollama_turn(request: HttpRequest, token: str | None, kind: str) -> HttpResponse:
-    if refused := _methods(request, ("POST",), ollama_wire.error_response):
-        return refused
-    started_ns = time.perf_counter_ns()
-    try:
-        started = await _start_turn(request, token, PARSERS[kind], started_ns)
-        if started.chat is None:
-            data = started.data
-            return ollama_wire.load_response(
-                kind,
-                data["model"],
-                unload=data.get("keep_alive") in (0, "0", "0s"),
-                stream=data.get("stream") is not False,
-            )
-        chat, session, events, turn = started.chat, started.session, started.events, started.turn
-        if not chat.stream:
-            await _drain(events, turn)
-            response = ollama_wire.complete_response(kind, chat.model, turn.text, turn.metrics())
-            response["X-Session-Id"] = str(session.pk)
-            return response
-    except GatewayError as exc:
-        return ollama_wire.error_response(exc)
-    except SessionError as exc:
-        return ollama_wire.error_response(error_from_session(exc))
-
-    async def lines() -> AsyncIterator[bytes]:
-        try:
-            if turn.parts:
-                yield ollama_wire.delta_line(kind, chat.model, turn.parts[0])
-            async for event in events:
-                if (text := turn.take(event)) is not None:
-                    yield ollama_wire.delta_line(kind, chat.model, text)
-            yield ollama_wire.done_line(kind, chat.model, turn.metrics())
-        except SessionError as exc:
-            yield ollama_wire.error_line(error_from_session(exc).message)
-        except Exception as exc:
-            log.exception("gateway stream failed")
-            yield ollama_wire.error_line(DATABASE_BUSY if isinstance(exc, OperationalError) else INTERNAL_ERROR)
-        finally:
-            await events.aclose()
-
-    response = StreamingHttpResponse(lines(), content_type=ollama_wire.NDJSON, headers=STREAM_HEADERS)
-    response["X-Session-Id"] = str(session.pk)
-    return response
-
-
 @gateway_view(ollama_wire.error_response)
 async def ollama_chat(request: HttpRequest, token: str | None = None) -> HttpResponse:
-    return await _ollama_turn(request, token, "chat")
+    return await _chat(request, token, OLLAMA_CHAT)
 
 
 @gateway_view(ollama_wire.error_response)
 async def ollama_generate(request: HttpRequest, token: str | None = None) -> HttpResponse:
-    return await _ollama_turn(request, token, "generate")
+    return await _chat(request, token, OLLAMA_GENERATE)
 
 
 UNSUPPORTED = "{path} is not supported by the gateway (see docs/INTEGRATION.md); run it against the provider itself"
@@ -447,49 +434,7 @@ async def ollama_show(request: HttpRequest, token: str | None = None) -> HttpRes
 
 @gateway_view(openai_wire.error_response)
 async def openai_chat_completions(request: HttpRequest, token: str | None = None) -> HttpResponse:
-    if refused := _methods(request, ("POST",), openai_wire.error_response):
-        return refused
-    started_ns = time.perf_counter_ns()
-    try:
-        started = await _start_turn(request, token, openai_wire.parse_chat, started_ns)
-        chat, session, events, turn = started.chat, started.session, started.events, started.turn
-        completion = openai_wire.Completion(model=chat.model, include_usage=chat.include_usage)
-        if not chat.stream:
-            await _drain(events, turn)
-            response = completion.response(turn.text, turn.finish_reason, turn.prompt_tokens, turn.completion_tokens)
-            response["X-Session-Id"] = str(session.pk)
-            return response
-    except GatewayError as exc:
-        return openai_wire.error_response(exc)
-    except SessionError as exc:
-        return openai_wire.error_response(error_from_session(exc))
-
-    async def chunks() -> AsyncIterator[bytes]:
-        try:
-            yield completion.role_chunk()
-            if turn.parts:
-                yield completion.delta_chunk(turn.parts[0])
-            async for event in events:
-                if (text := turn.take(event)) is not None:
-                    yield completion.delta_chunk(text)
-            yield completion.finish_chunk(turn.finish_reason)
-            if chat.include_usage:
-                yield completion.usage_chunk(turn.prompt_tokens, turn.completion_tokens)
-            yield openai_wire.DONE_EVENT
-        except SessionError as exc:
-            yield openai_wire.error_event(error_from_session(exc))
-        except Exception as exc:
-            log.exception("gateway stream failed")
-            if isinstance(exc, OperationalError):
-                yield openai_wire.error_event(GatewayError(503, DATABASE_BUSY, code="database_busy"))
-            else:
-                yield openai_wire.error_event(GatewayError(500, INTERNAL_ERROR, code="internal_error"))
-        finally:
-            await events.aclose()
-
-    response = StreamingHttpResponse(chunks(), content_type=openai_wire.EVENT_STREAM, headers=STREAM_HEADERS)
-    response["X-Session-Id"] = str(session.pk)
-    return response
+    return await _chat(request, token, OPENAI_CHAT)
 
 
 @gateway_view(openai_wire.error_response)

@@ -11,7 +11,9 @@ from decimal import Decimal
 import pytest
 from asgiref.sync import async_to_sync
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from django.db import connection
 from django.test import AsyncClient, Client
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from sessions_app import boundary
@@ -337,6 +339,22 @@ def test_credentials_missing_or_bad_are_401(owner, client_acme):
     token.revoked_at = timezone.now()
     token.save()
     call(Client(HTTP_AUTHORIZATION=f"Bearer {raw}"), "GET", "/sessions", status=401)
+
+
+def test_a_tokens_use_is_recorded_at_most_once_a_minute(owner, client_acme):
+    token, raw = ApiToken.issue(user=owner)
+    api = Client(HTTP_AUTHORIZATION=f"Bearer {raw}")
+    call(api, "GET", "/sessions", status=200)
+    first = ApiToken.objects.get(pk=token.pk).last_used_at
+    assert first is not None
+    with CaptureQueriesContext(connection) as queries:
+        call(api, "GET", "/sessions", status=200)
+    assert ApiToken.objects.get(pk=token.pk).last_used_at == first
+    assert not [q for q in queries.captured_queries if q["sql"].startswith("UPDATE") and "api_tokens" in q["sql"]]
+    ApiToken.objects.filter(pk=token.pk).update(last_used_at=first - timedelta(minutes=2))
+    call(api, "GET", "/sessions", status=200)
+    later = ApiToken.objects.get(pk=token.pk).last_used_at
+    assert later is not None and later > first
 
 
 def test_cookie_sign_in_needs_csrf_but_bearer_does_not(owner, token, client_acme, use_simulator):

@@ -22,6 +22,7 @@ from sessions_app.consumers import (
     SessionConsumer,
 )
 from sessions_app.errors import MESSAGE_EMPTY, SESSION_BUSY
+from sessions_app.frames import check_outbound
 from sessions_app.invariants import check_session
 from sessions_app.models import ChatSession, SessionMessage
 from sessions_app.routing import websocket_urlpatterns
@@ -48,7 +49,10 @@ async def connected(session, user) -> WebsocketCommunicator:
 
 
 async def receive(communicator, timeout: float = 10) -> dict:
-    return json.loads(await communicator.receive_from(timeout=timeout))
+    """The next frame, held to its TypedDict in sessions_app/frames.py (every test here checks shapes)."""
+    frame = json.loads(await communicator.receive_from(timeout=timeout))
+    assert not check_outbound(frame), check_outbound(frame)
+    return frame
 
 
 async def frames_until(communicator, frame_type: str, timeout: float = 20) -> list[dict]:

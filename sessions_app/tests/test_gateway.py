@@ -664,3 +664,96 @@ def test_unrelated_conversations_on_one_token_run_concurrently_in_sessions_of_th
     assert len(sessions) == 1 + 18 and {s.domain_id for s in sessions} == {client_acme.pk}
     for session in sessions[1:]:
         assert [role for role, _ in stored(session)] == ["user", "assistant"]
+
+
+# --- Non-streaming calls ask upstream for one response -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("model", "upstream_path"),
+    [
+        ("ollama:llama3.2", "/api/chat"),
+        ("openai:gpt-4o", "/v1/chat/completions"),
+        ("anthropic:claude-sonnet-4", "/v1/messages"),
+    ],
+)
+def test_a_call_without_streaming_asks_each_provider_for_one_response(
+    openai_client, acme_token, use_simulator, model, upstream_path
+):
+    completion = openai_client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hello"}])
+    upstream = use_simulator.last_request(path=upstream_path)
+    assert upstream is not None and not upstream["body"].get("stream")  # no per-token relay upstream
+    session = gateway_sessions(acme_token[0]).get()
+    (user, answer) = SessionMessage.objects.filter(session=session).order_by("seq")
+    assert (user.role, user.content) == ("user", "Hello")
+    assert answer.status == "complete" and answer.content == completion.choices[0].message.content
+    # The provider's own counts, as a streamed call reports them, billed the same way.
+    assert answer.token_source == "provider"
+    assert (answer.prompt_tokens, answer.completion_tokens) == (
+        completion.usage.prompt_tokens,
+        completion.usage.completion_tokens,
+    )
+    assert answer.completion_tokens == upstream["tokens_sent"]
+    usage = answer.usage.get()
+    assert usage.status == "ok" and usage.cost == answer.cost_usd
+    assert answer.cost_usd is not None and (answer.cost_usd > 0) == (not model.startswith("ollama:"))
+    session.refresh_from_db()
+    assert session.total_messages == 2 and session.total_tokens == answer.tokens
+    assert session.estimated_cost_usd == answer.cost_usd
+    if model.startswith("anthropic:"):
+        assert usage.provider_model == "claude-sonnet-4-20250514"
+
+
+def test_ollama_calls_without_streaming_ask_ollama_for_one_object(ollama_client, acme_token, use_simulator):
+    chat = ollama_client.chat(model="llama3.2", messages=[{"role": "user", "content": "Hi"}], stream=False)
+    assert use_simulator.last_request(path="/api/chat")["body"]["stream"] is False
+    generated = ollama_client.generate(model="qwen2.5:7b", prompt="Why?", stream=False)
+    assert use_simulator.last_request(path="/api/chat")["body"]["stream"] is False
+    answers = SessionMessage.objects.filter(session__api_token=acme_token[0], role="assistant").order_by("timestamp")
+    assert [a.content for a in answers] == [chat.message.content, generated.response]
+    assert [a.completion_tokens for a in answers] == [chat.eval_count, generated.eval_count]
+
+
+def test_a_provider_failure_without_streaming_keeps_the_message_and_answers_in_each_shape(
+    ollama_client, openai_client, acme_token
+):
+    with pytest.raises(ollama.ResponseError) as caught:
+        ollama_client.chat(
+            model="llama3.2-fault-status-500", messages=[{"role": "user", "content": "Hi"}], stream=False
+        )
+    assert caught.value.status_code == 502
+    with pytest.raises(openai.InternalServerError) as failed:
+        openai_client.chat.completions.create(
+            model="llama3.2-fault-status-500", messages=[{"role": "user", "content": "Hi again"}]
+        )
+    body = failed.value.body
+    assert failed.value.status_code == 502 and isinstance(body, dict) and body["type"] == "server_error"
+    messages = SessionMessage.objects.filter(session__api_token=acme_token[0]).order_by("timestamp", "seq")
+    assert [(m.role, m.status) for m in messages if m.role == "user"] == [("user", "complete")] * 2
+    assert {m.status for m in messages if m.role == "assistant"} == {"error"}
+
+
+def test_a_whole_answer_that_never_comes_is_a_504(ollama_client, acme_token, settings):
+    settings.PROVIDER_FIRST_TOKEN_TIMEOUT = 0.3
+    settings.PROVIDER_IDLE_TIMEOUT = 0.2
+    with pytest.raises(ollama.ResponseError) as caught:
+        ollama_client.chat(
+            model="llama3.2-fault-stall-first", messages=[{"role": "user", "content": "Hi"}], stream=False
+        )
+    assert caught.value.status_code == 504 and "no answer within 0.5s" in caught.value.error
+    answer = wait_for_answer(acme_token[0])
+    assert answer.status == "error" and answer.usage.get().status == "error"
+
+
+def test_a_caller_that_hangs_up_before_the_whole_answer_leaves_its_message_stored(
+    gateway_url, acme_token, use_simulator
+):
+    auth = {"Authorization": f"Bearer {acme_token[1]}"}
+    body = {"model": "llama3.2-ttft-3000", "messages": [{"role": "user", "content": "Take your time"}], "stream": False}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{gateway_url}/api/chat", json=body, headers=auth, timeout=httpx.Timeout(5, read=0.5))
+    answer = wait_for_answer(acme_token[0])
+    assert answer.status == "error" and answer.content == ""
+    assert answer.usage.get().status == "cancelled"
+    user = SessionMessage.objects.get(session__api_token=acme_token[0], role="user")
+    assert user.content == "Take your time" and user.seq < answer.seq

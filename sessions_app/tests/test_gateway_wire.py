@@ -118,6 +118,15 @@ def test_an_openai_stream_has_one_identity_a_role_first_an_empty_finish_delta_an
     assert openai_wire.DONE_EVENT == b"data: [DONE]\n\n"
 
 
+@pytest.mark.parametrize("include_usage", [False, True])
+@pytest.mark.parametrize("text", ["hi", 'quote " and \\ and\nnewline', "\x00", "é 😀", "", "\\u0000"])
+def test_an_openai_delta_chunk_is_the_generic_chunk_byte_for_byte(text, include_usage):
+    completion = openai_wire.Completion(model='openai:gpt-4o "\\u0000"', include_usage=include_usage)
+    generic = completion._chunk([openai_wire._choice({"content": text})])
+    assert completion.delta_chunk(text) == generic
+    assert completion.delta_chunk(text) == generic  # the cached frame, second time round
+
+
 def test_errors_keep_each_protocols_shape():
     error = GatewayError(404, "model 'x' not found", code="model_not_found", param="model")
     assert json.loads(openai_wire.error_response(error).content) == {
