@@ -123,6 +123,25 @@ async def test_both_see_one_stream_each_message_records_its_author_and_the_bill_
     assert (segments, sessions) == (1, 1)
 
 
+async def test_a_guest_who_opens_the_page_mid_answer_resumes_it(shared, owner, colleague):
+    session = await database_sync_to_async(shared)(model=SLOW)
+    mine = await connected(session, owner)
+    await mine.send_json_to({"type": "chat", "message": "long answer", "turn": "r"})
+    await frames_until(mine, "token")
+    await frames_until(mine, "token")
+    theirs = await connected(session, colleague)
+    await theirs.send_json_to({"type": "resume", "turn": None, "after": 0})
+    caught = await frames_until(theirs, "resumed")
+    assert caught[0]["type"] == "turn.started" and caught[0]["resumed"] is True
+    assert caught[-1]["turn"] == "r" and caught[-1]["n"] >= 2
+    done = await frames_until(theirs, "message.done")
+    asked = await frames_until(mine, "message.done")
+    await mine.disconnect()
+    await theirs.disconnect()
+    # Exactly the owner's text: what the catch-up brought, then the rest live.
+    assert token_text(caught) + token_text(done) == asked[-1]["message"]["content"]
+
+
 async def test_the_guest_stops_the_owners_answer_but_may_not_end_the_session(shared, owner, colleague):
     session = await database_sync_to_async(shared)(model=SLOW)
     mine = await connected(session, owner)
