@@ -79,7 +79,9 @@ SWITCH_NEEDS_TARGET_MESSAGE = "A switch names a client, a model, or both."
 BAD_SEQ_MESSAGE = "'seq' must be a message number (a whole number), or left out for the latest."
 END_NOT_OWNER_MESSAGE = "Only {owner}, who started this session, can end it. You can stop an answer or leave the page."
 REVOKED_MESSAGE = "{owner} stopped sharing this session with you."
+LEFT_MESSAGE = "You left this session."
 VERSION_WAIT_MESSAGE = "Wait for the answer to finish (or stop it) before making a new version."
+VERSION_NOT_ASKED_MESSAGE = "The new version was made, but its question was not sent: {detail}"
 # Said when the cause is unknown, so it never claims the message was stored: reloading shows what was.
 INTERNAL_ERROR_MESSAGE = "Something went wrong on our side; the error is logged. Reload to see what was stored."
 
@@ -383,41 +385,55 @@ class SessionConsumer(AsyncWebsocketConsumer):
         return seq
 
     async def _new_version(self, kind: str, make: Callable[[], services.NewVersion]) -> None:
-        """Make the new version (services/versions.py), start its first turn here, send the page there.
+        """Make the new version (services/versions.py), begin its first turn, send the page there.
 
-        The turn runs as a task of the process, like any chat page's answer: the page that asked
-        goes to the new session and resumes it there, and leaving that page does not stop it.
+        The question is stored and the new session claimed before the page hears of it, so the
+        page it goes to finds the answer streaming (and resumes it) or stored. The turn runs as
+        a task of the process, like any chat page's answer: leaving that page does not stop it.
         """
         if self.watching.busy(self.session_id):
             raise FrameError("session_busy", VERSION_WAIT_MESSAGE)
-        version, ended = await database_sync_to_async(self._make_version)(make)
+        version, ended, begun = await database_sync_to_async(self._make_version)(make)
         branch_id = str(version.session.pk)
-        self.watching.start_turn(
-            session_id=branch_id, turn_id=uuid.uuid4().hex, message=version.message, user=self.user, asker=None
-        )
-        await self._send_frame(
-            {
-                "type": "version",
-                "kind": kind,
-                "replaces_seq": version.replaces_seq,
-                "session": selectors.session_as_dict(version.session),
-                "url": reverse("session-chat", kwargs={"session_id": branch_id}),
-            }
-        )
+        frame: dict[str, Any] = {
+            "type": "version",
+            "kind": kind,
+            "replaces_seq": version.replaces_seq,
+            "session": selectors.session_as_dict(version.session),
+            "url": reverse("session-chat", kwargs={"session_id": branch_id}),
+        }
+        if isinstance(begun, SessionError):
+            # The version exists but its question was refused (a budget, a restart): say so here.
+            frame["error"] = {"code": begun.code, "message": VERSION_NOT_ASKED_MESSAGE.format(detail=begun.message)}
+        else:
+            self.watching.start_turn(
+                session_id=branch_id,
+                turn_id=uuid.uuid4().hex,
+                message=version.message,
+                user=self.user,
+                asker=None,
+                start=begun,
+            )
+        await self._send_frame(frame)
         if ended is not None:
             # The owner's edit ended this session (two timers never bill the same minutes).
             await self.watching.publish(self.session_id, ended, exclude=self)
 
-    def _make_version(self, make: Callable[[], services.NewVersion]) -> tuple[services.NewVersion, dict | None]:
+    def _make_version(self, make: Callable[[], services.NewVersion]) -> tuple[services.NewVersion, dict | None, Any]:
         was_active = self.session_active()
         version = make()
+        begun: Any
+        try:
+            begun = services.begin_turn(session_id=version.session.pk, user=self.user, message=version.message)
+        except SessionError as exc:
+            begun = exc
         if not was_active or self.session_active():
-            return version, None
+            return version, None, begun
         summary = selectors.session_summary(
             session=selectors.session_get_for_user(session_id=self.session_id, user=self.user)
         )
         url = reverse("session-summary", kwargs={"session_id": self.session_id})
-        return version, {"type": "ended", "summary": summary, "summary_url": url}
+        return version, {"type": "ended", "summary": summary, "summary_url": url}, begun
 
     def session_active(self) -> bool:
         return ChatSession.objects.filter(pk=self.session_id, status=SessionStatus.ACTIVE).exists()
@@ -497,10 +513,11 @@ class SessionConsumer(AsyncWebsocketConsumer):
         """The owner revoked invitations: a guest among them is told and closed at once."""
         users = event.get("users")
         if self.guest and isinstance(users, list) and self.user.pk in users:
-            await self._revoked()
+            await self._revoked(left=event.get("by") == self.user.pk)
 
-    async def _revoked(self) -> None:
-        await self._send_frame({"type": "revoked", "message": REVOKED_MESSAGE.format(owner=self.owner_name)})
+    async def _revoked(self, *, left: bool = False) -> None:
+        message = LEFT_MESSAGE if left else REVOKED_MESSAGE.format(owner=self.owner_name)
+        await self._send_frame({"type": "revoked", "message": message})
         await self.close(code=CLOSE_REVOKED)
         # Closing ends the socket's watching at once, whatever the client does next.
         await self.disconnect(CLOSE_REVOKED)

@@ -142,6 +142,7 @@ class VersionFrame(TypedDict):
     replaces_seq: int
     session: SessionShape
     url: str  # the new version's chat page
+    error: NotRequired[dict[str, str]]  # code and message: the version was made, its question refused
 
 
 class RevokedFrame(TypedDict):

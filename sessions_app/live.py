@@ -25,7 +25,7 @@ def display_name(user) -> str:
     return user.get_full_name() or user.get_username()
 
 
-def announce_revoked(*, session_id, user_ids: list[int]) -> None:
+def announce_revoked(*, session_id, user_ids: list[int], by: int | None = None) -> None:
     """Tell the session's sockets, in every process, that these guests' invitations are revoked.
 
     Called from synchronous code once the revocation is committed; a channel layer that does
@@ -34,7 +34,7 @@ def announce_revoked(*, session_id, user_ids: list[int]) -> None:
     layer = get_channel_layer()
     if layer is None or not user_ids:
         return
-    event = {"type": REVOKED_EVENT, "users": [int(pk) for pk in user_ids]}
+    event = {"type": REVOKED_EVENT, "users": [int(pk) for pk in user_ids], "by": by}
     try:
         async_to_sync(layer.group_send)(f"session.{session_id}", event)
     except Exception as exc:

@@ -234,14 +234,17 @@ class Hub:
 
     # --- Turns ------------------------------------------------------------------------------
 
-    def start_turn(self, *, session_id: str, turn_id: str, message: str, user, asker: Watcher | None) -> LiveTurn:
+    def start_turn(
+        self, *, session_id: str, turn_id: str, message: str, user, asker: Watcher | None, start: Any = None
+    ) -> LiveTurn:
         """Run the turn as a task of the process: it outlives the socket that asked.
 
         With no asker (the first turn of a new version, asked from its source session's page)
-        the turn's sockets are those of its own session's pages, which resume it.
+        the turn's sockets are those of its own session's pages, which resume it; its caller
+        has begun it already (`start`, from `services.begin_turn`).
         """
         if asker is None:
-            live = LiveTurn(session_id, turn_id, message, user, None)
+            live = LiveTurn(session_id, turn_id, message, user, None, start=start)
         else:
             live = LiveTurn(session_id, turn_id, message, user, asker, known=asker.known, interval=asker.token_interval)
             asker.known = None
@@ -269,9 +272,10 @@ class Hub:
         # Coalesced once, at the pace the asking page wants, for every socket alike.
         coalescer = TokenCoalescer(emit, live.interval)
         try:
-            live.start = await db_sync_to_async(services.begin_turn)(
-                session_id=sid, user=live.user, message=live.message, known=live.known
-            )
+            if live.start is None:
+                live.start = await db_sync_to_async(services.begin_turn)(
+                    session_id=sid, user=live.user, message=live.message, known=live.known
+                )
         except Exception as exc:
             # Refused before anything was stored (busy, ended, too large...): only the asker hears of it.
             self.turns.pop(sid, None)

@@ -109,8 +109,14 @@ def session_get_for_participant(*, session_id, user) -> ChatSession:
     pk = parse_session_id(session_id)
     if user is None or not getattr(user, "is_authenticated", False):
         raise NotFound(SESSION_NOT_FOUND)
+    sessions = ChatSession.objects.select_related("domain", "brand")
     try:
-        return ChatSession.objects.participating(user).select_related("domain", "brand").get(pk=pk)
+        # The owner's own query first, as in `session_get_for_user`: no subquery to build.
+        return sessions.filter(user=user).get(pk=pk)
+    except ChatSession.DoesNotExist:
+        pass
+    try:
+        return sessions.participating(user).get(pk=pk)
     except ChatSession.DoesNotExist:
         raise NotFound(SESSION_NOT_FOUND) from None
 

@@ -93,7 +93,7 @@ def session_revoke(*, session_id, user, invitee) -> SessionInvitation:
         invitation.revoked_at = max(now, invitation.created_at)
         invitation.save(update_fields=["revoked_at"])
         # Their open chat pages close at once (their next frame would find it revoked anyway).
-        transaction.on_commit(lambda: announce_revoked(session_id=session.pk, user_ids=[guest.pk]))
+        transaction.on_commit(lambda: announce_revoked(session_id=session.pk, user_ids=[guest.pk], by=user.pk))
     return invitation
 
 

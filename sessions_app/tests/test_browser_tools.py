@@ -328,10 +328,16 @@ def copied(page, seq: int) -> None:
 def wait_answered(page, seq: int) -> None:
     """Wait for the page to be live and to show stored answer `seq` with nothing streaming."""
     page.wait_for_selector("[data-conn][data-state=live]")
-    page.wait_for_function(
-        "seq => !document.querySelector('.msg--streaming') && document.querySelector(`.msg--assistant[data-seq='${seq}']`)",
-        arg=seq,
-    )
+    try:
+        page.wait_for_function(
+            "seq => !document.querySelector('.msg--streaming') && document.querySelector(`.msg--assistant[data-seq='${seq}']`)",
+            arg=seq,
+        )
+    except Exception:
+        shown = page.eval_on_selector_all(".msg", "ms => ms.map(m => [m.dataset.seq, m.className])")
+        raise AssertionError(
+            f"answer {seq} not shown on {page.url}: {shown}; {page.locator('[data-notice]').inner_text()}"
+        )
 
 
 def test_each_message_copies_shows_its_time_branches_and_the_last_ones_edit_and_regenerate(browser, server):

@@ -15,7 +15,13 @@ from django.utils import timezone
 
 from billing.models import LLMUsage
 from sessions_app import livechat, services
-from sessions_app.consumers import CLOSE_NOT_FOUND, CLOSE_REVOKED, END_NOT_OWNER_MESSAGE, REVOKED_MESSAGE
+from sessions_app.consumers import (
+    CLOSE_NOT_FOUND,
+    CLOSE_REVOKED,
+    END_NOT_OWNER_MESSAGE,
+    LEFT_MESSAGE,
+    REVOKED_MESSAGE,
+)
 from sessions_app.models import ChatSession, SessionInvitation, SessionMessage, SessionSegment, SessionSource
 from sessions_app.tests.test_consumers import (
     FAST,
@@ -117,6 +123,25 @@ async def test_both_see_one_stream_each_message_records_its_author_and_the_bill_
     assert (segments, sessions) == (1, 1)
 
 
+async def test_a_guest_who_opens_the_page_mid_answer_resumes_it(shared, owner, colleague):
+    session = await database_sync_to_async(shared)(model=SLOW)
+    mine = await connected(session, owner)
+    await mine.send_json_to({"type": "chat", "message": "long answer", "turn": "r"})
+    await frames_until(mine, "token")
+    await frames_until(mine, "token")
+    theirs = await connected(session, colleague)
+    await theirs.send_json_to({"type": "resume", "turn": None, "after": 0})
+    caught = await frames_until(theirs, "resumed")
+    assert caught[0]["type"] == "turn.started" and caught[0]["resumed"] is True
+    assert caught[-1]["turn"] == "r" and caught[-1]["n"] >= 2
+    done = await frames_until(theirs, "message.done")
+    asked = await frames_until(mine, "message.done")
+    await mine.disconnect()
+    await theirs.disconnect()
+    # Exactly the owner's text: what the catch-up brought, then the rest live.
+    assert token_text(caught) + token_text(done) == asked[-1]["message"]["content"]
+
+
 async def test_the_guest_stops_the_owners_answer_but_may_not_end_the_session(shared, owner, colleague):
     session = await database_sync_to_async(shared)(model=SLOW)
     mine = await connected(session, owner)
@@ -160,6 +185,14 @@ async def test_revoking_closes_the_guests_open_socket_at_once_and_leaves_the_own
     assert await refused_with(socket(session, colleague)) == CLOSE_NOT_FOUND  # and cannot come back
 
 
+async def test_a_guest_who_leaves_is_told_so(shared, colleague):
+    session = await database_sync_to_async(shared)()
+    theirs = await connected(session, colleague)
+    await database_sync_to_async(services.session_revoke)(session_id=session.pk, user=colleague, invitee="colin")
+    assert await receive(theirs) == {"type": "revoked", "message": LEFT_MESSAGE}
+    assert await closed_with(theirs) == CLOSE_REVOKED
+
+
 async def test_a_revocation_nobody_announced_applies_on_the_guests_next_frame(shared, colleague):
     session = await database_sync_to_async(shared)()
     theirs = await connected(session, colleague)
@@ -201,6 +234,11 @@ async def test_an_edit_makes_a_new_version_streams_its_answer_and_ends_the_owner
     version = (await frames_until(mine, "version"))[-1]
     assert version["kind"] == "edit" and version["replaces_seq"] == 1
     assert version["url"] == f"/sessions/{version['session']['session_id']}/"
+    # Its question is stored and claimed before the page hears of it: the page it goes to finds it.
+    asked = await database_sync_to_async(
+        lambda: list(SessionMessage.objects.filter(session_id=version["session"]["session_id"], seq=1))
+    )()
+    assert [(m.role, m.content) for m in asked] == [("user", "better question")]
     # The owner's old session ended (one timer); the guest's page hears it.
     assert (await frames_until(theirs, "ended"))[-1]["summary"]["session_id"] == str(session.pk)
     await finish_turns()

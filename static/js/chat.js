@@ -810,7 +810,14 @@ const handlers = {
   },
   version(frame) {
     // The new version this page asked for: its answer is streaming there; follow it.
-    if (typeof frame.url === "string" && CHAT_PATH.test(frame.url)) window.location.assign(frame.url);
+    if (typeof frame.url !== "string" || !CHAT_PATH.test(frame.url)) return;
+    if (frame.error && typeof frame.error.message === "string") {
+      // Made, but its question was refused (a budget, a restart): say so, and link to it.
+      state.versionPending = false;
+      showNotice(frame.error.message, "error", { href: frame.url, label: "Open the new version" });
+      return;
+    }
+    window.location.assign(frame.url);
   },
   revoked(frame) {
     leaveRevoked(typeof frame.message === "string" ? frame.message : REVOKED_TEXT);
