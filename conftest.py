@@ -3,12 +3,27 @@
 from __future__ import annotations
 
 import pytest
+from channels.layers import channel_layers
 
 from billing.pricing import load_price_list
 from providers.clients import reset_clients
 from tests.factories import BrandFactory, ClientFactory, UserFactory
 
 pytest_plugins = ["providers.testing"]
+
+
+@pytest.fixture(autouse=True)
+def in_memory_channel_layer(settings):
+    """In-process tests use the in-memory channel layer, whatever REDIS_URL says.
+
+    They drive consumers on pytest's event loop, which is torn down after each test by
+    cancelling every task left on it; a channels_redis receive cancelled that way has been seen
+    never to finish, hanging the run (a test of the PostgreSQL and Redis pass once waited there
+    for ten minutes). Fan-out through a real Redis is exercised by the tests that run daphne
+    processes with REDIS_URL; a test that wants another layer sets its own.
+    """
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    channel_layers.backends.clear()
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from decimal import Decimal
+from typing import TypedDict
 
 from django.conf import settings
 from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
@@ -12,8 +13,16 @@ from django.db import models, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-MONEY = {"max_digits": 12, "decimal_places": 6}
-RATE = {"max_digits": 14, "decimal_places": 6}
+
+class Digits(TypedDict):
+    """The size of a DecimalField, spread into it (`models.DecimalField(**MONEY)`)."""
+
+    max_digits: int
+    decimal_places: int
+
+
+MONEY: Digits = {"max_digits": 12, "decimal_places": 6}
+RATE: Digits = {"max_digits": 14, "decimal_places": 6}
 # The beginning of a client's terms when they were never changed: they cover all earlier work.
 TERMS_EPOCH = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
 HEX_COLOR = RegexValidator(r"^#[0-9a-fA-F]{6}$", "Enter a colour as #rrggbb, for example #1f6feb.")

@@ -40,7 +40,6 @@ ERR_TERMS_REWRITE = (
     "Terms from {when} would change issued invoice {number}, which billed work of {client} that ended "
     "{ended}; a change takes effect after the last billed work (or from now)."
 )
-ERR_TERMS_IN_PAST = "Terms cannot take effect in the past ({when}): that would rewrite periods already worked."
 ERR_CSV_HEADER = "The first line must name the columns currency, usd_rate and effective_from (got {found})."
 ERR_CSV_ROW = "Line {line}: {problem}"
 ERR_BAD_CURRENCY = "{value!r} is not a three-letter currency code."
@@ -194,19 +193,6 @@ def client_terms_record(*, client: ClientDomain, previous: dict, now: dt.datetim
             setattr(row, name, value)
         client_terms_guard(row)
         row.save()
-    return row
-
-
-def client_terms_schedule(
-    *, client: ClientDomain, effective_from: dt.datetime, now: dt.datetime | None = None, **values
-) -> ClientTerms:
-    """Schedule terms for a client from a moment that is not in the past."""
-    now = now or timezone.now()
-    if effective_from < now - dt.timedelta(minutes=1):
-        raise RecordLocked(ERR_TERMS_IN_PAST.format(when=_local(effective_from)))
-    row = ClientTerms(client=client, effective_from=max(effective_from, now), **values)
-    client_terms_guard(row)
-    row.save()
     return row
 
 

@@ -354,10 +354,6 @@ class LLMCharge:
         self.unconverted = 0
         return self
 
-    @property
-    def missing_rate(self) -> bool:
-        return self.rate is None and self.usd > 0
-
 
 @dataclass
 class BillingLine:

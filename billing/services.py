@@ -77,10 +77,6 @@ class BillingError(Exception):
         return self.message
 
 
-def invoice_period(invoice: Invoice) -> Period:
-    return Period(kind=PERIOD_CUSTOM, first_day=invoice.period_start, last_day=invoice.period_end, tz=billing_tz())
-
-
 def last_month(now: dt.datetime | None = None) -> tuple[dt.date, dt.date]:
     today = (now or timezone.now()).astimezone(billing_tz()).date()
     return month_bounds(today.replace(day=1) - dt.timedelta(days=1))

@@ -28,7 +28,6 @@ from sessions_app.integrity import public_key_info
 
 logger = logging.getLogger(__name__)
 OPENAPI_FILE = Path(__file__).with_name("openapi.json")
-MALFORMED_JSON = boundary.NOT_JSON
 BODY_NOT_OBJECT = "The body must be a JSON object."
 BODY_TOO_LARGE = "The request body is too large."
 STREAM_NOT_BOOL = "'stream' must be true or false."

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from django.contrib.auth.models import User
+from django.core.exceptions import PermissionDenied
+from django.http import HttpRequest
 from django.middleware.csrf import CsrfViewMiddleware
 
 from sessions_app import throttle
 from sessions_app.errors import SESSION_NOT_FOUND, NotFound, SessionError
 from sessions_app.models import ApiToken, ChatSession
+from sessions_app.refs import Person
 from sessions_app.selectors import session_get_for_user
 
 NO_CREDENTIALS = "Sign in, or send 'Authorization: Bearer <token>' (create one with manage.py create_api_token)."
@@ -32,6 +36,14 @@ class Throttled(SessionError):
     def __init__(self, wait: int) -> None:
         super().__init__(throttle.token_message(wait))
         self.retry_after = wait
+
+
+def signed_in(request: HttpRequest) -> Person:
+    """The user of a view that only signed-in users reach (`login_required`)."""
+    user = request.user
+    if not isinstance(user, User) or not user.is_authenticated:
+        raise PermissionDenied("Sign in first.")
+    return user
 
 
 def _csrf_ok(request) -> bool:

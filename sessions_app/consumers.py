@@ -5,18 +5,25 @@ Inbound frames (JSON objects, each validated before anything happens):
   {"type": "resume", "turn": "id or null", "after": n}        "I have token frames 1..n of this turn"
   {"type": "stop"}                                             stop the answer streaming now
   {"type": "switch", "client": "slug", "model": "p:m", "reason": "..."}   at least one of client/model
-  {"type": "end"}                                              end the session
+  {"type": "end"}                                              end the session (the owner only)
+  {"type": "edit", "seq": n, "message": "..."}                 a new version with your message n changed
+  {"type": "regenerate", "seq": n}                             a new version with answer n asked again
   {"type": "ping"}
 
 Outbound frames: `ready`, `turn.started`, `token` (coalesced deltas, numbered `n`, at most ~30
-a second), `message.done`, `stopped`, `switched`, `ended`, `resumed`, `error` (code + message),
-`pong`.
+a second), `message.done`, `stopped`, `switched`, `ended`, `resumed`, `version` (an edit or
+regeneration made a new session: go there), `revoked`, `error` (code + message), `pong`.
 
 A chat asked here runs as a task of the process (sessions_app/livechat.py), not of this socket:
 closing the socket only stops watching. Every socket of the session, on any process, watches
 the same answer; one that (re)connects mid-answer sends `resume` and gets exactly what it
 missed, then the rest live. A refused connection is accepted and then closed, with 4401 (not
 signed in) or 4404 (not found, or not yours), so the page can tell which.
+
+Who may connect: the session's owner and the consultants it is shared with (a live invitation);
+staff who are neither get 4404 too (they review sessions in the admin). A guest's socket is
+closed with 4403 after a `revoked` frame as soon as the owner revokes the invitation: the
+revocation is broadcast to the session's group, and every frame a guest sends re-checks it.
 """
 
 from __future__ import annotations
@@ -41,9 +48,10 @@ from sessions_app.errors import (
     NotFound,
     SessionError,
 )
-from sessions_app.live import brand_payload, session_brand_style
+from sessions_app.frames import ReadyFrame, SwitchedFrame
+from sessions_app.live import REVOKED_EVENT, brand_payload, display_name, session_brand_style
 from sessions_app.livechat import TokenCoalescer
-from sessions_app.models import ChatSession
+from sessions_app.models import ChatSession, SessionInvitation, SessionStatus
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +59,7 @@ __all__ = ["SessionConsumer", "TokenCoalescer"]
 
 # WebSocket close codes for refused connections (4000-4999 are for applications).
 CLOSE_UNAUTHENTICATED = 4401
+CLOSE_REVOKED = 4403  # a guest whose invitation the owner revoked
 CLOSE_NOT_FOUND = 4404
 
 # Error codes of `error` frames beyond the session services' own (`SessionError.code`).
@@ -67,6 +76,10 @@ FIELD_NOT_TEXT_MESSAGE = "{field!r} must be a string of at most {limit} characte
 BAD_TURN_MESSAGE = "'turn' must be 1-64 letters, digits, '-' or '_'."
 BAD_AFTER_MESSAGE = "'after' must be the number of the last token frame you have (0 for none)."
 SWITCH_NEEDS_TARGET_MESSAGE = "A switch names a client, a model, or both."
+BAD_SEQ_MESSAGE = "'seq' must be a message number (a whole number), or left out for the latest."
+END_NOT_OWNER_MESSAGE = "Only {owner}, who started this session, can end it. You can stop an answer or leave the page."
+REVOKED_MESSAGE = "{owner} stopped sharing this session with you."
+VERSION_WAIT_MESSAGE = "Wait for the answer to finish (or stop it) before making a new version."
 # Said when the cause is unknown, so it never claims the message was stored: reloading shows what was.
 INTERNAL_ERROR_MESSAGE = "Something went wrong on our side; the error is logged. Reload to see what was stored."
 
@@ -101,7 +114,7 @@ def _text_field(content: dict, field: str, limit: int, *, required: bool = False
 class SessionConsumer(AsyncWebsocketConsumer):
     """One browser tab's connection to one work session: a watcher of its live turns."""
 
-    KNOWN_TYPES = ("chat", "resume", "stop", "switch", "end", "ping")
+    KNOWN_TYPES = ("chat", "resume", "stop", "switch", "end", "edit", "regenerate", "ping")
     # Seconds between token frames of the turns this socket asks for: at most ~30 a second.
     token_interval = livechat.TOKEN_INTERVAL
 
@@ -109,7 +122,10 @@ class SessionConsumer(AsyncWebsocketConsumer):
         super().__init__(*args, **kwargs)
         self.session_id: str = ""
         self.group: str = ""
-        self.user = None
+        self.user: Any = None
+        # An invited consultant rather than the owner: their invitation is re-checked on every frame.
+        self.guest = False
+        self.owner_name = ""
         self.hub: livechat.Hub | None = None
         self._closed = False
         self._joined = False
@@ -124,6 +140,13 @@ class SessionConsumer(AsyncWebsocketConsumer):
         # The session and its messages as the last turn left them: the next turn's claim checks
         # they are still current and then need not read them again (see services.KnownSession).
         self.known: services.KnownSession | None = None
+
+    @property
+    def watching(self) -> livechat.Hub:
+        """The hub this socket watches through (set in `connect`, before any frame arrives)."""
+        if self.hub is None:
+            raise RuntimeError("The socket is not connected.")
+        return self.hub
 
     # --- Channel layer resilience --------------------------------------------------------
     # Channels' dispatch loop awaits `channel_receive` alongside the socket; a failing channel
@@ -152,14 +175,16 @@ class SessionConsumer(AsyncWebsocketConsumer):
                 delay = min(delay * 2, 5.0)
 
     async def join(self) -> None:
-        """Join the session's group (for other processes' frames); the hub calls it again after an outage."""
-        if self.hub is None or not self.hub.shared or not self.group or self._closed:
+        """Join the session's group (other processes' frames, revocations); the hub calls it again after an outage."""
+        if self.hub is None or self.channel_layer is None or not self.group or self._closed:
             return
         await asyncio.wait_for(self.channel_layer.group_add(self.group, self.channel_name), livechat.FANOUT_TIMEOUT)
         self._joined = True
 
     async def _join(self) -> None:
-        if self.hub is None or not self.hub.shared or self.hub.outage.down:
+        # Joined on any channel layer, the in-memory one too: revocations reach the group from
+        # the request that made them, even when no answer frame needs to cross processes.
+        if self.hub is None or self.channel_layer is None or self.hub.outage.down:
             return  # while the layer is down the hub joins us once it answers
         try:
             await self.join()
@@ -208,6 +233,9 @@ class SessionConsumer(AsyncWebsocketConsumer):
     # --- Inbound frames ------------------------------------------------------------------
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if self.guest and not await database_sync_to_async(self._still_invited)():
+            await self._revoked()
+            return
         try:
             content = self._parse(text_data, bytes_data)
             handler = getattr(self, f"_on_{content['type']}")
@@ -259,12 +287,12 @@ class SessionConsumer(AsyncWebsocketConsumer):
             turn = uuid.uuid4().hex
         elif not isinstance(turn, str) or not TURN_ID.match(turn):
             raise FrameError("bad_request", BAD_TURN_MESSAGE)
-        if self.hub.busy(self.session_id):
+        if self.watching.busy(self.session_id):
             raise FrameError("session_busy", SESSION_BUSY)
         # This socket hears of its turn at once; the others once it holds the session's claim.
         self._in_step[turn] = 0
         await self._send_frame({"type": "turn.started", "turn": turn, "message": raw})
-        self.hub.start_turn(session_id=self.session_id, turn_id=turn, message=raw, user=self.user, asker=self)
+        self.watching.start_turn(session_id=self.session_id, turn_id=turn, message=raw, user=self.user, asker=self)
 
     async def _on_resume(self, content: dict) -> None:
         turn = content.get("turn")
@@ -273,7 +301,7 @@ class SessionConsumer(AsyncWebsocketConsumer):
             raise FrameError("bad_request", BAD_TURN_MESSAGE)
         if isinstance(after, bool) or not isinstance(after, int) or not 0 <= after <= MAX_FRAME_NUMBER:
             raise FrameError("bad_request", BAD_AFTER_MESSAGE)
-        live = self.hub.live(self.session_id)
+        live = self.watching.live(self.session_id)
         if live is not None:
             # Read the snapshot and mark this socket in step without yielding: the frames
             # published after it are exactly the ones it still lacks.
@@ -285,19 +313,21 @@ class SessionConsumer(AsyncWebsocketConsumer):
             return
         if self._catching_up is not None:
             return  # a catch-up is on its way; it ends with its own `resumed`
-        if not self.hub.shared or not await database_sync_to_async(self._claimed)():
+        if not self.watching.shared or not await database_sync_to_async(self._claimed)():
             await self._send_frame({"type": "resumed", "turn": None})
             return
         # The answer streams in another process: ask it; group frames wait until it replies.
         self._catching_up = {"frames": []}
-        await self.hub.ask_snapshot(session_id=self.session_id, reply_to=self.channel_name, turn_id=turn, after=after)
+        await self.watching.ask_snapshot(
+            session_id=self.session_id, reply_to=self.channel_name, turn_id=turn, after=after
+        )
         asyncio.get_running_loop().call_later(
             livechat.SNAPSHOT_TIMEOUT, lambda: asyncio.ensure_future(self._caught_up(None))
         )
 
     async def _on_stop(self, content: dict) -> None:
         # Stop the answer wherever it streams: here at once, elsewhere through the shared cache.
-        if self.hub.stop_here(self.session_id, services.STOP_USER) is None:
+        if self.watching.stop_here(self.session_id, services.STOP_USER) is None:
             await database_sync_to_async(services.session_stop)(session_id=self.session_id, user=self.user)
 
     async def _on_switch(self, content: dict) -> None:
@@ -306,14 +336,17 @@ class SessionConsumer(AsyncWebsocketConsumer):
         reason = _text_field(content, "reason", REASON_LIMIT)
         if not client and not model:
             raise FrameError("bad_request", SWITCH_NEEDS_TARGET_MESSAGE)
-        if self.hub.busy(self.session_id):
+        if self.watching.busy(self.session_id):
             raise FrameError("session_busy", SESSION_BUSY)
         frame = await database_sync_to_async(self._switch)(client=client or None, model=model or None, reason=reason)
-        await self.hub.publish(self.session_id, frame)
+        await self.watching.publish(self.session_id, frame)
 
     async def _on_end(self, content: dict) -> None:
+        if self.guest:
+            # Refused before anything stops: the answer streaming goes on for both of them.
+            raise FrameError("not_owner", END_NOT_OWNER_MESSAGE.format(owner=self.owner_name))
         # Ending stops an answer in progress first; its partial text is stored (and `stopped` sent).
-        live = self.hub.stop_here(self.session_id, services.STOP_END)
+        live = self.watching.stop_here(self.session_id, services.STOP_END)
         if live is not None:
             await live.done.wait()
         summary = await services.asession_end(session_id=self.session_id, user=self.user)
@@ -322,7 +355,72 @@ class SessionConsumer(AsyncWebsocketConsumer):
             "summary": summary,
             "summary_url": reverse("session-summary", kwargs={"session_id": self.session_id}),
         }
-        await self.hub.publish(self.session_id, frame)
+        await self.watching.publish(self.session_id, frame)
+
+    async def _on_edit(self, content: dict) -> None:
+        seq = self._seq(content)
+        limit = settings.CHAT_MAX_MESSAGE_CHARS
+        raw = content.get("message")
+        if not isinstance(raw, str) or not raw.strip():
+            raise FrameError("bad_request", MESSAGE_EMPTY)
+        if len(raw) > limit:
+            raise FrameError("message_too_large", MESSAGE_TOO_LARGE.format(size=len(raw), limit=limit))
+        await self._new_version(
+            "edit", lambda: services.session_edit(session_id=self.session_id, user=self.user, seq=seq, message=raw)
+        )
+
+    async def _on_regenerate(self, content: dict) -> None:
+        seq = self._seq(content)
+        await self._new_version(
+            "regenerate", lambda: services.session_regenerate(session_id=self.session_id, user=self.user, seq=seq)
+        )
+
+    @staticmethod
+    def _seq(content: dict) -> int | None:
+        seq = content.get("seq")
+        if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int)):
+            raise FrameError("bad_request", BAD_SEQ_MESSAGE)
+        return seq
+
+    async def _new_version(self, kind: str, make: Callable[[], services.NewVersion]) -> None:
+        """Make the new version (services/versions.py), start its first turn here, send the page there.
+
+        The turn runs as a task of the process, like any chat page's answer: the page that asked
+        goes to the new session and resumes it there, and leaving that page does not stop it.
+        """
+        if self.watching.busy(self.session_id):
+            raise FrameError("session_busy", VERSION_WAIT_MESSAGE)
+        version, ended = await database_sync_to_async(self._make_version)(make)
+        branch_id = str(version.session.pk)
+        self.watching.start_turn(
+            session_id=branch_id, turn_id=uuid.uuid4().hex, message=version.message, user=self.user, asker=None
+        )
+        await self._send_frame(
+            {
+                "type": "version",
+                "kind": kind,
+                "replaces_seq": version.replaces_seq,
+                "session": selectors.session_as_dict(version.session),
+                "url": reverse("session-chat", kwargs={"session_id": branch_id}),
+            }
+        )
+        if ended is not None:
+            # The owner's edit ended this session (two timers never bill the same minutes).
+            await self.watching.publish(self.session_id, ended, exclude=self)
+
+    def _make_version(self, make: Callable[[], services.NewVersion]) -> tuple[services.NewVersion, dict | None]:
+        was_active = self.session_active()
+        version = make()
+        if not was_active or self.session_active():
+            return version, None
+        summary = selectors.session_summary(
+            session=selectors.session_get_for_user(session_id=self.session_id, user=self.user)
+        )
+        url = reverse("session-summary", kwargs={"session_id": self.session_id})
+        return version, {"type": "ended", "summary": summary, "summary_url": url}
+
+    def session_active(self) -> bool:
+        return ChatSession.objects.filter(pk=self.session_id, status=SessionStatus.ACTIVE).exists()
 
     # --- Frames of the session's turns (from this process's hub, or from the group) -------
 
@@ -383,6 +481,8 @@ class SessionConsumer(AsyncWebsocketConsumer):
             await self.websocket_disconnect(message)  # touches no database
         elif kind == "turn.snapshot.reply":
             await self._caught_up(message)
+        elif kind == REVOKED_EVENT:
+            await self.session_revoked(message)
         else:
             await super().dispatch(message)
 
@@ -392,6 +492,18 @@ class SessionConsumer(AsyncWebsocketConsumer):
         frame = event.get("frame")
         if isinstance(frame, dict):
             await self.take(frame, remote=True)
+
+    async def session_revoked(self, event: dict) -> None:
+        """The owner revoked invitations: a guest among them is told and closed at once."""
+        users = event.get("users")
+        if self.guest and isinstance(users, list) and self.user.pk in users:
+            await self._revoked()
+
+    async def _revoked(self) -> None:
+        await self._send_frame({"type": "revoked", "message": REVOKED_MESSAGE.format(owner=self.owner_name)})
+        await self.close(code=CLOSE_REVOKED)
+        # Closing ends the socket's watching at once, whatever the client does next.
+        await self.disconnect(CLOSE_REVOKED)
 
     # --- Sending -------------------------------------------------------------------------
 
@@ -406,24 +518,31 @@ class SessionConsumer(AsyncWebsocketConsumer):
     # --- Database work (run in a thread) -------------------------------------------------
 
     def _session(self) -> ChatSession:
-        session = selectors.session_get_for_user(session_id=self.session_id, user=self.user)
-        if session.user_id != self.user.pk:
-            # Owner only: staff review sessions in the admin, not by joining a live chat.
-            raise NotFound("No such session.")
+        # Participants only (the owner, or a live invitation): staff review sessions in the
+        # admin, not by joining a live chat.
+        session = selectors.session_get_for_participant(session_id=self.session_id, user=self.user)
+        self.guest = session.user_id != self.user.pk
+        if self.guest:
+            self.owner_name = display_name(session.user)
         return session
 
-    def _ready_payload(self) -> dict:
+    def _still_invited(self) -> bool:
+        # One indexed EXISTS per frame a guest sends; never per token (those go the other way).
+        return SessionInvitation.objects.live().filter(session_id=self.session_id, user_id=self.user.pk).exists()
+
+    def _ready_payload(self) -> ReadyFrame:
         session = self._session()
         return {
             "type": "ready",
             "session": selectors.session_as_dict(session),
             "streaming": session.turn_started_at is not None,
+            "owner": not self.guest,
         }
 
     def _claimed(self) -> bool:
         return ChatSession.objects.filter(pk=self.session_id, turn_started_at__isnull=False).exists()
 
-    def _switch(self, *, client: str | None, model: str | None, reason: str) -> dict:
+    def _switch(self, *, client: str | None, model: str | None, reason: str) -> SwitchedFrame:
         stream = services.session_switch(
             session_id=self.session_id, user=self.user, client=client, model=model, reason=reason
         )

@@ -15,6 +15,7 @@ from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_http_methods, require_POST
 
 from sessions_app import selectors, services
+from sessions_app.auth import signed_in
 from sessions_app.errors import NOT_OWNER, SESSION_NOT_FOUND, NotFound, SessionError
 from sessions_app.forms import ContinueForm, InviteForm, RenameForm, load_models
 from sessions_app.live import session_brand_style
@@ -80,7 +81,7 @@ def session_branch_page(request: HttpRequest, session_id) -> HttpResponse:
     try:
         branch = services.session_branch(
             session_id=session.pk,
-            user=request.user,
+            user=signed_in(request),
             at_seq=int(at) if at.isdigit() else None,
             name=request.POST.get("name", ""),
         )
@@ -101,7 +102,9 @@ def session_rename(request: HttpRequest, session_id) -> HttpResponse:
         messages.error(request, " ".join(e for errors in form.errors.values() for e in errors))
         return redirect(back)
     try:
-        renamed = services.session_update(session_id=session.pk, user=request.user, name=form.cleaned_data["name"])
+        renamed = services.session_update(
+            session_id=session.pk, user=signed_in(request), name=form.cleaned_data["name"]
+        )
     except SessionError as exc:
         messages.error(request, exc.message)
     else:
@@ -115,7 +118,7 @@ def session_hide(request: HttpRequest, session_id) -> HttpResponse:
     session = _session(request, session_id)
     hide = request.POST.get("hidden", "1") != "0"
     try:
-        updated = services.session_update(session_id=session.pk, user=request.user, hidden=hide)
+        updated = services.session_update(session_id=session.pk, user=signed_in(request), hidden=hide)
     except SessionError as exc:
         messages.error(request, exc.message)
     else:

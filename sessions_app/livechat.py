@@ -164,6 +164,14 @@ class LiveTurn:
         return frames, self.n
 
 
+def question_payload(message) -> dict:
+    """A turn's stored user message and its author's name, read from objects in hand (no query)."""
+    payload = dict(selectors.message_as_dict(message))
+    author = message.author if message.author_id else None
+    payload["author_name"] = (author.get_full_name() or author.get_username()) if author is not None else None
+    return payload
+
+
 def _done_payload(event: Done) -> dict:
     return {"message": selectors.message_as_dict(event.message), "session": selectors.session_as_dict(event.session)}
 
@@ -226,10 +234,17 @@ class Hub:
 
     # --- Turns ------------------------------------------------------------------------------
 
-    def start_turn(self, *, session_id: str, turn_id: str, message: str, user, asker: Watcher) -> LiveTurn:
-        """Run the turn as a task of the process: it outlives the socket that asked."""
-        live = LiveTurn(session_id, turn_id, message, user, asker, known=asker.known, interval=asker.token_interval)
-        asker.known = None
+    def start_turn(self, *, session_id: str, turn_id: str, message: str, user, asker: Watcher | None) -> LiveTurn:
+        """Run the turn as a task of the process: it outlives the socket that asked.
+
+        With no asker (the first turn of a new version, asked from its source session's page)
+        the turn's sockets are those of its own session's pages, which resume it.
+        """
+        if asker is None:
+            live = LiveTurn(session_id, turn_id, message, user, None)
+        else:
+            live = LiveTurn(session_id, turn_id, message, user, asker, known=asker.known, interval=asker.token_interval)
+            asker.known = None
         self.turns[session_id] = live
         task = asyncio.get_running_loop().create_task(self._run(live), name=f"turn {session_id}")
         _RUNNING.add(task)
@@ -268,10 +283,15 @@ class Hub:
                 frame["turn"] = turn_id
             if live.asker is not None:
                 await live.asker.take(frame)
+            else:
+                logger.info("The first turn of version %s was refused: %s", sid, frame["message"])
             live.done.set()
             return
         live.claimed = True
-        await self.publish(sid, {"type": "turn.started", "turn": turn_id, "message": live.message}, exclude=live.asker)
+        # The stored question, with who typed it: every page shows it as it arrives.
+        question = question_payload(live.start.user_message)
+        started = {"type": "turn.started", "turn": turn_id, "message": live.message, "question": question}
+        await self.publish(sid, started, exclude=live.asker)
         await self._join_turn_group(sid)
         final: dict
         try:
@@ -313,6 +333,8 @@ class Hub:
                 final.update(await db_sync_to_async(latest_payload)(sid))
             except Exception:
                 final["stored"] = None
+        if final.get("turn") == turn_id:
+            final["question"] = question  # the asker's page learns its message's number and time
         # Gone from the registry before its last frame: a chat sent right after it is not busy.
         self.turns.pop(sid, None)
         live.done.set()

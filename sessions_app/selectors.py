@@ -96,6 +96,11 @@ def session_get_for_owner(*, session_id, user) -> ChatSession:
     return session
 
 
+def session_is_shared_with(*, session: ChatSession, user) -> bool:
+    """Whether `user` holds a live invitation to the session."""
+    return SessionInvitation.objects.live().filter(session=session, user=user).exists()
+
+
 def session_get_for_participant(*, session_id, user) -> ChatSession:
     """The session if the user takes part in it (owner or invited); staff who are neither get NotFound.
 

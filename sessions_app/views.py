@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.views import LoginView
@@ -13,12 +14,13 @@ from django.utils import timezone
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
+from billing import panel
 from billing import selectors as billing_selectors
 from billing.models import ClientDomain
 from sessions_app import selectors, services
 from sessions_app.errors import SESSION_NOT_FOUND, NotFound, SessionError
 from sessions_app.forms import NewSessionForm, SessionFilterForm, SignInForm, client_for_host, load_models
-from sessions_app.live import chat_page_config, session_brand_style
+from sessions_app.live import chat_page_config, display_name, session_brand_style
 from sessions_app.models import ChatSession, StreamReason
 
 HOME_PAGE_SIZE = 25
@@ -141,7 +143,13 @@ def session_chat_page(request: HttpRequest, session_id) -> HttpResponse:
     """The chat page: history, live answers over the WebSocket, timer, cost, switch, stop, end."""
     session = _get_session_for_user(request, session_id)
     request.brand_style = session_brand_style(session)
-    can_chat = session.is_active and session.user_id == request.user.pk
+    is_owner = session.user_id == request.user.pk
+    # A consultant the session is shared with chats in it live too (not staff who only review it).
+    invited = (
+        not is_owner and session.is_active and selectors.session_is_shared_with(session=session, user=request.user)
+    )
+    can_chat = session.is_active and (is_owner or invited)
+    owner: Any = request.user if is_owner else session.user
     messages = list(selectors.session_messages(session=session))
     # A template's first message waits in the composer of a session that has none yet.
     first_message = session.template.first_message if can_chat and session.template_id and not messages else ""
@@ -150,8 +158,16 @@ def session_chat_page(request: HttpRequest, session_id) -> HttpResponse:
         [("message", m.timestamp, m) for m in messages] + [("switch", s.streamed_at, s) for s in streams],
         key=lambda item: item[1],
     )
-    clients = list(ClientDomain.objects.open_to(request.user).active().order_by("name")) if can_chat else []
+    # Only the owner moves the session to another client or model: the bill is theirs.
+    clients = (
+        list(ClientDomain.objects.open_to(request.user).active().order_by("name")) if can_chat and is_owner else []
+    )
     config = chat_page_config(session, can_chat=can_chat)
+    people = {owner.get_username(): display_name(owner)}
+    people.update({author.get_username(): display_name(author) for m in messages if (author := m.author) is not None})
+    config.update(
+        {"owner": is_owner, "owner_username": owner.get_username(), "me": request.user.get_username(), "people": people}
+    )
     config["client_names"] = {
         c.slug: c.name
         for c in [*clients, session.domain, *(m.domain for m in messages), *(s.target_domain for s in streams)]
@@ -161,11 +177,14 @@ def session_chat_page(request: HttpRequest, session_id) -> HttpResponse:
         "history": history,
         "clients": clients,
         "can_chat": can_chat,
+        "is_owner": is_owner,
+        "owner_name": display_name(owner),
+        "owner_username": owner.get_username(),
         "config": config,
         "first_message": first_message,
-        "shared": session.user_id != request.user.pk and not request.user.is_staff,
+        "shared": not is_owner and not request.user.is_staff,
     }
-    context["billing"] = billing_selectors.chat_billing(session=session, clients=clients)  # budget, increments
+    context["billing"] = panel.chat_billing(session=session, clients=clients)  # budget, increments
     return render(request, "sessions_app/session_chat.html", context)
 
 
@@ -292,6 +311,6 @@ def session_billing_json(request, session_id):
     except NotFound as exc:
         return JsonResponse(exc.as_dict(), status=404)
     clients = ClientDomain.objects.open_to(request.user).active()
-    response = JsonResponse(billing_selectors.chat_billing(session=session, clients=clients))
+    response = JsonResponse(panel.chat_billing(session=session, clients=clients))
     response["Cache-Control"] = "no-store"
     return response

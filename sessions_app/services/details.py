@@ -10,6 +10,7 @@ from django.utils import timezone
 
 from sessions_app.errors import SESSION_LOCKED, BadInput, SessionLocked
 from sessions_app.models import ChatSession
+from sessions_app.refs import Person, SessionRef
 from sessions_app.selectors import session_get_for_owner
 from sessions_app.services.inputs import NAME_LIMIT, NAME_TOO_LONG, _require_text
 from sessions_app.services.store import _load
@@ -23,7 +24,9 @@ HIDDEN_NOT_BOOL = "'hidden' must be true or false."
 UNSET = object()
 
 
-def session_update(*, session_id, user, name=UNSET, hidden=UNSET) -> ChatSession:
+def session_update(
+    *, session_id: SessionRef, user: Person, name: object = UNSET, hidden: object = UNSET
+) -> ChatSession:
     """Rename and/or hide (or show again) a session; only its owner (or staff) may."""
     if name is UNSET and hidden is UNSET:
         raise BadInput(UPDATE_NOTHING)

@@ -8,7 +8,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from billing.models import ClientDomain
+from billing.models import Brand, ClientDomain
 from providers.base import ChatMessage
 from providers.naming import parse_model
 from sessions_app.errors import (
@@ -24,6 +24,7 @@ from sessions_app.models import (
     SessionSegment,
     SessionSource,
 )
+from sessions_app.refs import Person, SessionRef
 from sessions_app.selectors import session_get_for_user
 from sessions_app.services.claims import (
     _check_writable,
@@ -53,7 +54,7 @@ HISTORY_EMPTY = "messages is empty."
 HISTORY_LIMIT_FACTOR = 8  # imported answers may be longer than what a consultant may type
 
 
-def session_branch(*, session_id, user, at_seq=None, name: str = "") -> ChatSession:
+def session_branch(*, session_id: SessionRef, user: Person, at_seq: int | None = None, name: str = "") -> ChatSession:
     """A new session with copies of messages 1..at_seq; copies are not billed again."""
     parent = session_get_for_user(session_id=session_id, user=user)
     name = _require_text(name, "name").strip()
@@ -86,12 +87,12 @@ def session_branch(*, session_id, user, at_seq=None, name: str = "") -> ChatSess
 def _copy_session(
     original: ChatSession,
     *,
-    user,
+    user: Person,
     upto: int,
     name: str,
     source: str,
     domain: ClientDomain,
-    brand,
+    brand: Brand | None,
     model: str,
     branched: bool,
 ) -> ChatSession:
@@ -143,7 +144,9 @@ def _copy_session(
     return _load(copy_session.pk)
 
 
-def session_append_history(*, session_id, user, messages: list[ChatMessage], allow_during_turn: bool = False) -> None:
+def session_append_history(
+    *, session_id: SessionRef, user: Person, messages: list[ChatMessage], allow_during_turn: bool = False
+) -> None:
     """Store already-answered messages as they are, without a provider call (gateway, import).
 
     They are marked imported: no tokens or cost are billed for them. `allow_during_turn` is for

@@ -20,6 +20,7 @@ from sessions_app.errors import (
     UNKNOWN_MODEL,
     BadInput,
 )
+from sessions_app.refs import Person
 
 CLIENT_REQUIRED = "A client is required (its slug, for example 'acme')."
 
@@ -52,7 +53,7 @@ NAME_LIMIT = 200
 __all__ = ["quantize_money"]
 
 
-def _require_text(value, field_name: str) -> str:
+def _require_text(value: object, field_name: str) -> str:
     if value is None:
         return ""
     if not isinstance(value, str):
@@ -65,7 +66,7 @@ def _has_control_characters(text: str) -> bool:
     return any(ord(ch) < 32 or ord(ch) == 127 for ch in text)
 
 
-def _resolve_client(client, user) -> ClientDomain:
+def _resolve_client(client: object, user: Person) -> ClientDomain:
     if isinstance(client, ClientDomain):
         domain = client
         slug = client.slug
@@ -85,7 +86,7 @@ def _resolve_client(client, user) -> ClientDomain:
     return domain
 
 
-def _resolve_model(model) -> str:
+def _resolve_model(model: object) -> str:
     """Validate a model name; return the name the session stores (`provider:model`)."""
     if isinstance(model, ModelRef):
         model = model.name
@@ -106,7 +107,7 @@ def _resolve_model(model) -> str:
     return ref.name
 
 
-def _resolve_brand(brand, domain: ClientDomain) -> Brand | None:
+def _resolve_brand(brand: object, domain: ClientDomain) -> Brand | None:
     if brand is None or brand == "":
         return Brand.objects.filter(client=domain, is_default=True).first()
     if isinstance(brand, Brand):
@@ -123,7 +124,7 @@ def _resolve_brand(brand, domain: ClientDomain) -> Brand | None:
     return found
 
 
-def _stream_options(options) -> StreamOptions:
+def _stream_options(options: object) -> StreamOptions:
     if options is None:
         opts = StreamOptions()
     elif isinstance(options, StreamOptions):

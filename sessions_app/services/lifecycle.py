@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from billing import budgets
@@ -24,6 +24,7 @@ from sessions_app.errors import (
 )
 from sessions_app.models import (
     ORPHANED_TURN,
+    ApiToken,
     ChatSession,
     EndReason,
     SessionMessage,
@@ -32,6 +33,7 @@ from sessions_app.models import (
     SessionStatus,
     stale_turn_q,
 )
+from sessions_app.refs import Person, SessionRef
 from sessions_app.selectors import session_get_for_owner, session_summary
 from sessions_app.services.claims import (
     CLAIM_FIELDS,
@@ -55,6 +57,7 @@ from sessions_app.services.recovery import CLAIM_CLEARED, turn_settle
 from sessions_app.services.store import _load
 from sessions_app.services.turns import (
     STOP_END,
+    StreamingAnswer,
     _store_answer,
     local_turn,
     turn_stop_request,
@@ -75,14 +78,14 @@ REMOTE_STOP_WAIT_SECONDS = 10.0
 @budgets.alerts_on_refusal
 def session_start(
     *,
-    user,
-    client,
-    model,
-    brand=None,
+    user: Person,
+    client: object,
+    model: object,
+    brand: object = None,
     name: str = "",
     system_prompt: str = "",
     source: str = SessionSource.WEB,
-    api_token=None,
+    api_token: ApiToken | None = None,
 ) -> ChatSession:
     """Start the timer: a session on `client` with `model`, and its first segment."""
     name = _require_text(name, "name").strip()
@@ -97,7 +100,8 @@ def session_start(
         raise BadInput(UNKNOWN_SOURCE.format(source=source))
     domain = _resolve_client(client, user)
     if api_token is not None and api_token.client_id and api_token.client_id != domain.pk:
-        raise BadInput(TOKEN_CLIENT.format(slug=api_token.client.slug))
+        bound = api_token.client
+        raise BadInput(TOKEN_CLIENT.format(slug=bound.slug if bound is not None else api_token.client_id))
     model_name = _resolve_model(model)
     budgets.budget_check(client_id=domain.pk, model=model_name)  # a paid model for a client over budget
     brand_obj = _resolve_brand(brand, domain)
@@ -120,7 +124,7 @@ def session_start(
     return session
 
 
-def _wait_for_remote_turn(session: ChatSession, *, timeout: float | None = None):
+def _wait_for_remote_turn(session: ChatSession, *, timeout: float | None = None) -> StreamingAnswer | None:
     """Ask a streaming answer in another process to stop, then wait for it to store itself.
 
     Returns the turn if it turns out to stream in this process after all (it was claimed but
@@ -208,7 +212,7 @@ def _end(session: ChatSession, *, reason: str, at: datetime | None = None, wait_
     return session_summary(session=_load(session.pk))
 
 
-def session_end(*, session_id, user, reason: str = EndReason.USER) -> SummaryShape:
+def session_end(*, session_id: SessionRef, user: Person, reason: str = EndReason.USER) -> SummaryShape:
     """Stop the timer, close the last segment, seal, and return the summary (idempotent).
 
     Only the owner (or staff) ends a session; an invited consultant gets `NotOwner`.
@@ -219,7 +223,7 @@ def session_end(*, session_id, user, reason: str = EndReason.USER) -> SummarySha
     return _end(session, reason=reason)
 
 
-async def asession_end(*, session_id, user, reason: str = EndReason.USER) -> SummaryShape:
+async def asession_end(*, session_id: SessionRef, user, reason: str = EndReason.USER) -> SummaryShape:
     """`session_end` for async callers: waits for an answer in another process without a thread."""
     if reason not in EndReason.values:
         raise BadInput(UNKNOWN_END_REASON.format(reason=reason, choices=", ".join(EndReason.values)))
@@ -257,7 +261,7 @@ def session_end_idle(*, session: ChatSession) -> SummaryShape:
     return _end(session, reason=EndReason.IDLE_TIMEOUT, at=session.last_activity_at)
 
 
-def sessions_stuck(*, now: datetime | None = None):
+def sessions_stuck(*, now: datetime | None = None) -> QuerySet[ChatSession]:
     """Active sessions whose answer claim is stale (`models.turn_stale_after`): the monitoring page's stuck."""
     return ChatSession.objects.with_stale_turn(now or timezone.now()).select_related("domain", "user")
 

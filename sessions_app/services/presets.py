@@ -14,7 +14,8 @@ from django.db.models import Q
 
 from billing.models import ClientDomain, SessionTemplate
 from sessions_app.errors import BadInput
-from sessions_app.models import ChatSession, SessionSource
+from sessions_app.models import ApiToken, ChatSession, SessionSource
+from sessions_app.refs import Person
 from sessions_app.services.inputs import CLIENT_REQUIRED, NOT_TEXT
 from sessions_app.services.lifecycle import session_start
 
@@ -27,7 +28,7 @@ TEMPLATE_AMBIGUOUS = "Several templates are called {template!r}; name the client
 TEMPLATE_OTHER_CLIENT = "Template {template!r} is for client {slug!r}, not {other!r}."
 
 
-def template_resolve(*, template, user, client=None) -> SessionTemplate:
+def template_resolve(*, template: object, user: Person, client: object = None) -> SessionTemplate:
     """An active template the user may use, by object, id or name (a client's own first)."""
     if isinstance(template, SessionTemplate):
         found = template if template.is_active else None
@@ -59,20 +60,20 @@ def template_resolve(*, template, user, client=None) -> SessionTemplate:
 
 def session_start_from_template(
     *,
-    user,
-    template,
-    client=None,
-    model=None,
-    brand=None,
+    user: Person,
+    template: object,
+    client: object = None,
+    model: object = None,
+    brand: object = None,
     name: str = "",
     system_prompt: str = "",
     source: str = SessionSource.WEB,
-    api_token=None,
+    api_token: ApiToken | None = None,
 ) -> ChatSession:
     """`session_start` with the template's client, model, name and system prompt where none are given."""
     preset = template_resolve(template=template, user=user, client=client)
     if preset.client_id:
-        slug = client.slug if isinstance(client, ClientDomain) else (client or "").strip()
+        slug = client.slug if isinstance(client, ClientDomain) else str(client or "").strip()
         if slug and slug != preset.client.slug:
             raise BadInput(TEMPLATE_OTHER_CLIENT.format(template=preset.name, slug=preset.client.slug, other=slug))
         client = preset.client

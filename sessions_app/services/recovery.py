@@ -31,6 +31,7 @@ from providers import router, tokens
 from providers.naming import parse_model
 from sessions_app import integrity
 from sessions_app.models import ORPHANED_TURN, ChatSession, MessageRole, MessageStatus, SessionMessage
+from sessions_app.refs import SessionRef
 from sessions_app.services.inputs import quantize_money
 from sessions_app.services.store import _store_linked
 
@@ -96,7 +97,7 @@ def owner_is_gone(owner: str) -> bool:
     return False
 
 
-def turn_settle(*, session_id, claim: datetime, now: datetime | None = None) -> SessionMessage | None:
+def turn_settle(*, session_id: SessionRef, claim: datetime, now: datetime | None = None) -> SessionMessage | None:
     """Store an abandoned turn's checkpointed text as its answer and release its claim.
 
     Does nothing (None) when the session no longer holds `claim`: its own process stored the

@@ -15,6 +15,7 @@ from django.utils import timezone
 
 from billing.models import ClientDomain
 from sessions_app.errors import NOT_OWNER, BadInput, NotFound, NotOwner, SessionEnded
+from sessions_app.live import announce_revoked
 from sessions_app.models import ChatSession, SessionInvitation, SessionStatus
 from sessions_app.selectors import session_get_for_owner, session_get_for_user
 from sessions_app.services.inputs import NOT_TEXT
@@ -91,6 +92,8 @@ def session_revoke(*, session_id, user, invitee) -> SessionInvitation:
             raise NotFound(REVOKE_NONE.format(name=guest.get_username()))
         invitation.revoked_at = max(now, invitation.created_at)
         invitation.save(update_fields=["revoked_at"])
+        # Their open chat pages close at once (their next frame would find it revoked anyway).
+        transaction.on_commit(lambda: announce_revoked(session_id=session.pk, user_ids=[guest.pk]))
     return invitation
 
 
@@ -103,7 +106,9 @@ def session_check_client_switch(*, session: ChatSession, user) -> None:
 def invitations_revoke_unbillable(*, session: ChatSession, client: ClientDomain) -> int:
     """After a switch to `client`: revoke the invitations of consultants who may not bill it."""
     live = SessionInvitation.objects.live().filter(session=session).select_related("user")
-    gone = [inv.pk for inv in live if not ClientDomain.objects.open_to(inv.user).filter(pk=client.pk).exists()]
+    gone = [inv for inv in live if not ClientDomain.objects.open_to(inv.user).filter(pk=client.pk).exists()]
     if not gone:
         return 0
-    return SessionInvitation.objects.filter(pk__in=gone).update(revoked_at=timezone.now())
+    users = [inv.user_id for inv in gone]
+    transaction.on_commit(lambda: announce_revoked(session_id=session.pk, user_ids=users))
+    return SessionInvitation.objects.filter(pk__in=[inv.pk for inv in gone]).update(revoked_at=timezone.now())

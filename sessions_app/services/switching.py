@@ -29,6 +29,7 @@ from sessions_app.models import (
     SessionSegment,
     StreamReason,
 )
+from sessions_app.refs import Person, SessionRef
 from sessions_app.selectors import session_get_for_user
 from sessions_app.services.claims import (
     _check_writable,
@@ -77,7 +78,9 @@ def _snapshot(plan: ContextPlan, clients: dict) -> list[dict[str, Any]]:
 
 
 @budgets.alerts_on_refusal
-def session_switch(*, session_id, user, client=None, model=None, reason: str = "") -> ContextStream:
+def session_switch(
+    *, session_id: SessionRef, user: Person, client: object = None, model: object = None, reason: str = ""
+) -> ContextStream:
     """Move the session to another client and/or model and record what context is carried."""
     session = session_get_for_user(session_id=session_id, user=user)
     reason = _require_text(reason, "reason").strip()
@@ -150,7 +153,9 @@ def session_switch(*, session_id, user, client=None, model=None, reason: str = "
     return stream
 
 
-async def asession_switch(*, session_id, user, client=None, model=None, reason: str = "") -> ContextStream:
+async def asession_switch(
+    *, session_id: SessionRef, user: Person, client: object = None, model: object = None, reason: str = ""
+) -> ContextStream:
     """`session_switch` that applies after a streaming answer finishes instead of raising busy."""
     for attempt in range(3):
         try:

@@ -1,6 +1,7 @@
 """The conversation tools' pages in headless Chromium: templates and the hostname's client on the
-new-session form, continue, branch, rename, hide, the Markdown transcript, sharing, and the
-layout on a phone (390×844) and on a wide screen (the admin at 1440 px).
+new-session form, continue, branch, rename, hide, the Markdown transcript, the chat page's
+per-message tools (copy, time, branch, edit, regenerate, versions), a shared session live in
+two browsers, and the layout on a phone (390×844) and on a wide screen (the admin at 1440 px).
 
 A daphne of this module's own serves a database of its own (a SQLite file, or
 `<name>_browser_tools` on PostgreSQL, so it never meets test_browser.py's under xdist).
@@ -48,6 +49,7 @@ from billing.pricing import load_price_list
 User = get_user_model()
 User.objects.create_user("olivia", "olivia@example.com", {PASSWORD!r}, first_name="Olivia", last_name="Reyes")
 User.objects.create_user("colin", "colin@example.com", {PASSWORD!r}, first_name="Colin", last_name="Barr")
+User.objects.create_user("oscar", "oscar@example.com", {PASSWORD!r}, first_name="Oscar")
 User.objects.create_superuser("stella", "stella@example.com", {PASSWORD!r}, first_name="Stella")
 acme = ClientDomain.objects.create(name="Acme Corp", slug="acme", hourly_rate="150.00", hostname="acme.localhost")
 Brand.objects.create(client=acme, name="Acme Legal", primary_color="#0b7285", accent_color="#e67700",
@@ -131,7 +133,7 @@ def server(tmp_path_factory):
             if process.poll() is None:
                 process.kill()
         log.close()
-        if workdir.parent == shm:
+        if workdir.parent == shm and not os.environ.get("KEEPLOG"):
             shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -310,12 +312,135 @@ def test_an_ended_session_is_renamed_exported_branched_hidden_and_continued(brow
         assert page.unexpected_dialogs == []
 
 
+# --- per-message tools in the chat page ---------------------------------------------------------
+
+
+def tool(page, seq: int, name: str):
+    return page.locator(f".msg[data-seq='{seq}'] [data-tool={name}]")
+
+
+def copied(page, seq: int) -> None:
+    page.wait_for_function(
+        "seq => document.querySelector(`.msg[data-seq='${seq}'] [data-tool=copy]`).textContent === 'Copied'", arg=seq
+    )
+
+
+def wait_answered(page, seq: int) -> None:
+    """Wait for the page to be live and to show stored answer `seq` with nothing streaming."""
+    page.wait_for_selector("[data-conn][data-state=live]")
+    page.wait_for_function(
+        "seq => !document.querySelector('.msg--streaming') && document.querySelector(`.msg--assistant[data-seq='${seq}']`)",
+        arg=seq,
+    )
+
+
+def test_each_message_copies_shows_its_time_branches_and_the_last_ones_edit_and_regenerate(browser, server):
+    base, _ = server
+    with signed_in(browser, base) as page:
+        page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+        sid = start_session(page, "acme", "Tools check")
+        ask(page, "Our codename is **Bluebird**.")
+        ask(page, "Which clauses limit liability?")
+
+        # Time: every message, live ones too, with an ISO datetime and the local time shown.
+        times = page.eval_on_selector_all(
+            ".msg time.msg__time", "ts => ts.map(t => [t.dateTime, t.textContent, t.title])"
+        )
+        assert len(times) == 4
+        for iso, shown, title in times:
+            assert re.fullmatch(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?([+-]\d{2}:\d{2}|Z)", iso), iso
+            assert re.search(r"\d{1,2}:\d{2}", shown) and title
+
+        # Labelled tools; edit on my last message, regenerate on the last answer, nowhere else.
+        labels = page.eval_on_selector_all(".msg [data-tool]", "bs => bs.map(b => b.getAttribute('aria-label'))")
+        assert labels and all(labels)
+        assert page.locator("[data-tool=edit]").count() == 1 and tool(page, 3, "edit").count() == 1
+        assert page.locator("[data-tool=regenerate]").count() == 1 and tool(page, 4, "regenerate").count() == 1
+
+        # Copy, from the keyboard: the text as written (Markdown), and a visible "Copied".
+        tool(page, 1, "copy").focus()
+        page.keyboard.press("Enter")
+        copied(page, 1)
+        assert page.evaluate("navigator.clipboard.readText()") == "Our codename is **Bluebird**."
+        tool(page, 2, "copy").click()
+        copied(page, 2)
+        stored = page.evaluate(f"fetch('/sessions/{sid}/messages.json').then(r => r.json())")
+        assert page.evaluate("navigator.clipboard.readText()") == stored["messages"][1]["content"]
+        screenshot(page, "chat-message-tools.png")
+
+        # Regenerate the last answer: a new version streams on its own page; "‹ 2/2" links back.
+        tool(page, 4, "regenerate").click()
+        page.wait_for_url(lambda url: sid not in url)
+        wait_answered(page, 4)
+        regenerated = page.url
+        assert page.locator(".msg--user .msg__body").last.inner_text() == "Which clauses limit liability?"
+        versions = page.locator(".msg[data-seq='4'] .msg__versions")
+        versions.wait_for()
+        assert versions.locator(".msg__versions-count").inner_text() == "2/2"
+        versions.locator("a[aria-label^='Previous version']").click()
+        page.wait_for_url(re.compile(f"/sessions/{sid}/#message-4$"))
+        assert page.locator(".msg[data-seq='4'] .msg__versions-count").inner_text() == "1/2"
+        assert page.locator("[data-tool=regenerate]").count() == 0  # the old version ended: no new turns
+        page.locator(".msg[data-seq='4'] a[aria-label^='Next version']").click()
+        page.wait_for_url(regenerated + "#message-4")
+
+        # Edit my last message: a new version with the new text, and its own answer.
+        wait_answered(page, 4)
+        tool(page, 3, "edit").click()
+        page.fill("#edit-message", "Which clauses cap damages?")
+        screenshot(page, "chat-edit.png")
+        page.click(".msg__edit button[type=submit]")
+        page.wait_for_url(lambda url: url.split("#")[0] != regenerated.split("#")[0])
+        wait_answered(page, 4)
+        assert page.locator(".msg--user .msg__body").last.inner_text() == "Which clauses cap damages?"
+        page.locator(".msg[data-seq='3'] .msg__versions").wait_for()
+
+        # Branch from the first answer: a new session holding messages 1 and 2.
+        edited = page.url
+        tool(page, 2, "branch").click()
+        page.wait_for_url(lambda url: url != edited)
+        page.wait_for_selector("[data-conn][data-state=live]")
+        assert page.locator(".msg[data-seq]").count() == 2
+        assert page.unexpected_dialogs == []
+
+    with signed_in(browser, base, viewport=PHONE) as page:
+        page.goto(regenerated)
+        page.wait_for_selector(".msg--assistant[data-seq='4']")
+        # The regenerated version, among the original and the edit made from it: "‹ 2/3 ›".
+        versions = page.locator(".msg[data-seq='3'] .msg__versions")
+        versions.wait_for()
+        assert versions.locator(".msg__versions-count").inner_text() == "2/3"
+        assert versions.locator("a").count() == 2
+        page.locator(".msg[data-seq='3']").scroll_into_view_if_needed()
+        assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+        for box in page.locator(".msg[data-seq='3'] .msg__foot button, .msg[data-seq='3'] .msg__foot a").all():
+            rect = box.bounding_box()
+            assert rect["x"] >= 0 and rect["x"] + rect["width"] <= PHONE["width"] and rect["height"] >= 24, rect
+        screenshot(page, "phone-message-tools.png")
+
+
 # --- sharing ------------------------------------------------------------------------------------
 
 
-def test_a_shared_session_shows_each_persons_messages_to_the_other(browser, server):
+OPEN_SOCKET = """async ([path, frame]) => {
+    const ws = new WebSocket(`ws://${location.host}${path}`);
+    const frames = [];
+    const code = await new Promise((resolve) => {
+        ws.onmessage = (event) => {
+            const data = JSON.parse(event.data);
+            frames.push(data);
+            if (data.type === "ready" && frame) ws.send(JSON.stringify(frame));
+            if (data.type === "error") ws.close(1000);
+        };
+        ws.onclose = (event) => resolve(event.code);
+    });
+    return {code, frames};
+}"""
+
+
+def test_a_shared_session_streams_live_to_both_and_revoking_closes_the_guests_page(browser, server):
     base, _ = server
-    with signed_in(browser, base) as owner, signed_in(browser, base, "colin") as colleague:
+    with signed_in(browser, base) as owner, signed_in(browser, base, "colin") as guest:
         sid = start_session(owner, "acme", "Pairing on the indemnity")
         owner.click("[data-details]")
         owner.click("[data-share]")
@@ -325,19 +450,75 @@ def test_a_shared_session_shows_each_persons_messages_to_the_other(browser, serv
         assert "Colin Barr" in owner.locator("[data-people]").inner_text()
         owner.goto(f"/sessions/{sid}/")
         owner.wait_for_selector("[data-conn][data-state=live]")
+
+        guest.goto("/")
+        assert guest.locator("[data-shared-by=olivia]").count() == 1
+        guest.goto(f"/sessions/{sid}/")
+        guest.wait_for_selector("[data-conn][data-state=live]")
+        assert "shared this session with you" in guest.locator("[data-shared-notice]").inner_text()
+        assert guest.locator("[data-end]").count() == 0  # only the owner ends it
+        guest.evaluate("window.notReloaded = true")
+
+        # The owner asks; the guest's page shows the question and the answer as they arrive.
         ask(owner, "Olivia's question")
+        guest.wait_for_function("() => document.querySelectorAll('.msg--assistant[data-seq]').length === 1")
+        assert guest.locator(".msg--user .msg__who").first.inner_text() == "Olivia Reyes"
+        assert guest.locator(".msg--assistant .msg__body").first.inner_text() == (
+            owner.locator(".msg--assistant .msg__body").first.inner_text()
+        )
+        # The guest asks; the owner sees who did.
+        ask(guest, "Colin's question")
+        owner.wait_for_function("() => document.querySelectorAll('.msg--assistant[data-seq]').length === 2")
+        assert owner.locator(".msg--user .msg__who").last.inner_text() == "Colin Barr"
+        assert guest.locator(".msg--user .msg__who").last.inner_text() == "You"
+        assert guest.evaluate("window.notReloaded") is True
+        screenshot(guest, "shared-session-guest.png")
 
-        colleague.goto("/")
-        assert colleague.locator("[data-shared-by=olivia]").count() == 1
-        colleague.goto(f"/sessions/{sid}/")
-        assert colleague.locator(".msg--user .msg__who").first.inner_text() == "Olivia Reyes"
-        assert "shared this session with you" in colleague.locator("[data-shared-notice]").inner_text()
+        # A guest's End, sent on the socket anyway, is refused in plain words.
+        refused = guest.evaluate(OPEN_SOCKET, [f"/ws/sessions/{sid}/", {"type": "end"}])
+        error = refused["frames"][-1]
+        assert (error["type"], error["code"]) == ("error", "not_owner")
+        assert error["message"].startswith("Only Olivia Reyes, who started this session, can end it.")
 
+        # The owner revokes: the guest's open page is told at once and stops.
         owner.goto(f"/sessions/{sid}/share/")
         owner.click("[data-revoke=colin]")
         owner.wait_for_selector(".message--success")
-        colleague.goto(f"/sessions/{sid}/")
-        assert "not found" in colleague.content().lower() or colleague.title().startswith("Not found")
+        guest.wait_for_selector("[data-conn][data-state=closed]")
+        notice = guest.locator("[data-notice]").inner_text()
+        assert "Olivia Reyes stopped sharing this session with you." in notice
+        assert guest.locator("[data-composer]").is_hidden()
+        screenshot(guest, "shared-session-revoked.png")
+        guest.goto(f"/sessions/{sid}/")
+        assert guest.title().startswith("Not found") or "not found" in guest.content().lower()
+
+        # The owner's session goes on.
+        owner.goto(f"/sessions/{sid}/")
+        owner.wait_for_selector("[data-conn][data-state=live]")
+        ask(owner, "Still here?")
+        assert owner.unexpected_dialogs == [] and guest.unexpected_dialogs == []
+
+
+def test_an_uninvited_consultant_gets_404_from_a_shared_sessions_pages_api_and_socket(browser, server):
+    base, _ = server
+    with signed_in(browser, base) as owner:
+        sid = start_session(owner, "acme", "Shared with Colin only")
+        ask(owner, "Hello")
+        status = owner.evaluate(
+            """async (sid) => (await fetch(`/api/ollama/session/${sid}/invitations`, {method: "POST",
+                headers: {"Content-Type": "application/json",
+                          "X-CSRFToken": document.cookie.match(/csrftoken=([^;]+)/)[1]},
+                body: JSON.stringify({user: "colin"})})).status""",
+            sid,
+        )
+        assert status == 201
+    with signed_in(browser, base, "oscar") as stranger:
+        for path in ("", "summary/", "messages.json", "share/", "continue/"):
+            assert stranger.goto(f"/sessions/{sid}/{path}").status == 404, path
+        for path in ("", "/summary", "/versions", "/transcript", "/invitations"):
+            assert stranger.request.get(f"/api/ollama/session/{sid}{path}").status == 404, path
+        stranger.goto("/")
+        assert stranger.evaluate(OPEN_SOCKET, [f"/ws/sessions/{sid}/", None])["code"] == 4404
 
 
 # --- phone and wide screens ---------------------------------------------------------------------

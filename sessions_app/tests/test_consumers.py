@@ -9,7 +9,7 @@ import logging
 
 import pytest
 from channels.db import database_sync_to_async
-from channels.layers import InMemoryChannelLayer, channel_layers
+from channels.layers import InMemoryChannelLayer
 from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
 from django.contrib.auth.models import AnonymousUser
@@ -22,6 +22,7 @@ from sessions_app.consumers import (
     SessionConsumer,
 )
 from sessions_app.errors import MESSAGE_EMPTY, SESSION_BUSY
+from sessions_app.frames import check_outbound
 from sessions_app.invariants import check_session
 from sessions_app.models import ChatSession, SessionMessage
 from sessions_app.routing import websocket_urlpatterns
@@ -48,7 +49,10 @@ async def connected(session, user) -> WebsocketCommunicator:
 
 
 async def receive(communicator, timeout: float = 10) -> dict:
-    return json.loads(await communicator.receive_from(timeout=timeout))
+    """The next frame, held to its TypedDict in sessions_app/frames.py (every test here checks shapes)."""
+    frame = json.loads(await communicator.receive_from(timeout=timeout))
+    assert not check_outbound(frame), check_outbound(frame)
+    return frame
 
 
 async def frames_until(communicator, frame_type: str, timeout: float = 20) -> list[dict]:
@@ -63,22 +67,6 @@ async def frames_until(communicator, frame_type: str, timeout: float = 20) -> li
 
 def token_text(frames: list[dict]) -> str:
     return "".join(f["text"] for f in frames if f["type"] == "token")
-
-
-@pytest.fixture(autouse=True)
-def fresh_channel_layer(settings):
-    """An in-memory channel layer made on this test's event loop.
-
-    These tests drive the consumer in pytest's own event loop, which is torn down after each
-    test by cancelling every task left on it; a channels_redis receive cancelled that way has
-    been seen never to finish, hanging the run. The real Redis fan-out is exercised by the
-    browser tests, whose daphne process uses REDIS_URL, and the unreachable-Redis test below
-    sets its own layer.
-    """
-    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
-    channel_layers.backends.clear()
-    yield
-    channel_layers.backends.clear()
 
 
 @pytest.fixture
@@ -110,10 +98,11 @@ async def refused_with(communicator) -> int:
     return closed["code"]
 
 
-async def test_only_the_signed_in_owner_may_connect(start, outsider, staff):
+async def test_only_the_signed_in_owner_may_connect_to_an_unshared_session(start, outsider, staff):
     session = await database_sync_to_async(start)()
     for user, code in [(AnonymousUser(), CLOSE_UNAUTHENTICATED), (outsider, CLOSE_NOT_FOUND), (staff, CLOSE_NOT_FOUND)]:
-        # Staff review sessions in the admin; a live chat is its owner's alone.
+        # Staff review sessions in the admin; a live chat is its participants' alone
+        # (test_shared_live.py: the consultants it is shared with).
         assert await refused_with(socket(session, user)) == code
 
 
@@ -381,7 +370,10 @@ async def test_a_second_tab_watches_the_same_answer_live(start, owner):
     await asking.disconnect()
     await watching.disconnect()
 
+    question = watched[0].pop("question")
     assert watched[0] == {"type": "turn.started", "turn": "w", "message": "for both tabs"}
+    assert (question["seq"], question["author"], question["content"]) == (1, "olivia", "for both tabs")
+    assert asked[-1]["question"] == question  # the asker learns its message's number and time
     assert token_text(watched) == token_text(asked) == watched[-1]["message"]["content"]
     assert watched[-1]["message"]["message_id"] == asked[-1]["message"]["message_id"]
 

@@ -304,15 +304,12 @@ def test_a_lost_final_store_ends_each_stream_with_its_protocols_error(owner, acm
 
 @pytest.mark.django_db(transaction=True)
 async def test_a_lost_final_store_is_an_error_frame_on_the_chat_socket(owner, acme, settings):
-    from channels.layers import channel_layers
     from channels.routing import URLRouter
     from channels.testing import WebsocketCommunicator
 
     from sessions_app import livechat
     from sessions_app.routing import websocket_urlpatterns
 
-    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
-    channel_layers.backends.clear()
     session = await sync_to_async(start)(owner, model="ollama:llama3.2-words-20")
     outage = LoseTheDatabaseAtTheFinalStore()
     # The socket's database work runs on the database thread: lose the database there.

@@ -3,6 +3,14 @@
 // through textContent or the DOM-building Markdown renderer; brand colours are validated
 // before they become CSS custom properties.
 //
+// Every message carries its tools: copy, its time, branch from here, and on the last ones edit
+// (your own message) and regenerate (the answer). Edit and regenerate go over the socket: the
+// server makes a new version (a new session; billed history is never rewritten), starts its
+// answer as a turn of the process, and sends this page there, where it resumes the stream.
+//
+// In a shared session the owner's and the invited consultants' pages watch the same stream;
+// a guest whose invitation is revoked is told so and disconnected (close code 4403).
+//
 // An answer belongs to the server, not to this tab: leaving or reloading does not stop it.
 // Its token frames are numbered (`n`); after (re)connecting the page says which turn it shows
 // and the last number it has (`resume`), and the server sends exactly what is missing.
@@ -15,10 +23,15 @@ const HEX = /^#[0-9a-fA-F]{6}$/;
 const FONT_STACK = /^[\w\s,"'-]{1,200}$/;
 const LOGO = /^(https?:\/\/[^\s"'<>()\\]+|\/[^\s"'<>()\\]*)$/;
 const SUMMARY_PATH = /^\/sessions\/[0-9a-f-]{36}\/summary\/$/;
+const CHAT_PATH = /^\/sessions\/[0-9a-f-]{36}\/$/;
+const SESSION_ID = /^[0-9a-f-]{36}$/;
+const COPIED_FOR_MS = 2000;
 const PING_EVERY_MS = 25000;
 const MAX_BACKOFF_MS = 15000;
 const CLOSE_SIGNED_OUT = 4401;
+const CLOSE_REVOKED = 4403;
 const CLOSE_NOT_FOUND = 4404;
+const REVOKED_TEXT = "The owner stopped sharing this session with you.";
 
 const config = JSON.parse(document.getElementById("chat-config").textContent);
 const root = document.querySelector("[data-chat]");
@@ -51,7 +64,13 @@ const state = {
   clientNames: config.client_names || {},
   modelsLoaded: false,
   offset: clockOffset(config.server_now),
+  people: config.people || {}, // username -> the name pages show
+  revoked: false,
+  versionPending: false,
 };
+
+// The text each message was written as (answers are shown rendered from Markdown): what Copy copies.
+const sourceText = new WeakMap();
 
 // --- Formatting --------------------------------------------------------------------------
 
@@ -141,8 +160,17 @@ function metaLine(message) {
   return parts.join(" · ");
 }
 
+function authorOf(message) {
+  // Messages stored before authors were recorded were typed by the session's owner.
+  return message.author || config.owner_username || "";
+}
+
 function whoLabel(message) {
-  if (message.role === "user") return "You";
+  if (message.role === "user") {
+    const author = authorOf(message);
+    if (!author || author === config.me) return "You";
+    return state.people[author] || author;
+  }
   if (message.role === "system") return "Summary of earlier messages";
   return message.model || "Assistant";
 }
@@ -151,6 +179,12 @@ export function messageElement(message) {
   const item = document.createElement("li");
   item.className = `msg msg--${message.role} msg--${message.status || "complete"}`;
   item.dataset.messageId = message.message_id || "";
+  item.dataset.role = message.role;
+  if (Number.isInteger(message.seq)) {
+    item.dataset.seq = String(message.seq);
+    item.id = `message-${message.seq}`;
+  }
+  if (message.role === "user") item.dataset.author = authorOf(message);
   const who = document.createElement("div");
   who.className = "msg__who";
   who.textContent = whoLabel(message);
@@ -174,7 +208,246 @@ export function messageElement(message) {
     }
   }
   if (meta.childNodes.length) item.append(meta);
+  const foot = document.createElement("div");
+  foot.className = "msg__foot";
+  const time = document.createElement("time");
+  time.className = "msg__time";
+  time.dateTime = message.timestamp || new Date().toISOString();
+  foot.append(time);
+  item.append(foot);
+  sourceText.set(item, message.content || "");
+  addTools(item);
   return item;
+}
+
+// --- Per-message tools -------------------------------------------------------------------
+
+function toolButton(label, text, action) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "msg-tool";
+  button.dataset.tool = action;
+  button.setAttribute("aria-label", label);
+  button.textContent = text;
+  return button;
+}
+
+function showLocalTime(time) {
+  const at = new Date(time.dateTime);
+  if (Number.isNaN(at.getTime())) return;
+  time.textContent = at.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  time.title = at.toLocaleString([], { dateStyle: "full", timeStyle: "medium" });
+}
+
+function lastShownSeq() {
+  return Math.max(0, ...Array.from(log.querySelectorAll(".msg[data-seq]"), (item) => seqOf(item) ?? 0));
+}
+
+function seqOf(item) {
+  const seq = Number.parseInt(item.dataset.seq || "", 10);
+  return Number.isInteger(seq) ? seq : null;
+}
+
+// Copy, time and branch on every stored message; edit and regenerate are added by refreshLastTools.
+function addTools(item) {
+  const foot = item.querySelector(".msg__foot");
+  if (!foot || foot.querySelector(".msg__tools")) return;
+  const time = foot.querySelector("time");
+  if (time) showLocalTime(time);
+  const tools = document.createElement("span");
+  tools.className = "msg__tools";
+  tools.setAttribute("role", "group");
+  const role = item.dataset.role || "message";
+  const noun = role === "user" ? "message" : role === "assistant" ? "answer" : "summary";
+  tools.setAttribute("aria-label", `Tools for this ${noun}`);
+  tools.append(toolButton(`Copy this ${noun}`, "Copy", "copy"));
+  if (item.dataset.seq) tools.append(toolButton(`Branch from here: a new session with the messages up to this ${noun}`, "Branch", "branch"));
+  foot.append(tools);
+}
+
+function refreshLastTools() {
+  for (const button of log.querySelectorAll("[data-tool=edit], [data-tool=regenerate]")) button.remove();
+  if (!config.can_chat || state.turn || state.revoked || state.session.status !== "active") return;
+  const stored = [...log.querySelectorAll(".msg[data-seq]")];
+  const lastQuestion = stored.filter((item) => item.dataset.role === "user").at(-1);
+  if (lastQuestion && lastQuestion.dataset.author === config.me) {
+    lastQuestion.querySelector(".msg__tools")?.append(toolButton("Edit this message and send it again", "Edit", "edit"));
+  }
+  const lastAnswer = stored.filter((item) => item.dataset.role === "assistant").at(-1);
+  if (lastAnswer) {
+    lastAnswer.querySelector(".msg__tools")?.append(toolButton("Regenerate this answer", "Regenerate", "regenerate"));
+  }
+}
+
+async function copyMessage(item, button) {
+  const text = sourceText.has(item) ? sourceText.get(item) : item.querySelector(".msg__body").textContent;
+  let copied = false;
+  try {
+    await navigator.clipboard.writeText(text);
+    copied = true;
+  } catch {
+    // No clipboard API (an insecure origin, or permission refused): the selection route.
+    const area = document.createElement("textarea");
+    area.value = text;
+    area.setAttribute("readonly", "");
+    area.className = "visually-hidden";
+    document.body.append(area);
+    area.select();
+    copied = document.execCommand("copy");
+    area.remove();
+  }
+  const label = button.getAttribute("aria-label");
+  button.textContent = copied ? "Copied" : "Copy failed";
+  button.setAttribute("aria-label", copied ? "Copied" : "Could not copy; select the text instead");
+  button.classList.toggle("is-done", copied);
+  setTimeout(() => {
+    button.textContent = "Copy";
+    button.setAttribute("aria-label", label);
+    button.classList.remove("is-done");
+  }, COPIED_FOR_MS);
+}
+
+async function branchFrom(item, button) {
+  const seq = seqOf(item);
+  if (seq === null) return;
+  button.disabled = true;
+  try {
+    const response = await fetch(config.branch_url, {
+      method: "POST",
+      credentials: "same-origin",
+      headers: { "X-CSRFToken": csrfToken(), Accept: "application/json", "Content-Type": "application/json" },
+      body: JSON.stringify({ at: seq }),
+    });
+    const data = await response.json().catch(() => ({}));
+    if (response.ok && typeof data.session_id === "string" && SESSION_ID.test(data.session_id)) {
+      window.location.assign(`/sessions/${data.session_id}/`);
+      return;
+    }
+    showNotice(data.error?.message || `Could not branch (HTTP ${response.status}).`, "error");
+  } catch {
+    showNotice("Could not branch: the server did not answer. Try again.", "error");
+  }
+  button.disabled = false;
+}
+
+function openEdit(item) {
+  if (item.querySelector(".msg__edit")) return;
+  const body = item.querySelector(".msg__body");
+  const form = document.createElement("form");
+  form.className = "msg__edit";
+  const label = document.createElement("label");
+  label.className = "visually-hidden";
+  label.htmlFor = "edit-message";
+  label.textContent = "Edited message";
+  const area = document.createElement("textarea");
+  area.id = "edit-message";
+  area.maxLength = config.max_chars;
+  area.rows = 3;
+  area.value = sourceText.get(item) ?? body.textContent;
+  const buttons = document.createElement("div");
+  buttons.className = "msg__edit-buttons";
+  const sendEdit = document.createElement("button");
+  sendEdit.type = "submit";
+  sendEdit.className = "button button--primary";
+  sendEdit.textContent = "Send as a new version";
+  const cancel = document.createElement("button");
+  cancel.type = "button";
+  cancel.className = "button";
+  cancel.textContent = "Cancel";
+  const hint = document.createElement("p");
+  hint.className = "msg__edit-hint";
+  hint.textContent = "A new session (a version) starts here with your edited message; this conversation stays as it was.";
+  buttons.append(sendEdit, cancel);
+  form.append(label, area, hint, buttons);
+  body.hidden = true;
+  body.after(form);
+  area.focus();
+  cancel.addEventListener("click", () => {
+    form.remove();
+    body.hidden = false;
+    item.querySelector("[data-tool=edit]")?.focus();
+  });
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const text = area.value;
+    if (!text.trim()) {
+      showNotice("Write the message to send, or cancel.", "warning");
+      return;
+    }
+    if (askVersion({ type: "edit", seq: seqOf(item) ?? undefined, message: text })) sendEdit.disabled = true;
+  });
+}
+
+function askVersion(frame) {
+  if (state.turn) {
+    showNotice("Wait for the answer to finish (or stop it) before making a new version.", "warning");
+    return false;
+  }
+  if (!send(frame)) {
+    showNotice("Not connected — reconnecting; try again in a moment.", "warning");
+    return false;
+  }
+  state.versionPending = true;
+  showNotice("Starting the new version…", "info");
+  return true;
+}
+
+function onToolClick(event) {
+  const button = event.target.closest("button[data-tool]");
+  if (!button || !log.contains(button)) return;
+  const item = button.closest(".msg");
+  const tool = button.dataset.tool;
+  if (tool === "copy") copyMessage(item, button);
+  else if (tool === "branch") branchFrom(item, button);
+  else if (tool === "edit") openEdit(item);
+  else if (tool === "regenerate") {
+    if (askVersion({ type: "regenerate", seq: seqOf(item) ?? undefined })) button.disabled = true;
+  }
+}
+
+// "‹ 2/3 ›" on each message that has other versions (edits, regenerations, branches).
+async function loadVersions() {
+  if (!log.querySelector(".msg[data-seq]")) return;
+  let data;
+  try {
+    const response = await fetch(config.versions_url, { credentials: "same-origin", headers: { Accept: "application/json" } });
+    if (!response.ok) return;
+    data = await response.json();
+  } catch {
+    return; // the conversation works without them
+  }
+  for (const entry of Array.isArray(data.versions) ? data.versions : []) {
+    const item = log.querySelector(`.msg[data-seq="${Number(entry.seq)}"]`);
+    const versions = Array.isArray(entry.versions) ? entry.versions : [];
+    const index = versions.findIndex((v) => v.current);
+    if (!item || index < 0 || versions.length < 2) continue;
+    item.querySelector(".msg__versions")?.remove();
+    const nav = document.createElement("nav");
+    nav.className = "msg__versions";
+    nav.setAttribute("aria-label", `Versions of this message: ${index + 1} of ${versions.length}`);
+    const step = (offset, text, label) => {
+      const target = versions[index + offset];
+      if (!target || !SESSION_ID.test(String(target.session_id))) {
+        const dead = document.createElement("span");
+        dead.className = "msg__versions-step";
+        dead.setAttribute("aria-hidden", "true");
+        dead.textContent = text;
+        return dead;
+      }
+      const link = document.createElement("a");
+      link.className = "msg__versions-step";
+      link.href = `/sessions/${target.session_id}/#message-${Number(entry.seq)}`;
+      link.setAttribute("aria-label", `${label}: version ${index + 1 + offset} of ${versions.length}`);
+      link.dataset.version = String(index + 1 + offset);
+      link.textContent = text;
+      return link;
+    };
+    const count = document.createElement("span");
+    count.className = "msg__versions-count";
+    count.textContent = `${index + 1}/${versions.length}`;
+    nav.append(step(-1, "‹", "Previous version"), count, step(1, "›", "Next version"));
+    item.querySelector(".msg__foot").prepend(nav);
+  }
 }
 
 function switchElement(stream) {
@@ -200,6 +473,7 @@ function appendToLog(element) {
   const stick = nearBottom();
   log.querySelector(".chat-welcome")?.remove();
   log.append(element);
+  refreshLastTools();
   if (stick) scrollToEnd(true);
 }
 
@@ -210,6 +484,7 @@ function renderHistory(messages, streams) {
   ];
   items.sort((a, b) => a.at - b.at || a.seq - b.seq);
   log.replaceChildren(...items.map((item) => item.element));
+  refreshLastTools();
   scrollToEnd(true);
 }
 
@@ -238,6 +513,7 @@ function setEnded() {
   }
   if (switchToggle) switchToggle.disabled = true;
   if (endButton) endButton.disabled = true;
+  refreshLastTools();
 }
 
 function showNotice(text, kind = "info", link = null) {
@@ -274,6 +550,7 @@ function setBusy(busy) {
   sendButton.hidden = busy;
   stopButton.hidden = !busy;
   root.classList.toggle("is-streaming", busy);
+  refreshLastTools();
 }
 
 function autosize() {
@@ -295,10 +572,9 @@ function send(frame) {
   return true;
 }
 
-function startTurn(id, userText, own) {
-  const userElement = own
-    ? null
-    : messageElement({ role: "user", content: userText, status: "complete", client: state.session.client });
+function startTurn(id, userText, own, question = null) {
+  const asked = question || { role: "user", content: userText, status: "complete", client: state.session.client };
+  const userElement = own ? null : messageElement(asked);
   if (userElement) appendToLog(userElement);
   const element = document.createElement("li");
   element.className = "msg msg--assistant msg--streaming";
@@ -314,8 +590,8 @@ function startTurn(id, userText, own) {
   typing.append(document.createElement("i"), document.createElement("i"), document.createElement("i"));
   body.append(typing);
   element.append(who, body);
-  appendToLog(element);
   state.turn = { id, own, text: "", n: 0, element, body, userElement, userText, reset: false };
+  appendToLog(element);
   setBusy(true);
   return state.turn;
 }
@@ -354,7 +630,17 @@ function appendToken(frame) {
   if (stick) scrollToEnd(true);
 }
 
-function finishTurn(id, message) {
+// The question of a turn this page asked, shown as typed until its stored copy (number, time) arrives.
+function settleQuestion(id, question) {
+  if (!question || question.role !== "user") return;
+  const shown = log.querySelector(`[data-turn="${CSS.escape(id)}"]`);
+  if (shown && !log.querySelector(`[data-message-id="${CSS.escape(question.message_id)}"]`)) {
+    shown.replaceWith(messageElement(question));
+  }
+}
+
+function finishTurn(id, message, question = null) {
+  settleQuestion(id, question);
   const turn = state.turn && state.turn.id === id ? state.turn : null;
   if (turn) {
     if (message) {
@@ -373,6 +659,12 @@ function finishTurn(id, message) {
   }
   state.turn = null;
   setBusy(false);
+}
+
+function rememberAuthor(question) {
+  if (question && typeof question.author === "string" && typeof question.author_name === "string") {
+    state.people[question.author] = question.author_name;
+  }
 }
 
 function abandonTurn(id, restoreText) {
@@ -423,6 +715,10 @@ const handlers = {
     if (state.turn || frame.streaming || state.dropped) {
       // Say what this page shows; the server sends what it lacks (or that nothing streams).
       send({ type: "resume", turn: state.turn ? state.turn.id : null, after: state.turn ? state.turn.n : 0 });
+    } else if (Number(frame.session?.total_messages) > lastShownSeq()) {
+      // Messages were stored between this page's rendering and its socket (the first answer
+      // of a new version, often): fetch them.
+      refetchHistory();
     }
   },
   "turn.started"(frame) {
@@ -438,7 +734,8 @@ const handlers = {
       state.refetchAfterResume = true;
     }
     // Joined mid-answer (resumed): the question is in the history already.
-    startTurn(frame.turn, frame.message, Boolean(frame.resumed));
+    rememberAuthor(frame.question);
+    startTurn(frame.turn, frame.message, Boolean(frame.resumed), frame.question || null);
   },
   token(frame) {
     if (typeof frame.text === "string") appendToken(frame);
@@ -463,19 +760,19 @@ const handlers = {
     }
   },
   "message.done"(frame) {
-    finishTurn(frame.turn, frame.message);
+    finishTurn(frame.turn, frame.message, frame.question);
     updateSession(frame.session);
     clearNotice();
   },
   stopped(frame) {
-    finishTurn(frame.turn, frame.stored);
+    finishTurn(frame.turn, frame.stored, frame.question);
     updateSession(frame.session);
   },
   error(frame) {
     if (frame.turn && "stored" in frame) {
       // What arrived was stored (or, when `stored` is null, could not be: the text stays here).
       // The provider failed mid-answer: what arrived is stored, shown with the error.
-      finishTurn(frame.turn, frame.stored);
+      finishTurn(frame.turn, frame.stored, frame.question);
       updateSession(frame.session);
       showNotice(frame.message, "error");
     } else if (frame.turn) {
@@ -485,6 +782,10 @@ const handlers = {
     } else {
       showNotice(frame.message, "error");
       if (switchForm) switchForm.querySelector("button[type=submit]").disabled = false;
+      if (state.versionPending) {
+        state.versionPending = false;
+        for (const button of log.querySelectorAll(".msg__edit button, [data-tool=regenerate]")) button.disabled = false;
+      }
     }
     if (frame.code === "session_ended") {
       state.session.status = "ended";
@@ -507,8 +808,28 @@ const handlers = {
       window.location.assign(frame.summary_url);
     }
   },
+  version(frame) {
+    // The new version this page asked for: its answer is streaming there; follow it.
+    if (typeof frame.url === "string" && CHAT_PATH.test(frame.url)) window.location.assign(frame.url);
+  },
+  revoked(frame) {
+    leaveRevoked(typeof frame.message === "string" ? frame.message : REVOKED_TEXT);
+  },
   pong() {},
 };
+
+function leaveRevoked(text) {
+  if (state.revoked) return;
+  state.revoked = true;
+  clearTimeout(state.reconnectTimer);
+  setConnection("closed", "No longer shared");
+  if (timer) timer.dataset.timerStopped = "1"; // the owner's timer: no longer this page's to show
+  if (state.turn) finishTurn(state.turn.id, null);
+  if (composer) composer.hidden = true;
+  root.querySelector("[data-shared-notice]")?.remove();
+  showNotice(`${text} You can no longer follow it or write in it.`, "warning", { href: "/", label: "Go to your sessions" });
+  refreshLastTools();
+}
 
 function onFrame(event) {
   let frame;
@@ -528,7 +849,7 @@ function onFrame(event) {
 function connect() {
   clearTimeout(state.reconnectTimer);
   state.reconnectTimer = null;
-  if (state.ws || state.signedOut || state.session.status === "ended") return;
+  if (state.ws || state.signedOut || state.revoked || state.session.status === "ended") return;
   const scheme = window.location.protocol === "https:" ? "wss" : "ws";
   const ws = new WebSocket(`${scheme}://${window.location.host}${config.ws_path}`);
   state.ws = ws;
@@ -555,6 +876,10 @@ function connect() {
     clearInterval(state.pingTimer);
     if (event.code === CLOSE_SIGNED_OUT) {
       signedOut();
+      return;
+    }
+    if (event.code === CLOSE_REVOKED) {
+      leaveRevoked(REVOKED_TEXT);
       return;
     }
     if (event.code === CLOSE_NOT_FOUND) {
@@ -637,6 +962,7 @@ async function refetchHistory(attempt = 0) {
       setBusy(false);
     }
     renderHistory(data.messages, data.context_streams);
+    loadVersions();
     if (live) appendToLog(live.element); // the answer still streaming goes on below its question
     updateSession(data.session);
     if (data.streaming && !live && attempt < 20) {
@@ -754,7 +1080,13 @@ async function endSession() {
 // --- Start -------------------------------------------------------------------------------
 
 function upgradeServerRenderedHistory() {
-  for (const body of log.querySelectorAll("[data-markdown]")) renderInto(body, body.textContent);
+  for (const item of log.querySelectorAll(".msg[data-message-id]")) {
+    const body = item.querySelector(".msg__body");
+    sourceText.set(item, body.textContent);
+    if (body.hasAttribute("data-markdown")) renderInto(body, body.textContent);
+    addTools(item);
+  }
+  refreshLastTools();
 }
 
 function start() {
@@ -765,7 +1097,13 @@ function start() {
     timer.dataset.timerStart = state.session.started_at;
     startTimers(root, state.offset, "[data-timer]");
   }
-  scrollToEnd(true);
+  log.addEventListener("click", onToolClick);
+  loadVersions();
+  if (window.location.hash.startsWith("#message-")) {
+    document.getElementById(window.location.hash.slice(1))?.scrollIntoView({ block: "center" });
+  } else {
+    scrollToEnd(true);
+  }
   if (!config.can_chat) return;
   composer.addEventListener("submit", (event) => {
     event.preventDefault();
@@ -779,10 +1117,13 @@ function start() {
   });
   input.addEventListener("input", autosize);
   stopButton.addEventListener("click", () => send({ type: "stop" }));
-  switchToggle.addEventListener("click", () => (switchForm.hidden ? openSwitch() : closeSwitch()));
-  switchForm.addEventListener("submit", submitSwitch);
-  switchForm.querySelector("[data-switch-cancel]").addEventListener("click", closeSwitch);
-  endButton.addEventListener("click", endSession);
+  if (switchForm) {
+    // The owner's: a guest neither moves the session to another client nor ends it.
+    switchToggle.addEventListener("click", () => (switchForm.hidden ? openSwitch() : closeSwitch()));
+    switchForm.addEventListener("submit", submitSwitch);
+    switchForm.querySelector("[data-switch-cancel]").addEventListener("click", closeSwitch);
+  }
+  endButton?.addEventListener("click", endSession);
   window.addEventListener("online", () => {
     if (!state.ws && !state.signedOut) connect();
   });

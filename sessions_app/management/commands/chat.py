@@ -32,6 +32,7 @@ from sessions_app.archive import stored_messages
 from sessions_app.errors import BadInput, ProviderFailed, SessionError
 from sessions_app.events import Done, Token
 from sessions_app.models import ChatSession, SessionSource, SessionStatus
+from sessions_app.refs import Person
 
 DEFAULT_MODEL = "ollama:llama3.2"
 USAGE, FAILED, INTERRUPTED, BROKEN_PIPE = 2, 1, 130, 141
@@ -271,7 +272,7 @@ class Command(BaseCommand):
             raise CommandError(f"No active user named {name!r}.", returncode=FAILED)
         return user
 
-    def _session(self, ident: str) -> tuple[ChatSession, object]:
+    def _session(self, ident: str) -> tuple[ChatSession, Person]:
         """The session an ID names, and the user acting on it (the session's own, unless --user)."""
         user = self._user(required=False)
         try:
