@@ -133,7 +133,7 @@ def live_url(tmp_path_factory):
         subprocess.run([*manage, "shell", "-c", SEED], cwd=ROOT, env=env, check=True, timeout=60)
         web, port = daphne(env, log)
         processes.append(web)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 90  # a loaded 2-core machine starts daphne slowly
         _wait_for_http(f"http://127.0.0.1:{sim_port}/api/version", deadline)
         _wait_for_http(f"http://127.0.0.1:{port}/accounts/login/", deadline)
         yield f"http://127.0.0.1:{port}"

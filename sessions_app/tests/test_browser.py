@@ -109,7 +109,7 @@ class Server:
 
     def start(self) -> None:
         self.process, self.port = daphne(self.env, self.log, port=self.port)
-        _wait_for_http(f"{self.url}/accounts/login/", time.monotonic() + 30)
+        _wait_for_http(f"{self.url}/accounts/login/", time.monotonic() + 90)
 
     def kill(self) -> None:
         """SIGKILL: the process dies mid-answer, as a crash or an OOM kill would leave it."""
@@ -160,7 +160,7 @@ def server(tmp_path_factory):
         )
         subprocess.run([*manage, "migrate", "--noinput", "-v", "0"], cwd=ROOT, env=env, check=True, timeout=180)
         subprocess.run([*manage, "shell", "-c", SEED], cwd=ROOT, env=env, check=True, timeout=60)
-        _wait_for_http(f"http://127.0.0.1:{sim_port}/api/version", time.monotonic() + 30)
+        _wait_for_http(f"http://127.0.0.1:{sim_port}/api/version", time.monotonic() + 90)
         web.start()
         yield web
     finally:
