@@ -93,7 +93,7 @@ ENDED_DURING_ANSWER = "The session was ended while the answer streamed; the part
 STOPPED_BY_END = "Stopped: the session was ended while the answer streamed."
 
 
-CANCELLED = "Cancelled: the caller stopped reading the answer."
+CANCELLED = "Cancelled: the app that asked disconnected before the answer was complete; what arrived is kept."
 
 
 STOPPED_BY_USER = "Stopped: the consultant pressed Stop."
