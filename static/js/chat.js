@@ -641,7 +641,9 @@ function settleQuestion(id, question) {
 
 function finishTurn(id, message, question = null) {
   settleQuestion(id, question);
-  const turn = state.turn && state.turn.id === id ? state.turn : null;
+  // `id === null`: the answer this page was loaded with, finished before the catch-up named it
+  // (one answer streams per session at a time, so it is this one).
+  const turn = state.turn && (state.turn.id === id || state.turn.id === null) ? state.turn : null;
   if (turn) {
     if (message) {
       // A history refetched meanwhile may show the stored answer already.
