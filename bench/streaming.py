@@ -304,12 +304,10 @@ async def resume_times(host: str, port: int, cookie: str, sids: list[str], tag: 
         await tab.until("ready")
         began = time.perf_counter()
         await tab.send({"type": "resume", "turn": turn, "after": have})
-        while (await tab.receive())["type"] != "resumed":
-            pass
+        await tab.until("resumed")
         done = time.perf_counter()
         tab.close()
-        while (await asker.receive())["type"] != "message.done":
-            pass
+        await asker.until("message.done")
         asker.close()
         return (done - began) * 1000, (done - reconnected) * 1000
 

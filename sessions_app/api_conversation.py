@@ -118,11 +118,9 @@ async def _run_version(request, user, data: dict, make) -> HttpResponse:
         if isinstance(request, ASGIRequest):
             # Failures before the first token answer with their own status, as a chat does.
             try:
-                first = await events.__anext__()
+                first = await anext(events, None)
             except ProviderFailed as exc:
                 return _failed(exc, branch, location)
-            except StopAsyncIteration:
-                pass
 
         async def body():
             yield head

@@ -110,11 +110,10 @@ def session_get_for_participant(*, session_id, user) -> ChatSession:
     if user is None or not getattr(user, "is_authenticated", False):
         raise NotFound(SESSION_NOT_FOUND)
     sessions = ChatSession.objects.select_related("domain", "brand")
-    try:
-        # The owner's own query first, as in `session_get_for_user`: no subquery to build.
-        return sessions.filter(user=user).get(pk=pk)
-    except ChatSession.DoesNotExist:
-        pass
+    # The owner's own query first, as in `session_get_for_user`: no subquery to build.
+    own = sessions.filter(user=user, pk=pk).first()
+    if own is not None:
+        return own
     try:
         return sessions.participating(user).get(pk=pk)
     except ChatSession.DoesNotExist:
