@@ -1,7 +1,7 @@
 """The billing desk and the budget on the chat page, in headless Chromium against daphne.
 
 Its own daphne and provider simulator (with OpenAI configured, so paid models run), its own
-database (`<name>_billing_browser` on PostgreSQL). Screenshots go to SCREENSHOT_DIR when set
+database (`<name>_billing_browser_<worker>` on PostgreSQL). Screenshots go to SCREENSHOT_DIR when set
 (and docs/screenshots/ with SAVE_SCREENSHOTS=1): the desk and the print view at 1280 px and
 390 × 844.
 """
@@ -17,12 +17,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from urllib.parse import urlparse, urlunparse
 
 import pytest
 
-from sessions_app.tests.processes import daphne
-from sessions_app.tests.test_browser import CHROMIUM, CHROMIUM_ARGS, ROOT, SCREENSHOTS, _free_port, _wait_for_http
+from sessions_app.tests.processes import daphne, free_port, server_database
+from sessions_app.tests.test_browser import CHROMIUM, CHROMIUM_ARGS, ROOT, SCREENSHOTS, _wait_for_http
 
 PASSWORD = "pw-for-browser-1"
 PAID = "openai:gpt-4o"
@@ -80,26 +79,11 @@ work(spent, now - dt.timedelta(hours=2), 10, ["5.000000"], "Earlier research")
 """
 
 
-def _database(env: dict, workdir: Path) -> str:
-    url = env.get("DATABASE_URL", "")
-    if not url.startswith(("postgres://", "postgresql://")):
-        return f"sqlite:///{workdir / 'db.sqlite3'}"
-    import psycopg
-
-    parsed = urlparse(url)
-    name = f"{parsed.path.lstrip('/') or 'postgres'}_billing_browser"
-    admin = urlunparse(parsed._replace(path="/postgres"))
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return urlunparse(parsed._replace(path=f"/{name}"))
-
-
 @pytest.fixture(scope="module")
 def live_url(tmp_path_factory):
     shm = Path("/dev/shm")
     workdir = Path(tempfile.mkdtemp(dir=shm)) if shm.is_dir() else tmp_path_factory.mktemp("billing-browser")
-    sim_port = _free_port()
+    sim_port = free_port()
     env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "config.settings_test",
@@ -115,7 +99,7 @@ def live_url(tmp_path_factory):
         "INVOICE_ISSUER": "Ledger & Co; 1 Main Street, Springfield; VAT GB123456789",
         "PYTHONUNBUFFERED": "1",
     }
-    env["DATABASE_URL"] = _database(env, workdir)
+    env["DATABASE_URL"] = server_database(env, workdir, "billing_browser")
     manage = [sys.executable, str(ROOT / "manage.py")]
     processes: list[subprocess.Popen] = []
     log = (workdir / "server.log").open("w")

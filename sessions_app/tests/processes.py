@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlparse, urlunparse
 
 import httpx
 
@@ -38,6 +42,63 @@ def daphne(env: dict, log, *, port: int | None = None) -> tuple[subprocess.Popen
         sock.listen(1024)
         command = [sys.executable, "-m", "daphne", "--fd", str(sock.fileno()), app]
         return subprocess.Popen(command, pass_fds=(sock.fileno(),), **common), sock.getsockname()[1]
+
+
+def server_database(env: dict, workdir: Path, suffix: str) -> str:
+    """A DATABASE_URL of a server process's own: the test process's database is not visible to it.
+
+    A SQLite file in `workdir`, or on PostgreSQL a fresh `<name>_<suffix>_<worker>` database:
+    xdist spreads one module's tests over its workers, and each worker starts the module's server
+    for itself, so the name carries the worker too (two workers once migrated one database at
+    the same time and left it half-built).
+    """
+    url = env.get("DATABASE_URL", "")
+    if not url.startswith(("postgres://", "postgresql://")):
+        return f"sqlite:///{workdir / 'db.sqlite3'}"
+    import psycopg
+
+    parsed = urlparse(url)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    name = f"{parsed.path.lstrip('/') or 'postgres'}_{suffix}_{worker}"
+    admin = urlunparse(parsed._replace(path="/postgres"))
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return urlunparse(parsed._replace(path=f"/{name}"))
+
+
+def database_for_a_subprocess(folder: Path, name: str = "db.sqlite3") -> tuple[str, Callable[[str], list]]:
+    """The test database where another process can open it, and a query that reads it back.
+
+    On PostgreSQL that is the test database itself (committed rows only: use a transactional
+    test); on SQLite it lives in this process's memory, so the subprocess gets a file copy in
+    `folder` and the query reads that copy.
+    """
+    from django.db import connection
+
+    if connection.vendor == "postgresql":
+        params = connection.get_connection_params()
+        url = (
+            f"postgres://{params.get('user') or 'postgres'}@{params.get('host') or '127.0.0.1'}:"
+            f"{params.get('port') or 5432}/{connection.settings_dict['NAME']}"
+        )
+
+        def query(sql: str) -> list:
+            with connection.cursor() as cursor:
+                cursor.execute(sql)
+                return cursor.fetchall()
+
+        return url, query
+    path = folder / name
+    connection.ensure_connection()
+    with sqlite3.connect(path) as target:
+        connection.connection.backup(target)
+
+    def read(sql: str) -> list:
+        with sqlite3.connect(path) as db:
+            return db.execute(sql).fetchall()
+
+    return f"sqlite:///{path}", read
 
 
 def process_log(process: subprocess.Popen) -> str:

@@ -1,6 +1,6 @@
 """The chat pages in headless Chromium, against daphne and the provider simulator.
 
-A real daphne serves the app from its own database (a SQLite file, or `<name>_browser` when
+A real daphne serves the app from its own database (a SQLite file, or `<name>_browser_<worker>` when
 DATABASE_URL is PostgreSQL) and talks to a simulator streaming 15 tokens a second, so an
 answer visibly arrives in steps. Set SAVE_SCREENSHOTS=1 to refresh docs/screenshots/.
 """
@@ -11,18 +11,17 @@ import contextlib
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from urllib.parse import urlparse, urlunparse
+from urllib.parse import urlparse
 
 import pytest
 
-from sessions_app.tests.processes import daphne
+from sessions_app.tests.processes import daphne, free_port, server_database
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -61,12 +60,6 @@ Brand.objects.create(client=initrode, name={XSS_BRAND!r}, primary_color="#2b8a3e
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _wait_for_http(url: str, deadline: float) -> None:
     while time.monotonic() < deadline:
         try:
@@ -76,22 +69,6 @@ def _wait_for_http(url: str, deadline: float) -> None:
         except OSError:
             time.sleep(0.1)
     raise RuntimeError(f"{url} did not answer in time")
-
-
-def _browser_database(env: dict, workdir: Path) -> str:
-    """A database of the server's own: the test process's database is not visible to it."""
-    url = env.get("DATABASE_URL", "")
-    if not url.startswith(("postgres://", "postgresql://")):
-        return f"sqlite:///{workdir / 'db.sqlite3'}"
-    import psycopg
-
-    parsed = urlparse(url)
-    name = f"{parsed.path.lstrip('/') or 'postgres'}_browser"
-    admin = urlunparse(parsed._replace(path="/postgres"))
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return urlunparse(parsed._replace(path=f"/{name}"))
 
 
 class Server:
@@ -131,7 +108,7 @@ def server(tmp_path_factory):
     # On tmpfs when there is one: migrating a fresh SQLite file is mostly fsync otherwise.
     shm = Path("/dev/shm")
     workdir = Path(tempfile.mkdtemp(dir=shm)) if shm.is_dir() else tmp_path_factory.mktemp("browser")
-    sim_port = _free_port()
+    sim_port = free_port()
     env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "config.settings_test",
@@ -145,7 +122,7 @@ def server(tmp_path_factory):
         "PYTHONUNBUFFERED": "1",
         "SHUTDOWN_GRACE_SECONDS": "1",
     }
-    env["DATABASE_URL"] = _browser_database(env, workdir)
+    env["DATABASE_URL"] = server_database(env, workdir, "browser")
     manage = [sys.executable, str(ROOT / "manage.py")]
     log = (workdir / "server.log").open("w")
     simulator = None

@@ -4,7 +4,7 @@ per-message tools (copy, time, branch, edit, regenerate, versions), a shared ses
 two browsers, and the layout on a phone (390×844) and on a wide screen (the admin at 1440 px).
 
 A daphne of this module's own serves a database of its own (a SQLite file, or
-`<name>_browser_tools` on PostgreSQL, so it never meets test_browser.py's under xdist).
+`<name>_browser_tools_<worker>` on PostgreSQL, so it never meets test_browser.py's under xdist).
 Set SAVE_SCREENSHOTS=1 to refresh docs/screenshots/.
 """
 
@@ -19,18 +19,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from urllib.parse import urlparse, urlunparse
 
 import pytest
 
-from sessions_app.tests.processes import daphne
+from sessions_app.tests.processes import daphne, free_port, server_database
 from sessions_app.tests.test_browser import (
     CHROMIUM,
     CHROMIUM_ARGS,
     PASSWORD,
     ROOT,
     SCREENSHOTS,
-    _free_port,
     _wait_for_http,
 )
 
@@ -67,27 +65,12 @@ load_price_list()
 """
 
 
-def _database(env: dict, workdir: Path) -> str:
-    url = env.get("DATABASE_URL", "")
-    if not url.startswith(("postgres://", "postgresql://")):
-        return f"sqlite:///{workdir / 'db.sqlite3'}"
-    import psycopg
-
-    parsed = urlparse(url)
-    name = f"{parsed.path.lstrip('/') or 'postgres'}_browser_tools"
-    admin = urlunparse(parsed._replace(path="/postgres"))
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return urlunparse(parsed._replace(path=f"/{name}"))
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """daphne on a free port with a fast simulator behind it; yields (base URL, port)."""
     shm = Path("/dev/shm")
     workdir = Path(tempfile.mkdtemp(dir=shm)) if shm.is_dir() else tmp_path_factory.mktemp("browser-tools")
-    sim_port = _free_port()
+    sim_port = free_port()
     env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "config.settings_test",
@@ -102,7 +85,7 @@ def server(tmp_path_factory):
         "PROVIDER_SIMULATOR": "0",
         "PYTHONUNBUFFERED": "1",
     }
-    env["DATABASE_URL"] = _database(env, workdir)
+    env["DATABASE_URL"] = server_database(env, workdir, "browser_tools")
     manage = [sys.executable, str(ROOT / "manage.py")]
     processes: list[subprocess.Popen] = []
     log = (workdir / "server.log").open("w")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 from datetime import timedelta
@@ -17,11 +16,11 @@ import pytest
 from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import CommandError
-from django.db import connection
 from django.utils import timezone
 
 from billing.models import Invoice, LLMUsage
 from sessions_app.models import ChatSession, SessionMessage
+from sessions_app.tests.processes import database_for_a_subprocess
 from tests.factories import MessageFactory, SegmentFactory, SessionFactory
 
 MANAGE = Path(settings.BASE_DIR) / "manage.py"
@@ -330,29 +329,7 @@ def test_clean_with_a_user_touches_only_their_sessions(owner, colleague, client_
 def terminal(transactional_db, use_simulator, owner, client_acme, tmp_path):
     """Run `manage.py chat` as a subprocess on the test database; yield (run, query)."""
     env = {**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings_test", "PYTHONUNBUFFERED": "1"}
-    if connection.vendor == "postgresql":
-        params = connection.get_connection_params()
-        env["DATABASE_URL"] = (
-            f"postgres://{params.get('user') or 'postgres'}@{params.get('host') or '127.0.0.1'}:"
-            f"{params.get('port') or 5432}/{connection.settings_dict['NAME']}"
-        )
-
-        def query(sql: str) -> list[tuple]:
-            with connection.cursor() as cursor:
-                cursor.execute(sql)
-                return cursor.fetchall()
-
-    else:
-        # The test database lives in memory: hand the process a file copy, read it back after.
-        path = tmp_path / "cli.sqlite3"
-        connection.ensure_connection()
-        with sqlite3.connect(path) as target:
-            connection.connection.backup(target)
-        env["DATABASE_URL"] = f"sqlite:///{path}"
-
-        def query(sql: str) -> list[tuple]:
-            with sqlite3.connect(path) as db:
-                return db.execute(sql).fetchall()
+    env["DATABASE_URL"], query = database_for_a_subprocess(tmp_path, "cli.sqlite3")
 
     def run(*args: str) -> subprocess.Popen:
         return subprocess.Popen(

@@ -14,28 +14,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from django.db import connection
 
 from config.logmask import MaskSecrets, mask
 from sessions_app.models import ApiToken
-from sessions_app.tests.processes import daphne, stop, wait_for
+from sessions_app.tests.processes import daphne, database_for_a_subprocess, stop, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def _database_url_for_a_subprocess(folder: Path) -> str:
-    """The test database, where another process can open it (committed rows included)."""
-    if connection.vendor == "sqlite":
-        # The test database lives in this process's memory: copy it to a file for daphne.
-        target = folder / "db.sqlite3"
-        connection.ensure_connection()
-        import sqlite3
-
-        with sqlite3.connect(target) as copy:
-            connection.connection.backup(copy)
-        return f"sqlite:///{target}"
-    settings = connection.settings_dict
-    return f"postgres://{settings['USER'] or 'postgres'}@{settings['HOST'] or '127.0.0.1'}:{settings['PORT'] or 5432}/{settings['NAME']}"
 
 
 @pytest.fixture
@@ -50,7 +34,7 @@ def daphne_with_token(owner, client_acme, use_simulator):
         "SECRET_KEY": secrets.token_urlsafe(40),
         "SESSION_SIGNING_KEY": base64.b64encode(secrets.token_bytes(32)).decode(),
         "ALLOWED_HOSTS": "127.0.0.1",
-        "DATABASE_URL": _database_url_for_a_subprocess(folder),
+        "DATABASE_URL": database_for_a_subprocess(folder)[0],
         "LOG_LEVEL": "INFO",
         "PYTHONUNBUFFERED": "1",
     }

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import os
 import re
-import sqlite3
 import subprocess
 import sys
 from contextlib import redirect_stdout
@@ -21,11 +20,11 @@ import pytest
 from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import CommandError
-from django.db import connection
 
 from billing.models import SessionTemplate
 from sessions_app.management.commands import chat as chat_command
 from sessions_app.models import ChatSession, ContextStream, SessionInvitation, SessionMessage
+from sessions_app.tests.processes import database_for_a_subprocess
 
 ROOT = Path(settings.BASE_DIR)
 SESSION_LINE = re.compile(r"Session ([0-9a-f-]{36}) · (\S+) · (\S+)")
@@ -178,28 +177,7 @@ def test_list_and_history_show_shared_sessions_and_who_typed(consultant, colleag
 def shell(transactional_db, consultant, tmp_path):
     """Run a program on a copy of the test database (SQLite) or on it (PostgreSQL); yield (run, query)."""
     env = {**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings_test", "PYTHONUNBUFFERED": "1"}
-    if connection.vendor == "postgresql":
-        params = connection.get_connection_params()
-        env["DATABASE_URL"] = (
-            f"postgres://{params.get('user') or 'postgres'}@{params.get('host') or '127.0.0.1'}:"
-            f"{params.get('port') or 5432}/{connection.settings_dict['NAME']}"
-        )
-
-        def query(sql: str) -> list[tuple]:
-            with connection.cursor() as cursor:
-                cursor.execute(sql)
-                return cursor.fetchall()
-
-    else:
-        path = tmp_path / "terminal.sqlite3"
-        connection.ensure_connection()
-        with sqlite3.connect(path) as target:
-            connection.connection.backup(target)
-        env["DATABASE_URL"] = f"sqlite:///{path}"
-
-        def query(sql: str) -> list[tuple]:
-            with sqlite3.connect(path) as db:
-                return db.execute(sql).fetchall()
+    env["DATABASE_URL"], query = database_for_a_subprocess(tmp_path, "terminal.sqlite3")
 
     def run(program: list[str], *args: str, stdin: str | None = None, cwd: Path = ROOT):
         return subprocess.run(
