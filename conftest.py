@@ -26,6 +26,14 @@ def in_memory_channel_layer(settings):
     channel_layers.backends.clear()
 
 
+@pytest.fixture(autouse=True)
+def gateway_remembers_nothing_yet():
+    """Each test starts with no gateway conversation remembered (`joining.Remembered`): ids recur."""
+    from sessions_app.gateway.joining import remembered
+
+    remembered.clear()
+
+
 @pytest.fixture
 def owner(db):
     return UserFactory(username="olivia")

@@ -200,6 +200,11 @@ def _fresh() -> dict:
     """The cached budgets per client, reloaded when another process changed them (or after a while)."""
     try:
         version = cache.get(VERSION_KEY)
+        if version is None:
+            # No process has changed a budget since the cache started: give it a version now,
+            # or every turn would find "no version" and read the budgets again.
+            cache.add(VERSION_KEY, time.time_ns(), timeout=None)
+            version = cache.get(VERSION_KEY)
     except Exception:
         version = "unavailable"
     with _lock:

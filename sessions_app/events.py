@@ -32,6 +32,10 @@ class Done:
     known: KnownSession | None = None
 
 
+class KnownIsStale(Exception):
+    """`begin_turn(..., only_if_current=True)`: the session moved on since `known` was read; nothing was written."""
+
+
 # The columns a turn reads of each stored message: its plan's history and the chain's tail.
 TURN_ROW_FIELDS = ("seq", "role", "content", "model", "status", "hash")
 

@@ -23,7 +23,7 @@ import threading
 from django.conf import settings
 from django.db import DatabaseError, close_old_connections
 
-from config.dbthread import db_sync_to_async
+from config.dbthread import db_sync_to_async, serve_from_threads
 from sessions_app import livechat, services
 
 logger = logging.getLogger(__name__)
@@ -44,6 +44,7 @@ def install() -> None:
 
 
 def _on_start(reactor) -> None:
+    serve_from_threads(database_threads())
     loop = asyncio.get_event_loop()
 
     def on_signal(signum, _frame) -> None:
@@ -53,6 +54,12 @@ def _on_start(reactor) -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     threading.Thread(target=settle_at_start, name="settle-at-start", daemon=True).start()
+
+
+def database_threads() -> int:
+    """As many database threads as the connection pool holds connections (20 without a pool)."""
+    pool = settings.DATABASES["default"].get("OPTIONS", {}).get("pool")
+    return pool.get("max_size", 20) if isinstance(pool, dict) else 20
 
 
 def settle_at_start() -> int:

@@ -1,5 +1,7 @@
 """The gateway's own ASGI handler: Django without the browser's middleware, and no thread hops.
 
+A gateway call's only trips to a thread are its own database work (`config.dbthread`).
+
 Under ASGI, Django runs each `MiddlewareMixin` hook (`process_request`, `process_response`) in
 a worker thread, one hop each way per middleware, so the site's seven middleware cost every
 request fourteen thread hops before and after the view. Gateway calls are token-authenticated
@@ -7,18 +9,31 @@ API requests: sessions, CSRF, authentication and messages do nothing for them. T
 keeps only the middleware that shapes every response (security headers, `CommonMiddleware`,
 `X-Frame-Options`), whose hooks do no I/O and so run inline on the event loop.
 
+Django's handler also hops to a thread per request for things the gateway does not need: a
+new thread per request (`ThreadSensitiveContext`), the `request_started` signal and
+`response.close()`. Their receivers (`close_old_connections`, `reset_queries`, closing
+caches) act on the calling thread's own connections, and the event loop's thread holds none:
+the gateway's database work runs in `db_sync_to_async`, which closes its connections itself.
+So this handler sends both signals inline and closes the response inline.
+
 `config.asgi` sends a request here when its path is one of the gateway's routes
 (`sessions_app.gateway_urls`); everything else goes through the full stack.
 """
 
 from __future__ import annotations
 
-from django.core.handlers.asgi import ASGIHandler
+import asyncio
+import functools
+
+from django.core import signals
+from django.core.exceptions import RequestAborted
+from django.core.handlers.asgi import ASGIHandler, get_script_prefix
 from django.core.handlers.exception import convert_exception_to_response
+from django.http import HttpResponseBase
 from django.middleware.clickjacking import XFrameOptionsMiddleware
 from django.middleware.common import CommonMiddleware
 from django.middleware.security import SecurityMiddleware
-from django.urls import Resolver404, get_resolver
+from django.urls import Resolver404, get_resolver, set_script_prefix
 
 GATEWAY_URLCONF = "sessions_app.gateway_urls"
 
@@ -62,9 +77,72 @@ class GatewayHandler(ASGIHandler):
             handler = convert_exception_to_response(middleware(handler))
         self._middleware_chain = handler
 
+    async def __call__(self, scope, receive, send) -> None:
+        # No ThreadSensitiveContext: it starts a thread per request, and nothing here needs one.
+        if scope["type"] != "http":
+            raise ValueError(f"the gateway serves HTTP only, not {scope['type']}")
+        await self.handle(scope, receive, send)
 
+    async def handle(self, scope, receive, send) -> None:
+        """Django's `ASGIHandler.handle` with the signals and the response's close inline."""
+        try:
+            body_file = await self.read_body(receive)
+        except RequestAborted:
+            return
+        set_script_prefix(get_script_prefix(scope))
+        signals.request_started.send(sender=self.__class__, scope=scope)
+        request, error_response = self.create_request(scope, body_file)
+        if request is None:
+            assert error_response is not None  # Django gives one or the other
+            body_file.close()
+            await self.send_response(error_response, send)
+            error_response.close()
+            return
+
+        async def process_request() -> HttpResponseBase:
+            response = await self.run_get_response(request)
+            try:
+                await self.send_response(response, send)
+            except asyncio.CancelledError:
+                pass  # the client went away while the response was sent
+            return response
+
+        # As Django does: a client that disconnects cancels the view (a turn stores its partial).
+        listen = asyncio.create_task(self.listen_for_disconnect(receive))
+        process = asyncio.create_task(process_request())
+        await asyncio.wait((listen, process), return_when=asyncio.FIRST_COMPLETED)
+        for task in (listen, process):
+            if task.done():
+                try:
+                    task.result()
+                except RequestAborted:
+                    pass
+                except AssertionError:
+                    body_file.close()
+                    raise
+            else:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+        try:
+            response = process.result()
+        except asyncio.CancelledError:
+            signals.request_finished.send(sender=self.__class__)
+        else:
+            response.close()  # its closers, then request_finished
+        body_file.close()
+
+
+@functools.lru_cache(maxsize=4096)
 def is_gateway_path(path: str) -> bool:
-    """Whether `path` is one of the gateway's routes (with or without the `/t/<token>/` prefix)."""
+    """Whether `path` is one of the gateway's routes (with or without the `/t/<token>/` prefix).
+
+    Remembered per path: clients call the same few paths over and over.
+    """
+    if not path.startswith(("/api/", "/v1/", "/t/")):
+        return False
     try:
         get_resolver(GATEWAY_URLCONF).resolve(path)
     except Resolver404:

@@ -16,8 +16,11 @@ when it goes idle: the guardian ends it at its last activity, so idle time is ne
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
@@ -34,6 +37,8 @@ log = logging.getLogger(__name__)
 
 # How many of the token's recent sessions a diverging conversation is compared with.
 CANDIDATE_SESSIONS = 5
+# How many tokens' last conversations a process remembers (`remember`).
+REMEMBERED_TOKENS = 1024
 
 
 @dataclass(frozen=True)
@@ -188,6 +193,62 @@ def _plan(token: ApiToken, chat: ChatRequest) -> Plan:
         return Plan(live, complete[0], None, chat.history[complete[1].next_index :])
     tail = chat.history[partial[1].next_index :] if partial else chat.history
     return Plan(live, None, partial, tail)
+
+
+class Remembered:
+    """Per process: the session each token's last call was answered in, with its messages.
+
+    A tool's next call usually continues that conversation: its history is exactly what the
+    last call stored. Then the call needs neither the token's recent sessions nor their
+    messages read to be placed (`_plan`): the turn claims the remembered session on
+    condition that it is as remembered (`services.begin_turn(only_if_current=True)`), and a
+    session that moved on meanwhile (another process's call, an end, a switch) is planned
+    afresh. An entry is taken out while its call runs, so two calls never share one.
+    """
+
+    def __init__(self, size: int = REMEMBERED_TOKENS) -> None:
+        self.size = size
+        self._entries: OrderedDict[Any, services.KnownSession] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def remember(self, token: ApiToken, known: services.KnownSession | None) -> None:
+        if known is None:
+            return
+        with self._lock:
+            self._entries[token.pk] = known
+            self._entries.move_to_end(token.pk)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+
+    def recall(self, token: ApiToken, chat: ChatRequest) -> services.KnownSession | None:
+        """The remembered session, if `chat` continues it exactly (taken out: see the class)."""
+        with self._lock:
+            known = self._entries.pop(token.pk, None)
+        if known is None:
+            return None
+        session = known.session
+        cutoff = timezone.now() - timedelta(seconds=settings.SESSION_IDLE_TIMEOUT)
+        if (
+            session.domain_id != token.client_id
+            or session.user_id != token.user_id
+            or session.api_token_id != token.pk
+            or not session.is_active
+            or session.last_activity_at < cutoff
+            or not same_model(session.current_model, chat.model_name)
+            or not _same(session.system_prompt, chat.system)
+        ):
+            return None
+        match = match_history([Stored(seq, role, content) for seq, role, content, *_ in known.rows], chat.history)
+        if match.complete and match.matched and match.next_index == len(chat.history):
+            return known
+        return None
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+remembered = Remembered()
 
 
 def _lock_token(token: ApiToken) -> None:

@@ -40,7 +40,7 @@ from sessions_app.gateway.common import (
     model_ref,
     read_json,
 )
-from sessions_app.gateway.joining import gateway_join
+from sessions_app.gateway.joining import gateway_join, remembered
 
 # What /api/version reports: the Ollama API level the gateway speaks (clients gate features on it).
 OLLAMA_API_VERSION = "0.12.0"
@@ -159,6 +159,14 @@ def _prepare(raw: str, body: bytes, parse: Callable[[dict], ChatRequest | None],
     if len(chat.message) > settings.CHAT_MAX_MESSAGE_CHARS:
         limit = settings.CHAT_MAX_MESSAGE_CHARS
         raise MessageTooLarge(MESSAGE_TOO_LARGE.format(size=len(chat.message), limit=limit))
+    if (known := remembered.recall(token, chat)) is not None:
+        try:
+            start = services.begin_turn(
+                session_id=known.session.pk, user=token.user, message=chat.message, known=known, only_if_current=True
+            )
+            return token, data, chat, known.session, start
+        except services.KnownIsStale:
+            pass  # the session moved on since: plan the call afresh
     retried = False
     while True:
         session, known = gateway_join(token=token, chat=chat)
@@ -183,6 +191,12 @@ class Started:
     chat: ChatRequest | None = None
     session: Any = None
     events: Any = None
+    token: Any = None
+
+    def remember(self) -> None:
+        """Keep the answered session for the token's next call (`joining.Remembered`)."""
+        if self.call.done is not None:
+            remembered.remember(self.token, self.call.done.known)
 
 
 async def _start_call(request: HttpRequest, path_token: str | None, parse, started_ns: int) -> Started:
@@ -208,7 +222,7 @@ async def _start_call(request: HttpRequest, path_token: str | None, parse, start
     except BaseException:
         await events.aclose()
         raise
-    return Started(data, call, chat, session, events)
+    return Started(data, call, chat, session, events, token)
 
 
 async def _drain(events: AsyncIterator, call: GatewayCall) -> None:
@@ -242,6 +256,7 @@ async def _chat(request: HttpRequest, token: str | None, wire: ChatWire) -> Http
         framer = wire.framer(chat)
         if not chat.stream:
             await _drain(events, call)
+            started.remember()
             response = framer.whole(call)
             response["X-Session-Id"] = str(session.pk)
             return response
@@ -260,6 +275,7 @@ async def _chat(request: HttpRequest, token: str | None, wire: ChatWire) -> Http
             async for event in events:
                 if (text := take(event)) is not None:
                     yield delta(text)
+            started.remember()
             yield framer.closing(call)
         except Exception as exc:
             yield framer.error(_stream_failure(exc))

@@ -17,7 +17,7 @@ package is split by lifecycle; callers import from here:
 - `presets`: start a session from a conversation template.
 """
 
-from sessions_app.events import TURN_ROW_FIELDS, KnownSession
+from sessions_app.events import TURN_ROW_FIELDS, KnownIsStale, KnownSession
 from sessions_app.services.claims import (
     _check_writable,
     _claim_or_explain,
@@ -194,6 +194,7 @@ __all__ = [
     "UNKNOWN_END_REASON",
     "UNKNOWN_SOURCE",
     "UPDATE_NOTHING",
+    "KnownIsStale",
     "KnownSession",
     "NewVersion",
     "_check_writable",

@@ -59,7 +59,7 @@ from sessions_app.errors import (
     SessionEnded,
     StoreFailed,
 )
-from sessions_app.events import TURN_ROW_FIELDS, Done, KnownSession, Token
+from sessions_app.events import TURN_ROW_FIELDS, Done, KnownIsStale, KnownSession, Token
 from sessions_app.models import (
     ORPHANED_TURN,
     ChatSession,
@@ -142,6 +142,9 @@ class _TurnStart:
     carried_seqs: set[int]
     rows: list[tuple]  # the stored messages before this turn (`TURN_ROW_FIELDS`)
     turn: StreamingAnswer | None = None  # registered in `_TURNS` until the answer is stored
+    # The session's `total_messages` once the user message is stored: while the count stays
+    # so, that message is the chain's tail.
+    messages: int = 0
 
 
 @dataclass
@@ -290,13 +293,17 @@ def session_stop(*, session_id, user) -> bool:
 
 @budgets.alerts_on_refusal
 @catalogue_pinned()
-def begin_turn(*, session_id, user, message, known: KnownSession | None = None) -> _TurnStart:
+def begin_turn(
+    *, session_id, user, message, known: KnownSession | None = None, only_if_current: bool = False
+) -> _TurnStart:
     """Transaction 1: claim the session and store the user message before any provider call.
 
     The hot path of every turn, so it reads as little as it can: the claim, the session, its
     messages (the context and the chain's tail in one read), the insert, the model's alias and,
     only after a switch, the pending context stream. With `known` (the session and messages
-    the caller has just read) the claim alone proves them current and neither is read again.
+    the caller has just read) the claim alone proves them current and neither is read again;
+    when it does not, the session is read afresh, or, with `only_if_current`, `KnownIsStale`
+    is raised with nothing written (the caller chose the session by what it knew).
 
     Pass the result to `session_chat(start=...)` at once: until it ends, the session is claimed.
     """
@@ -317,6 +324,8 @@ def begin_turn(*, session_id, user, message, known: KnownSession | None = None) 
     with transaction.atomic():
         if known is not None and _claim_known(pk, user, now, known):
             session, rows = known.session, known.rows
+        elif only_if_current:
+            raise KnownIsStale(pk)
         else:
             _claim_turn(pk, user, now)
             session = with_pending_stream(ChatSession.objects.select_related("domain", "brand")).get(pk=pk)
@@ -371,6 +380,7 @@ def begin_turn(*, session_id, user, message, known: KnownSession | None = None) 
         stream=stream,
         carried_seqs=carried,
         rows=rows,
+        messages=session.total_messages,
     )
     # Registered before anything else can run on this thread, so an end in this process finds
     # the turn even before its first token, and stops it (DESIGN.md: an end and a starting
@@ -436,7 +446,11 @@ def _store_answer(turn: StreamingAnswer, *, now: datetime | None = None) -> Sess
     session = start.session
     # The message's lock check (sessions_app/locks.py) reads the invoice from the session it is given.
     session.invoice_id = state.pop("invoice_id")
-    seq, previous = _chain_tail(session_id)
+    if state["total_messages"] == start.messages:
+        # Every stored message counts (invariant 1): none came after the user message.
+        seq, previous = start.user_message.seq + 1, start.user_message.hash
+    else:
+        seq, previous = _chain_tail(session_id)
     message = SessionMessage(
         session=session,
         seq=seq,

@@ -531,6 +531,7 @@ def test_a_session_ended_between_the_join_and_the_turn_is_joined_again(ollama_cl
         return session, known
 
     monkeypatch.setattr(views, "gateway_join", join_then_end)
+    views.remembered.clear()  # as in another process, which did not answer the first call
     history += [{"role": "assistant", "content": answer}, {"role": "user", "content": "After the race"}]
     body = json.dumps({"model": "llama3.2", "messages": history}).encode()
     _token, _data, _chat, session, start = views._prepare(acme_token[1], body, ollama_wire.parse_chat)
@@ -539,6 +540,58 @@ def test_a_session_ended_between_the_join_and_the_turn_is_joined_again(ollama_cl
     assert session.pk != first.pk and session.parent_id == first.pk
     assert start.user_message.content == "After the race" and start.session.pk == session.pk
     assert [content for _, content in stored(session)] == ["Before the race", answer, "After the race"]
+
+
+def _prepare_only(token_raw: str, history: list[dict]):
+    """Run a call up to its first write (the user message stored) on this thread, then give the claim back."""
+    from sessions_app.gateway import ollama_wire, views
+    from sessions_app.services.turns import _abandon_start
+
+    body = json.dumps({"model": "llama3.2", "messages": history}).encode()
+    _token, _data, _chat, session, start = views._prepare(token_raw, body, ollama_wire.parse_chat)
+    _abandon_start(start)
+    return session, start
+
+
+def test_a_call_continuing_the_conversation_this_process_answered_reads_no_other_session(ollama_client, acme_token):
+    """The process remembers where each token's last call was answered: the usual next call is
+    placed without reading the token's sessions or their messages (the claim proves them current)."""
+    from django.test.utils import CaptureQueriesContext
+
+    history = [{"role": "user", "content": "Remember me"}]
+    answer = ollama_client.chat(model="llama3.2", messages=history, stream=False).message.content
+    first = gateway_sessions(acme_token[0]).get()
+    history += [{"role": "assistant", "content": answer}, {"role": "user", "content": "And now?"}]
+
+    with CaptureQueriesContext(connection) as queries:
+        session, start = _prepare_only(acme_token[1], history)
+
+    assert session.pk == first.pk and start.user_message.seq == 3
+    reads = [q["sql"] for q in queries.captured_queries if q["sql"].lstrip().upper().startswith("SELECT")]
+    assert not any("ollama_session_messages" in sql for sql in reads), reads
+    assert not any('"ollama_streaming_sessions"."api_token_id"' in sql for sql in reads), reads
+
+
+def test_a_remembered_session_that_moved_on_elsewhere_is_planned_afresh(ollama_client, acme_token, owner):
+    """Another process answered in the session since this one remembered it: a client coming back
+    to the older point branches (as it would in any process), never appends after the other turn."""
+    from sessions_app.gateway.joining import remembered
+
+    history = [{"role": "user", "content": "First question"}]
+    answer = ollama_client.chat(model="llama3.2", messages=history, stream=False).message.content
+    first = gateway_sessions(acme_token[0]).get()
+    memory = dict(remembered._entries)  # this process's memory after the first call
+    remembered.clear()  # the second call is answered "elsewhere"
+    ongoing = [*history, {"role": "assistant", "content": answer}]
+    ollama_client.chat(model="llama3.2", messages=[*ongoing, {"role": "user", "content": "Elsewhere"}], stream=False)
+    assert len(stored(first)) == 4
+    remembered._entries.update(memory)
+
+    session, _start = _prepare_only(acme_token[1], [*ongoing, {"role": "user", "content": "An edited second question"}])
+
+    assert session.pk != first.pk and session.parent_id == first.pk
+    assert [content for _, content in stored(session)] == ["First question", answer, "An edited second question"]
+    assert len(stored(first)) == 4
 
 
 def test_a_long_conversation_larger_than_djangos_upload_limit_is_accepted(ollama_client, acme_token, settings):
