@@ -44,7 +44,9 @@ def install() -> None:
 
 
 def _on_start(reactor) -> None:
-    serve_from_threads(database_threads())
+    if threading.current_thread() is threading.main_thread():
+        # A server process (not a test's daphne in a thread, whose tests expect asgiref's threads).
+        serve_from_threads(database_threads())
     loop = asyncio.get_event_loop()
 
     def on_signal(signum, _frame) -> None:

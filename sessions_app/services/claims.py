@@ -19,6 +19,7 @@ from typing import Any
 from django.db.models import Exists, F, OuterRef, Q
 from django.utils import timezone
 
+from config import statements
 from config.dbthread import db_sync_to_async
 from sessions_app.errors import (
     SESSION_BUSY,
@@ -124,11 +125,13 @@ def _quick_claim(pk, user, now: datetime, **still) -> bool:
     claim, even an abandoned one, takes the slow path (`_claim_turn`), which settles it.
     """
     # Owners (and staff) only: a consultant the session is shared with takes `_claim_turn`'s
-    # general path, which goes through the full access rule.
-    sessions = ChatSession.objects.owned_by(user).filter(
-        pk=pk, status=SessionStatus.ACTIVE, invoice__isnull=True, turn_started_at__isnull=True, **still
-    )
-    return bool(sessions.update(**_claim_fields(now)))
+    # general path, which goes through the full access rule. (`ChatSession.objects.owned_by`,
+    # as one prepared statement: it runs on every turn.)
+    where = {"session_id": pk, "status": SessionStatus.ACTIVE, "invoice": None, "turn_started_at": None, **still}
+    if not user.is_staff:
+        where["user"] = user.pk
+    claim = {"turn_started_at": now, "turn_owner": process_owner(), "last_activity_at": now}
+    return bool(statements.update(ChatSession, where, claim, add={"total_messages": 1}))
 
 
 def _claim_turn(pk, user, now: datetime) -> None:
@@ -156,7 +159,7 @@ def _claim_known(pk, user, now: datetime, known: KnownSession) -> bool:
         return False
     current = {
         "total_messages": session.total_messages,
-        "domain_id": session.domain_id,
+        "domain": session.domain_id,
         "current_model": session.current_model,
     }
     if not _quick_claim(pk, user, now, **current):

@@ -18,6 +18,7 @@ from typing import Any
 from django.utils import timezone
 
 from billing.money import quantize_micro
+from config import statements
 from sessions_app import integrity
 from sessions_app.models import ChatSession, SessionMessage
 
@@ -89,7 +90,7 @@ def _chain_tail(session_id: Any) -> tuple[int, str]:
 def _store_linked(message: SessionMessage, previous: str) -> str:
     """Link one numbered message after `previous` and insert it (the turn's hot path)."""
     chain_link([message], after=(message.seq - 1, previous))
-    message.save(force_insert=True)
+    statements.insert(message)  # `save(force_insert=True)`, its SQL built once
     return message.hash
 
 

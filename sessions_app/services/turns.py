@@ -40,6 +40,7 @@ from django.utils import timezone
 from billing import budgets, pricing
 from billing.catalogue import catalogue_pinned
 from billing.models import LLMUsage, TokenSource, UsageStatus
+from config import statements
 from config.dbthread import db_sync_to_async
 from providers import router, tokens
 from providers.base import ErrorKind, ProviderError, StreamOptions, Usage
@@ -427,7 +428,9 @@ def _store_answer(turn: StreamingAnswer, *, now: datetime | None = None) -> Sess
     now = now or timezone.now()
     session_id = start.session.pk
     fields = ("status", "turn_started_at", "total_messages", "total_tokens", "estimated_cost_usd", "last_activity_at")
-    state = ChatSession.objects.select_for_update().filter(pk=session_id).values(*fields, "invoice_id").get()
+    state = statements.select_row(ChatSession, (*fields, "invoice"), {"session_id": session_id}, for_update=True)
+    if state is None:
+        raise ChatSession.DoesNotExist(session_id)
     if state["status"] != SessionStatus.ACTIVE or state["turn_started_at"] != start.claim:
         logger.warning(
             "answer in session %s (claimed %s) not stored: the session %s; its %d characters were: %s",
@@ -445,7 +448,7 @@ def _store_answer(turn: StreamingAnswer, *, now: datetime | None = None) -> Sess
 
     session = start.session
     # The message's lock check (sessions_app/locks.py) reads the invoice from the session it is given.
-    session.invoice_id = state.pop("invoice_id")
+    session.invoice_id = state.pop("invoice")
     if state["total_messages"] == start.messages:
         # Every stored message counts (invariant 1): none came after the user message.
         seq, previous = start.user_message.seq + 1, start.user_message.hash
@@ -471,7 +474,7 @@ def _store_answer(turn: StreamingAnswer, *, now: datetime | None = None) -> Sess
     )
     _store_linked(message, previous)
     carried = _settle_stream(turn, model_id, prompt, cost, now)
-    LLMUsage.objects.create(
+    usage = LLMUsage(
         user_id=start.user_message.author_id or session.user_id,  # who asked (shared sessions)
         session_id=session_id,
         message=message,
@@ -490,6 +493,7 @@ def _store_answer(turn: StreamingAnswer, *, now: datetime | None = None) -> Sess
         error_text=error_text[:2000],
         created_at=now,
     )
+    statements.insert(usage)
     _add_to_totals(session, state, tokens=prompt + completion, cost=cost, now=now)
     return message
 
@@ -547,7 +551,7 @@ def _add_to_totals(
     }
     # A message could be added, so no issued invoice covers the session: a plain UPDATE under
     # the row lock (no lock-check read) is safe. The claim and its checkpoint go with it.
-    ChatSession.objects.filter(pk=session.pk).update(**update, **CLAIM_CLEARED)
+    statements.update(ChatSession, {"session_id": session.pk}, {**update, **CLAIM_CLEARED})
     for name, value in (*state.items(), *update.items(), *CLAIM_CLEARED.items()):
         setattr(session, name, value)
 

@@ -1,0 +1,140 @@
+"""Hot-path statements: one row's INSERT, UPDATE or SELECT, with the SQL built once.
+
+Every gateway call and chat turn makes the same handful of statements (claim the session,
+store two messages and a usage row, settle the totals). Building them through the ORM costs
+more Python than everything else the turn does: a `QuerySet` is cloned, resolved and
+compiled each time. These helpers build each statement's SQL text once per shape (model,
+columns, conditions, database vendor) and send it with fresh parameters, so PostgreSQL's
+prepared statements (settings: `prepare_threshold`) are reused too.
+
+They keep what the ORM guarantees for these rows: values are converted by their fields
+(`get_db_prep_save` / `get_db_prep_value`, so SQLite and PostgreSQL get what they expect),
+results by the fields' and the backend's converters, and `insert` sends `pre_save` and
+`post_save` as `save()` does (the invoice lock in `sessions_app/locks.py` listens there).
+
+Use them only for a statement that runs on every turn; everything else reads better as a
+queryset. Conditions are equalities (`None` means IS NULL); `add` increments a column.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from django.db import connection
+from django.db.models import Model
+from django.db.models.signals import post_save, pre_save
+
+
+def _field(model: type[Model], name: str):
+    return model._meta.get_field(name)
+
+
+def _quote(name: str) -> str:
+    return connection.ops.quote_name(name)
+
+
+@functools.cache
+def _insert_sql(model: type[Model], vendor: str) -> tuple[str, tuple]:
+    fields = tuple(f for f in model._meta.local_concrete_fields if not getattr(f, "generated", False))
+    columns = ", ".join(_quote(str(f.column)) for f in fields)
+    marks = ", ".join(["%s"] * len(fields))
+    # Names come from the model's metadata, quoted; values go as parameters.
+    return f"INSERT INTO {_quote(model._meta.db_table)} ({columns}) VALUES ({marks})", fields  # noqa: S608
+
+
+def insert(obj: Model) -> None:
+    """`obj.save(force_insert=True)` for a new row whose primary key is already set (a UUID default)."""
+    model = type(obj)
+    if obj.pk is None:
+        raise ValueError(f"{model.__name__}: insert() needs the primary key set (no RETURNING here)")
+    using = "default"
+    if pre_save.has_listeners(model):
+        pre_save.send(sender=model, instance=obj, raw=False, using=using, update_fields=None)
+    sql, fields = _insert_sql(model, connection.vendor)
+    params = [f.get_db_prep_save(f.pre_save(obj, True), connection) for f in fields]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+    obj._state.adding = False
+    obj._state.db = using
+    if post_save.has_listeners(model):
+        post_save.send(sender=model, instance=obj, created=True, update_fields=None, raw=False, using=using)
+
+
+def _where(model: type[Model], names: Iterable[str], values: Mapping[str, Any]) -> tuple[str, list]:
+    clauses, params = [], []
+    for name in names:
+        field = _field(model, name)
+        value = values[name]
+        if value is None:
+            clauses.append(f"{_quote(field.column)} IS NULL")
+        else:
+            clauses.append(f"{_quote(field.column)} = %s")
+            params.append(field.get_db_prep_value(value, connection))
+    return " AND ".join(clauses), params
+
+
+@functools.cache
+def _update_sql(model: type[Model], sets: tuple[str, ...], adds: tuple[str, ...], where: str, vendor: str) -> str:
+    parts = [f"{_quote(_field(model, name).column)} = %s" for name in sets]
+    parts += [f"{(column := _quote(_field(model, name).column))} = {column} + %s" for name in adds]
+    return f"UPDATE {_quote(model._meta.db_table)} SET {', '.join(parts)} WHERE {where}"  # noqa: S608 (as above)
+
+
+def update(
+    model: type[Model], where: Mapping[str, Any], values: Mapping[str, Any], add: Mapping[str, int] | None = None
+) -> int:
+    """UPDATE the rows matching `where` (equalities; None is IS NULL); how many matched.
+
+    `values` are set, `add` added to their columns. Like `QuerySet.update()`: no signals, no
+    `auto_now`.
+    """
+    add = add or {}
+    where_sql, where_params = _where(model, where, where)
+    sql = _update_sql(model, tuple(values), tuple(add), where_sql, connection.vendor)
+    params = [_field(model, name).get_db_prep_save(value, connection) for name, value in values.items()]
+    params += list(add.values()) + where_params
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.rowcount
+
+
+@functools.cache
+def _select_sql(model: type[Model], names: tuple[str, ...], where: str, lock: bool, vendor: str) -> tuple[str, tuple]:
+    fields = tuple(_field(model, name) for name in names)
+    columns = ", ".join(_quote(f.column) for f in fields)
+    sql = f"SELECT {columns} FROM {_quote(model._meta.db_table)} WHERE {where}"  # noqa: S608 (as above)
+    if lock and connection.features.has_select_for_update:
+        sql += " FOR UPDATE"
+    converters = []
+    for field in fields:
+        column = field.get_col(model._meta.db_table)
+        converters.append(
+            (tuple(connection.ops.get_db_converters(column) + field.get_db_converters(connection)), column)
+        )
+    return sql, tuple(converters)
+
+
+def select_row(
+    model: type[Model], names: Iterable[str], where: Mapping[str, Any], *, for_update: bool = False
+) -> dict | None:
+    """The one row matching `where` as {name: value} (converted as the ORM would), or None.
+
+    `for_update` locks it (`SELECT ... FOR UPDATE` where the database has it, as
+    `select_for_update()` does); call it inside a transaction.
+    """
+    names = tuple(names)
+    where_sql, params = _where(model, where, where)
+    sql, converters = _select_sql(model, names, where_sql, for_update, connection.vendor)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    result = {}
+    for name, value, (functions, column) in zip(names, row, converters, strict=True):
+        for function in functions:
+            value = function(value, column, connection)
+        result[name] = value
+    return result
