@@ -19,7 +19,33 @@ from providers.tokens import estimate_messages, estimate_tokens
 NAME = "openai"
 
 
-def _client() -> openai.AsyncOpenAI:
+class _Connection:
+    """One pooled `openai.AsyncOpenAI`, with what a chat request needs from it worked out once.
+
+    The SDK owns the configuration (key, base URL, its headers, timeouts); chat requests go
+    out through its HTTP client (`sdk_http_client`, which the pool made for it) without the
+    SDK's per-request machinery (`_post`).
+    """
+
+    def __init__(self, key: str, base_url: str, limits: dict[str, float]) -> None:
+        self.http = sdk_http_client(limits)
+        # The router owns retries (only before the first token), so the SDK makes none.
+        self.sdk = openai.AsyncOpenAI(
+            api_key=key, base_url=base_url, timeout=httpx2.Timeout(**limits), max_retries=0, http_client=self.http
+        )
+        self.chat_url = str(self.sdk.base_url.join("chat/completions"))
+        # Unset optional headers (organization, project) are the SDK's `Omit` markers: left out.
+        headers = {name: value for name, value in self.sdk.default_headers.items() if isinstance(value, str)}
+        self.headers = {**headers, **self.sdk.auth_headers, "X-Stainless-Retry-Count": "0"}
+
+    def is_closed(self) -> bool:
+        return self.sdk.is_closed()
+
+    async def aclose(self) -> None:
+        await self.sdk.close()
+
+
+def _connection() -> _Connection:
     key = settings.OPENAI_API_KEY
     if not key:
         raise ProviderError(
@@ -27,24 +53,34 @@ def _client() -> openai.AsyncOpenAI:
         )
     base_url = settings.OPENAI_BASE_URL
     limits = timeouts()
-    return pooled(
-        (NAME, base_url, key, tuple(sorted(limits.items()))),
-        # The router owns retries (only before the first token), so the SDK makes none.
-        lambda: openai.AsyncOpenAI(
-            api_key=key,
-            base_url=base_url,
-            timeout=httpx2.Timeout(**limits),
-            max_retries=0,
-            http_client=sdk_http_client(limits),
-        ),
-    )
+    return pooled((NAME, base_url, key, tuple(sorted(limits.items()))), lambda: _Connection(key, base_url, limits))
+
+
+def _client() -> openai.AsyncOpenAI:
+    return _connection().sdk
 
 
 def _status_error(exc: openai.APIStatusError, model: str) -> ProviderError:
     body = exc.body if exc.body is not None else exc.message
+    return _error_body(exc.status_code, body, model)
+
+
+def _error_body(status: int, body: object, model: str) -> ProviderError:
     if isinstance(body, dict) and "error" not in body:
         body = {"error": body}
-    return errors.from_response(NAME, exc.status_code, body, model=model)
+    return errors.from_response(NAME, status, body, model=model)
+
+
+async def _response_error(response: httpx2.Response, model: str) -> ProviderError:
+    """An error status as the SDK reads it (its `APIStatusError.body`): the JSON's `error`, else the text."""
+    text = (await response.aread()).decode("utf-8", "replace").strip()
+    try:
+        body: object = json.loads(text)
+    except ValueError:
+        body = text
+    if isinstance(body, dict):
+        body = body.get("error", body)
+    return _error_body(response.status_code, body, model)
 
 
 @contextlib.contextmanager
@@ -71,7 +107,7 @@ class OpenAIAdapter(ProviderAdapter):
     async def stream(
         self, model: str, messages: list[ChatMessage], options: StreamOptions | None = None
     ) -> AsyncIterator[str | Usage]:
-        client = _client()
+        connection = _connection()
         params = _params(model, messages, options or StreamOptions(), stream=True)
         parts: list[str] = []
         usage: dict | None = None
@@ -80,7 +116,7 @@ class OpenAIAdapter(ProviderAdapter):
         with _translated(
             model, stalled="the model stopped sending tokens", cut="the connection closed in the middle of the answer"
         ):
-            async with _post(client, params) as response:
+            async with _post(connection, params) as response:
                 async for _event, data in iter_events(iter_lines(response.aiter_bytes())):
                     if data.startswith("[DONE]"):
                         continue  # read to the end of the body so the connection can be reused
@@ -126,12 +162,12 @@ class OpenAIAdapter(ProviderAdapter):
 
         The SDK makes the request (auth, base URL, error statuses); the body is read as plain
         JSON, as the stream's events are, without the SDK's typed objects."""
-        client = _client()
+        connection = _connection()
         params = _params(model, messages, options or StreamOptions(), stream=False)
         with _translated(
             model, stalled="no answer in time", cut="the connection closed before the answer was complete"
         ):
-            async with _post(client, params) as response:
+            async with _post(connection, params) as response:
                 raw = await response.aread()
         body = errors.json_object(NAME, raw)
         if body.get("error"):
@@ -161,24 +197,20 @@ class OpenAIAdapter(ProviderAdapter):
         return [ModelInfo(name=f"{NAME}:{m.id}", provider=NAME, model=m.id, paid=True) for m in page.data]
 
 
-# Tells the SDK to hand back the HTTP response unread (as `with_streaming_response` does).
-_UNREAD = {"X-Stainless-Raw-Response": "stream"}
-
-
 @contextlib.asynccontextmanager
-async def _post(client: openai.AsyncOpenAI, params: dict) -> AsyncIterator[httpx2.Response]:
-    """POST /chat/completions through the SDK's client (auth, base URL, headers, error statuses
-    raised as `APIStatusError`), without `create()`'s typed-parameter transform and response
-    wrappers: the body is plain JSON already, and the adapters read the response themselves."""
+async def _post(connection: _Connection, params: dict) -> AsyncIterator[httpx2.Response]:
+    """POST /chat/completions with the SDK's URL, headers and HTTP client, without its
+    per-request machinery (typed options, retries bookkeeping, response wrappers): the body is
+    plain JSON already, and the adapter reads the response itself. An error status raises the
+    `ProviderError` the SDK's `APIStatusError` would have become."""
     extra = params.pop("extra_body", None)
     body = {**params, **extra} if extra else params
-    response = await client.post(
-        "/chat/completions",
-        cast_to=httpx2.Response,
-        body=body,
-        options={"headers": _UNREAD, "security": {"bearer_auth": True}},
-    )
+    http = connection.http
+    request = http.build_request("POST", connection.chat_url, content=json.dumps(body), headers=connection.headers)
+    response = await http.send(request, stream=True)
     try:
+        if response.status_code >= 400:
+            raise await _response_error(response, str(params.get("model", "")))
         yield response
     finally:
         await response.aclose()
