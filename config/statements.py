@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from django.db import connection
 from django.db.models import Model
 from django.db.models.signals import post_save, pre_save
+
+M = TypeVar("M", bound=Model)
 
 
 def _field(model: type[Model], name: str):
@@ -138,3 +140,10 @@ def select_row(
             value = function(value, column, connection)
         result[name] = value
     return result
+
+
+def select_instance(model: type[M], where: Mapping[str, Any]) -> M | None:
+    """The one instance matching `where`, every concrete field loaded (as `Model.from_db` loads a queryset's row)."""
+    names = tuple(field.attname for field in model._meta.concrete_fields)
+    row = select_row(model, names, where)
+    return None if row is None else model.from_db("default", names, [row[name] for name in names])

@@ -8,11 +8,13 @@ import uuid
 from datetime import timedelta
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
 from billing.models import MONEY, Brand, ClientDomain, TokenSource
+from config import statements
 
 
 class SessionStatus(models.TextChoices):
@@ -462,10 +464,23 @@ class ApiToken(models.Model):
             self.last_used_at = now
 
     @classmethod
-    def authenticate(cls, raw: str) -> ApiToken | None:
+    def authenticate(cls, raw: str, *, with_client: bool = True) -> ApiToken | None:
+        """The live token for `raw` with its (active) user and, unless `with_client` is off, its client.
+
+        Every gateway call and API request asks: prepared statements, not a join the ORM
+        builds each time. The gateway reads the client only for a new session (in the
+        database thread), so it leaves it out; API views use it from async code.
+        """
         if not raw or len(raw) > 200:
             return None
-        token = cls.objects.live().select_related("user", "client").filter(token_hash=cls.hash_token(raw)).first()
-        if token is None or not token.user.is_active:
+        token = statements.select_instance(cls, {"token_hash": cls.hash_token(raw), "revoked_at": None})
+        if token is None:
             return None
+        people = get_user_model()
+        user = statements.select_instance(people, {people._meta.pk.name: token.user_id})
+        if user is None or not user.is_active:
+            return None
+        token.user = user
+        if with_client and token.client_id is not None:
+            token.client = statements.select_instance(ClientDomain, {"id": token.client_id})
         return token

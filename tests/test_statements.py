@@ -77,3 +77,16 @@ def test_an_insert_into_an_invoiced_session_is_refused_as_save_refuses_it(sessio
     with pytest.raises(SessionLocked):
         statements.insert(message)
     assert not SessionMessage.objects.filter(session=session).exists()
+
+
+def test_an_instance_loads_every_field_as_a_queryset_would(owner, client_acme):
+    from sessions_app.models import ApiToken
+
+    token, raw = ApiToken.issue(user=owner, client=client_acme, name="Editor")
+    loaded = statements.select_instance(ApiToken, {"token_hash": ApiToken.hash_token(raw), "revoked_at": None})
+    assert loaded is not None and not loaded._state.adding
+    orm = ApiToken.objects.get(pk=token.pk)
+    assert [getattr(loaded, f.attname) for f in ApiToken._meta.concrete_fields] == [
+        getattr(orm, f.attname) for f in ApiToken._meta.concrete_fields
+    ]
+    assert statements.select_instance(ApiToken, {"token_hash": "no such hash", "revoked_at": None}) is None

@@ -26,7 +26,7 @@ def authenticate_raw(raw: str, request: HttpRequest | None = None) -> ApiToken:
         raise GatewayError(401, TOKEN_MISSING, code="invalid_api_key")
     if request is not None and (wait := throttle.token_wait(request)):
         raise GatewayError(429, throttle.token_message(wait), code="rate_limit_exceeded", retry_after=wait)
-    token = ApiToken.authenticate(raw)
+    token = ApiToken.authenticate(raw, with_client=False)  # read only for a new session
     if token is None:
         if request is not None and (wait := throttle.token_failed(request)):
             raise GatewayError(429, throttle.token_message(wait), code="rate_limit_exceeded", retry_after=wait)
