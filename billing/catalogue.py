@@ -66,17 +66,10 @@ class CatalogueCache:
         return self._checked()
 
     def _checked(self) -> CatalogueSnapshot:
-        # Every turn reads it (twice): one prepared statement.
+        # Every turn reads it: one prepared statement.
         row = statements.select_row(CatalogueVersion, ("version",), {"key": CATALOGUE_KEY})
-        version = row["version"] if row is not None else None
-        snapshot = self._snapshot
-        if snapshot is not None and snapshot.version == version and version is not None:
-            return snapshot
         # The version is read before the rows: rows newer than it only make the next check reload.
-        snapshot = self._load(version)
-        with self._lock:
-            self._snapshot = snapshot
-        return snapshot
+        return self._at(row["version"] if row is not None else None)
 
     def _load(self, version: object) -> CatalogueSnapshot:
         self.loads += 1
@@ -87,14 +80,28 @@ class CatalogueCache:
             prices.setdefault(provider, []).append(tuple(row))
         return CatalogueSnapshot(version, aliases, prices)
 
+    def _at(self, version: object) -> CatalogueSnapshot:
+        """The catalogue at `version`, as read by the caller (reloaded only when it moved)."""
+        snapshot = self._snapshot
+        if snapshot is not None and snapshot.version == version and version is not None:
+            return snapshot
+        snapshot = self._load(version)
+        with self._lock:
+            self._snapshot = snapshot
+        return snapshot
+
     @contextlib.contextmanager
-    def pinned(self) -> Iterator[CatalogueSnapshot]:
-        """Read the version once for the whole block (nested blocks keep the outer copy)."""
+    def pinned(self, version: object = None, *, read: bool = True) -> Iterator[CatalogueSnapshot]:
+        """Read the version once for the whole block (nested blocks keep the outer copy).
+
+        With `read=False` the caller has read `version` itself, in a statement of its own
+        (`version_column()`), and no read is made here.
+        """
         outer = self._pinned.get()
         if outer is not None:
             yield outer
             return
-        token = self._pinned.set(self._checked())
+        token = self._pinned.set(self._checked() if read else self._at(version))
         try:
             yield self._pinned.get()  # type: ignore[misc]
         finally:
@@ -116,6 +123,16 @@ def catalogue() -> CatalogueSnapshot:
 def catalogue_pinned():
     """A block in which every catalogue lookup uses one read of the version."""
     return _cache.pinned()
+
+
+def catalogue_version_column() -> statements.Scalar:
+    """The catalogue's version as a column of another statement (`statements.select_row(also=...)`)."""
+    return statements.Scalar(CatalogueVersion, "version", {"key": CATALOGUE_KEY})
+
+
+def catalogue_at(version: object):
+    """A block in which every catalogue lookup uses `version`, read with `catalogue_version_column()`."""
+    return _cache.pinned(version, read=False)
 
 
 def catalogue_cache() -> CatalogueCache:

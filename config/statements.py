@@ -64,15 +64,17 @@ def insert(obj: Model) -> None:
         post_save.send(sender=model, instance=obj, created=True, update_fields=None, raw=False, using=using)
 
 
-def _where(model: type[Model], names: Iterable[str], values: Mapping[str, Any]) -> tuple[str, list]:
+def _where(model: type[Model], names: Iterable[str], values: Mapping[str, Any], table: str = "") -> tuple[str, list]:
+    """`names` = `values` as SQL conditions (None: IS NULL), columns qualified by `table` when given."""
+    prefix = f"{_quote(table)}." if table else ""
     clauses, params = [], []
     for name in names:
         field = _field(model, name)
         value = values[name]
         if value is None:
-            clauses.append(f"{_quote(field.column)} IS NULL")
+            clauses.append(f"{prefix}{_quote(field.column)} IS NULL")
         else:
-            clauses.append(f"{_quote(field.column)} = %s")
+            clauses.append(f"{prefix}{_quote(field.column)} = %s")
             params.append(field.get_db_prep_value(value, connection))
     return " AND ".join(clauses), params
 
@@ -102,48 +104,120 @@ def update(
         return cursor.rowcount
 
 
+class Scalar:
+    """One value of another table's row, read in the same statement: `(SELECT column FROM ... WHERE ...)`."""
+
+    def __init__(self, model: type[Model], name: str, where: Mapping[str, Any]) -> None:
+        self.model, self.name, self.where = model, name, where
+
+    def sql(self) -> tuple[str, list]:
+        table = self.model._meta.db_table
+        condition, params = _where(self.model, self.where, self.where, table)
+        column = _quote(str(_field(self.model, self.name).column))
+        return f"(SELECT {_quote(table)}.{column} FROM {_quote(table)} WHERE {condition})", params  # noqa: S608
+
+
+def _converters(field, table: str) -> tuple:
+    column = field.get_col(table)
+    return tuple(connection.ops.get_db_converters(column) + field.get_db_converters(connection)), column
+
+
 @functools.cache
-def _select_sql(model: type[Model], names: tuple[str, ...], where: str, lock: bool, vendor: str) -> tuple[str, tuple]:
-    fields = tuple(_field(model, name) for name in names)
-    columns = ", ".join(_quote(f.column) for f in fields)
-    sql = f"SELECT {columns} FROM {_quote(model._meta.db_table)} WHERE {where}"  # noqa: S608 (as above)
+def _select_sql(
+    model: type[Model], names: tuple[str, ...], where: str, lock: bool, join: str, scalars: tuple, vendor: str
+) -> tuple[str, tuple]:
+    table = model._meta.db_table
+    fields = [_field(model, name) for name in names]
+    columns = [f"{_quote(table)}.{_quote(f.column)}" for f in fields]
+    converters = [_converters(f, table) for f in fields]
+    source = _quote(table)
+    if join:
+        # The related row's every concrete field, after this model's (`select_instance`).
+        relation = _field(model, join)
+        other = relation.related_model
+        other_table = other._meta.db_table
+        source += (
+            f" INNER JOIN {_quote(other_table)} ON {_quote(other_table)}.{_quote(relation.target_field.column)}"
+            f" = {_quote(table)}.{_quote(relation.column)}"
+        )
+        for field in other._meta.concrete_fields:
+            columns.append(f"{_quote(other_table)}.{_quote(field.column)}")
+            converters.append(_converters(field, other_table))
+    for scalar_sql, field in scalars:
+        columns.append(scalar_sql)
+        converters.append(_converters(field, field.model._meta.db_table))
+    sql = f"SELECT {', '.join(columns)} FROM {source} WHERE {where}"  # noqa: S608 (as above)
     if lock and connection.features.has_select_for_update:
-        sql += " FOR UPDATE"
-    converters = []
-    for field in fields:
-        column = field.get_col(model._meta.db_table)
-        converters.append(
-            (tuple(connection.ops.get_db_converters(column) + field.get_db_converters(connection)), column)
+        sql += (
+            f" FOR UPDATE OF {_quote(table)}"
+            if join and connection.features.has_select_for_update_of
+            else " FOR UPDATE"
         )
     return sql, tuple(converters)
 
 
+def _select(
+    model: type[Model],
+    names: tuple[str, ...],
+    where: Mapping[str, Any],
+    *,
+    for_update: bool = False,
+    join: str = "",
+    also: Mapping[str, Scalar] | None = None,
+) -> list | None:
+    also = also or {}
+    scalars, params = [], []
+    for scalar in also.values():
+        scalar_sql, scalar_params = scalar.sql()
+        scalars.append((scalar_sql, _field(scalar.model, scalar.name)))
+        params += scalar_params
+    where_sql, where_params = _where(model, where, where, model._meta.db_table)
+    sql, converters = _select_sql(model, names, where_sql, for_update, join, tuple(scalars), connection.vendor)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params + where_params)
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    values = []
+    for value, (functions, column) in zip(row, converters, strict=True):
+        for function in functions:
+            value = function(value, column, connection)
+        values.append(value)
+    return values
+
+
 def select_row(
-    model: type[Model], names: Iterable[str], where: Mapping[str, Any], *, for_update: bool = False
+    model: type[Model],
+    names: Iterable[str],
+    where: Mapping[str, Any],
+    *,
+    for_update: bool = False,
+    also: Mapping[str, Scalar] | None = None,
 ) -> dict | None:
     """The one row matching `where` as {name: value} (converted as the ORM would), or None.
 
     `for_update` locks it (`SELECT ... FOR UPDATE` where the database has it, as
-    `select_for_update()` does); call it inside a transaction.
+    `select_for_update()` does); call it inside a transaction. `also` reads other tables'
+    values in the same statement, under its own keys.
     """
     names = tuple(names)
-    where_sql, params = _where(model, where, where)
-    sql, converters = _select_sql(model, names, where_sql, for_update, connection.vendor)
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        row = cursor.fetchone()
-    if row is None:
+    values = _select(model, names, where, for_update=for_update, also=also)
+    if values is None:
         return None
-    result = {}
-    for name, value, (functions, column) in zip(names, row, converters, strict=True):
-        for function in functions:
-            value = function(value, column, connection)
-        result[name] = value
-    return result
+    return dict(zip((*names, *(also or {})), values, strict=True))
 
 
-def select_instance(model: type[M], where: Mapping[str, Any]) -> M | None:
-    """The one instance matching `where`, every concrete field loaded (as `Model.from_db` loads a queryset's row)."""
+def select_instance(model: type[M], where: Mapping[str, Any], *, related: str = "") -> M | None:
+    """The one instance matching `where`, every concrete field loaded (as `Model.from_db` loads a
+    queryset's row); with `related`, that foreign key's row too, in the same statement (as
+    `select_related(related)` does, through an inner join)."""
     names = tuple(field.attname for field in model._meta.concrete_fields)
-    row = select_row(model, names, where)
-    return None if row is None else model.from_db("default", names, [row[name] for name in names])
+    values = _select(model, names, where, join=related)
+    if values is None:
+        return None
+    instance = model.from_db("default", names, values[: len(names)])
+    if related:
+        other = _field(model, related).related_model
+        other_names = [field.attname for field in other._meta.concrete_fields]
+        setattr(instance, related, other.from_db("default", other_names, values[len(names) :]))
+    return instance

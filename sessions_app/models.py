@@ -8,7 +8,6 @@ import uuid
 from datetime import timedelta
 
 from django.conf import settings
-from django.contrib.auth import get_user_model
 from django.db import models
 from django.db.models import Q
 from django.utils import timezone
@@ -467,20 +466,15 @@ class ApiToken(models.Model):
     def authenticate(cls, raw: str, *, with_client: bool = True) -> ApiToken | None:
         """The live token for `raw` with its (active) user and, unless `with_client` is off, its client.
 
-        Every gateway call and API request asks: prepared statements, not a join the ORM
-        builds each time. The gateway reads the client only for a new session (in the
+        Every gateway call and API request asks: one prepared statement (the token joined to
+        its user), not a query the ORM builds each time. The gateway reads the client only for a new session (in the
         database thread), so it leaves it out; API views use it from async code.
         """
         if not raw or len(raw) > 200:
             return None
-        token = statements.select_instance(cls, {"token_hash": cls.hash_token(raw), "revoked_at": None})
-        if token is None:
+        token = statements.select_instance(cls, {"token_hash": cls.hash_token(raw), "revoked_at": None}, related="user")
+        if token is None or not token.user.is_active:
             return None
-        people = get_user_model()
-        user = statements.select_instance(people, {people._meta.pk.name: token.user_id})
-        if user is None or not user.is_active:
-            return None
-        token.user = user
         if with_client and token.client_id is not None:
             token.client = statements.select_instance(ClientDomain, {"id": token.client_id})
         return token

@@ -38,7 +38,7 @@ from django.db import DatabaseError, transaction
 from django.utils import timezone
 
 from billing import budgets, pricing
-from billing.catalogue import catalogue_pinned
+from billing.catalogue import catalogue_at, catalogue_pinned, catalogue_version_column
 from billing.models import LLMUsage, TokenSource, UsageStatus
 from config import statements
 from config.dbthread import db_sync_to_async
@@ -428,9 +428,23 @@ def _store_answer(turn: StreamingAnswer, *, now: datetime | None = None) -> Sess
     now = now or timezone.now()
     session_id = start.session.pk
     fields = ("status", "turn_started_at", "total_messages", "total_tokens", "estimated_cost_usd", "last_activity_at")
-    state = statements.select_row(ChatSession, (*fields, "invoice"), {"session_id": session_id}, for_update=True)
+    state = statements.select_row(
+        ChatSession,
+        (*fields, "invoice"),
+        {"session_id": session_id},
+        for_update=True,
+        also={"catalogue": catalogue_version_column()},  # the prices' version, in the same read
+    )
     if state is None:
         raise ChatSession.DoesNotExist(session_id)
+    with catalogue_at(state.pop("catalogue")):
+        return _store_locked(turn, state, now)
+
+
+def _store_locked(turn: StreamingAnswer, state: dict[str, Any], now: datetime) -> SessionMessage | None:
+    """`_store_answer` once the session row is locked and read (`state`)."""
+    start = turn.start
+    session_id = start.session.pk
     if state["status"] != SessionStatus.ACTIVE or state["turn_started_at"] != start.claim:
         logger.warning(
             "answer in session %s (claimed %s) not stored: the session %s; its %d characters were: %s",
@@ -556,7 +570,6 @@ def _add_to_totals(
         setattr(session, name, value)
 
 
-@catalogue_pinned()
 def _finish_turn(turn: StreamingAnswer) -> tuple[SessionMessage, ChatSession] | None:
     """The last write transaction of a turn; None when it is not this turn's to store.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from decimal import Decimal
 
 import pytest
+from asgiref.sync import sync_to_async
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
@@ -113,7 +114,29 @@ def test_a_turn_reads_no_price_or_alias_rows_when_the_catalogue_is_unchanged(own
     assert done.message.cost_usd > 0
     assert catalogue_queries(queries.captured_queries) == []
     reads = [q["sql"] for q in queries.captured_queries if "model_catalogue_version" in q["sql"]]
-    assert len(reads) == 2  # once as the turn is claimed, once as its answer is priced
+    assert len(reads) == 2  # once as the turn is claimed, once as its answer is priced:
+    assert "FOR UPDATE" in reads[1] or connection.vendor == "sqlite"  # with the locked session row
+    assert '"ollama_streaming_sessions"' in reads[1]
+
+
+def test_a_price_edited_while_the_answer_streams_bills_that_answer(owner, client_acme, use_simulator):
+    """The answer is priced at its store, with the version read under the session's lock."""
+    session = services.session_start(user=owner, client="acme", model="openai:gpt-4o")
+    run_chat(session, owner, "Warm the cache")
+    price = gpt_4o()
+
+    async def double_the_price(tokens: int) -> None:
+        if tokens == 1:  # another process's edit, while the answer streams
+            price.input_per_mtok *= 2
+            price.output_per_mtok *= 2
+            await sync_to_async(price.save)()
+
+    _texts, done = run_chat(session, owner, "Price this", on_token=double_the_price)
+    usage = LLMUsage.objects.get(message=done.message.pk)
+    expected = (
+        Decimal(usage.prompt_tokens) * price.input_per_mtok + Decimal(usage.completion_tokens) * price.output_per_mtok
+    ) / Decimal(1_000_000)
+    assert usage.cost == expected.quantize(Decimal("0.000001"))
 
 
 def test_inside_a_pinned_block_lookups_cost_no_query(use_simulator):
