@@ -207,17 +207,23 @@ def select_row(
     return dict(zip((*names, *(also or {})), values, strict=True))
 
 
-def select_instance(model: type[M], where: Mapping[str, Any], *, related: str = "") -> M | None:
+def select_instance(
+    model: type[M], where: Mapping[str, Any], *, related: str = "", also: Mapping[str, Scalar] | None = None
+) -> M | None:
     """The one instance matching `where`, every concrete field loaded (as `Model.from_db` loads a
     queryset's row); with `related`, that foreign key's row too, in the same statement (as
-    `select_related(related)` does, through an inner join)."""
+    `select_related(related)` does, through an inner join). `also`'s values, read in the same
+    statement, are the instance's `read_with` dict."""
     names = tuple(field.attname for field in model._meta.concrete_fields)
-    values = _select(model, names, where, join=related)
+    values = _select(model, names, where, join=related, also=also)
     if values is None:
         return None
     instance = model.from_db("default", names, values[: len(names)])
+    rest = values[len(names) :]
     if related:
         other = _field(model, related).related_model
         other_names = [field.attname for field in other._meta.concrete_fields]
-        setattr(instance, related, other.from_db("default", other_names, values[len(names) :]))
+        setattr(instance, related, other.from_db("default", other_names, rest[: len(other_names)]))
+        rest = rest[len(other_names) :]
+    instance.read_with = dict(zip(also or {}, rest, strict=True))  # type: ignore[attr-defined]
     return instance

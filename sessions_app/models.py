@@ -463,16 +463,19 @@ class ApiToken(models.Model):
             self.last_used_at = now
 
     @classmethod
-    def authenticate(cls, raw: str, *, with_client: bool = True) -> ApiToken | None:
+    def authenticate(cls, raw: str, *, with_client: bool = True, also: dict | None = None) -> ApiToken | None:
         """The live token for `raw` with its (active) user and, unless `with_client` is off, its client.
 
         Every gateway call and API request asks: one prepared statement (the token joined to
         its user), not a query the ORM builds each time. The gateway reads the client only for a new session (in the
-        database thread), so it leaves it out; API views use it from async code.
+        database thread), so it leaves it out; API views use it from async code. `also`
+        (`statements.Scalar`s) are read in the same statement, into `token.read_with`.
         """
         if not raw or len(raw) > 200:
             return None
-        token = statements.select_instance(cls, {"token_hash": cls.hash_token(raw), "revoked_at": None}, related="user")
+        token = statements.select_instance(
+            cls, {"token_hash": cls.hash_token(raw), "revoked_at": None}, related="user", also=also
+        )
         if token is None or not token.user.is_active:
             return None
         if with_client and token.client_id is not None:

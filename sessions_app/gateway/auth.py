@@ -19,14 +19,15 @@ def raw_token(request: HttpRequest, path_token: str | None) -> str:
     return ""
 
 
-def authenticate_raw(raw: str, request: HttpRequest | None = None) -> ApiToken:
+def authenticate_raw(raw: str, request: HttpRequest | None = None, also: dict | None = None) -> ApiToken:
     """The live token for `raw`, or a 401 GatewayError; 429 once the caller's address has sent
-    too many unknown tokens (`request` says who is calling; without it nothing is throttled)."""
+    too many unknown tokens (`request` says who is calling; without it nothing is throttled).
+    `also` is read with the token (`ApiToken.authenticate`)."""
     if not raw:
         raise GatewayError(401, TOKEN_MISSING, code="invalid_api_key")
     if request is not None and (wait := throttle.token_wait(request)):
         raise GatewayError(429, throttle.token_message(wait), code="rate_limit_exceeded", retry_after=wait)
-    token = ApiToken.authenticate(raw, with_client=False)  # read only for a new session
+    token = ApiToken.authenticate(raw, with_client=False, also=also)  # the client: only for a new session
     if token is None:
         if request is not None and (wait := throttle.token_failed(request)):
             raise GatewayError(429, throttle.token_message(wait), code="rate_limit_exceeded", retry_after=wait)

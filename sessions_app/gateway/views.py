@@ -21,7 +21,7 @@ from django.db import OperationalError
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from billing.catalogue import catalogue_pinned
+from billing.catalogue import catalogue_at, catalogue_version_column
 from config.dbthread import db_sync_to_async
 from config.logmask import mask
 from providers import router
@@ -141,11 +141,18 @@ def _check_model(name: str) -> None:
         raise GatewayError(404, MODEL_NOT_FOUND.format(name=name) + f": {exc}", code="model_not_found") from None
 
 
-@catalogue_pinned()
 def _prepare(raw: str, body: bytes, parse: Callable[[dict], ChatRequest | None], request: HttpRequest | None = None):
     """Authenticate, parse, validate, join the session and begin the turn (its user message
-    stored), in one trip to the database thread: the provider is called straight after."""
-    token = authenticate_raw(raw, request)
+    stored), in one trip to the database thread: the provider is called straight after.
+
+    The catalogue's version (aliases and prices) is read with the token, and holds for the rest.
+    """
+    token = authenticate_raw(raw, request, also={"catalogue": catalogue_version_column()})
+    with catalogue_at(token.read_with["catalogue"]):  # type: ignore[attr-defined]
+        return _prepare_turn(token, body, parse)
+
+
+def _prepare_turn(token, body: bytes, parse: Callable[[dict], ChatRequest | None]):
     data = read_json(body)
     chat = parse(data)
     if chat is None:

@@ -570,6 +570,8 @@ def test_a_call_continuing_the_conversation_this_process_answered_reads_no_other
     reads = [q["sql"] for q in queries.captured_queries if q["sql"].lstrip().upper().startswith("SELECT")]
     assert not any("ollama_session_messages" in sql for sql in reads), reads
     assert not any('"ollama_streaming_sessions"."api_token_id"' in sql for sql in reads), reads
+    # One read in all: the token, its user and the catalogue's version, in one statement.
+    assert len(reads) == 1 and '"api_tokens"' in reads[0] and "model_catalogue_version" in reads[0], reads
 
 
 def test_a_remembered_session_that_moved_on_elsewhere_is_planned_afresh(ollama_client, acme_token, owner):
