@@ -229,7 +229,8 @@ async def session_chat(request, user, data, session_id):
             return _stream_response(events)
         return _stream_response(events, first)
     done = None
-    async for event in services.session_chat(session_id=session.pk, user=user, message=message):
+    # The caller wants one object: the provider is asked for one response too (no token relay).
+    async for event in services.session_chat(session_id=session.pk, user=user, message=message, stream=False):
         if isinstance(event, Done):
             done = event
     return JsonResponse(await sync_to_async(selectors.chat_answer_as_dict)(done.message, done.session))

@@ -276,6 +276,11 @@ def gateway_join(*, token: ApiToken, chat: ChatRequest) -> tuple[ChatSession, se
     if token.client_id is None:
         raise GatewayError(400, TOKEN_WITHOUT_CLIENT, code="token_without_client")
     user = token.user
+    if not any(message["role"] != "system" for message in chat.history):
+        # A first message: no stored conversation can match it (`_plan` would read the token's
+        # sessions and their messages to find none), and no other call can join it. A session of its own.
+        with transaction.atomic():
+            return _new_session(token, chat, chat.history), None
     plan = _plan(token, chat)
     if plan.read_only and same_model(plan.target.current_model, chat.model_name):
         return plan.target, plan.known  # the usual call: nothing to store before the turn itself
@@ -294,20 +299,28 @@ def gateway_join(*, token: ApiToken, chat: ChatRequest) -> tuple[ChatSession, se
         elif target is None:
             # A new conversation. Other live sessions are left as they are: a tool may come back
             # to them, and the guardian ends them at their last activity, so idle time is never billed.
-            target = services.session_start(
-                user=user,
-                client=token.client,
-                model=chat.model_name,
-                name=token.name or "Gateway",
-                system_prompt=chat.system,
-                source=SessionSource.GATEWAY,
-                api_token=token,
-            )
+            return _new_session(token, chat, plan.tail), None
         if plan.tail:
             services.session_append_history(session_id=target.pk, user=user, messages=plan.tail)
         if not same_model(target.current_model, chat.model_name):
             target = _switch(target, user, chat.model_name)
         return target, None
+
+
+def _new_session(token: ApiToken, chat: ChatRequest, history: list[ChatMessage]) -> ChatSession:
+    """Start the token's session for a new conversation, with the turns the client made up before it."""
+    target = services.session_start(
+        user=token.user,
+        client=token.client,
+        model=chat.model_name,
+        name=token.name or "Gateway",
+        system_prompt=chat.system,
+        source=SessionSource.GATEWAY,
+        api_token=token,
+    )
+    if history:
+        services.session_append_history(session_id=target.pk, user=token.user, messages=history)
+    return target
 
 
 def _switch(session: ChatSession, user, model: str) -> ChatSession:

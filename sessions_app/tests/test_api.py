@@ -111,6 +111,7 @@ def test_done_when_a_session_bills_two_clients_and_its_seal_catches_any_edit(
     assert paid["provider"] == "openai" and paid["client"] == "globex" and Decimal(paid["cost_usd"]) > 0
     openai_request = use_simulator.last_request(path="/v1/chat/completions")
     assert "Our codename is Bluebird." in [m["content"] for m in openai_request["body"]["messages"]]
+    assert not openai_request["body"].get("stream")  # a JSON answer: one response upstream, no relay
 
     summary = call(api, "POST", f"/session/{sid}/end", status=200, spec_path="/session/{session_id}/end")
     assert summary == call(api, "POST", f"/session/{sid}/end", status=200)

@@ -574,6 +574,20 @@ def test_a_call_continuing_the_conversation_this_process_answered_reads_no_other
     assert len(reads) == 1 and '"api_tokens"' in reads[0] and "model_catalogue_version" in reads[0], reads
 
 
+def test_a_first_message_starts_its_session_without_reading_the_tokens_others(ollama_client, acme_token):
+    """No stored conversation can match a call with no earlier turns: nothing is read to find one."""
+    from django.test.utils import CaptureQueriesContext
+
+    ollama_client.chat(model="llama3.2", messages=[{"role": "user", "content": "An earlier chat"}], stream=False)
+    with CaptureQueriesContext(connection) as queries:
+        _session, start = _prepare_only(acme_token[1], [{"role": "user", "content": "A new chat"}])
+
+    assert start.user_message.seq == 1 and gateway_sessions(acme_token[0]).count() == 2
+    sql = [q["sql"] for q in queries.captured_queries]
+    assert not any('"ollama_streaming_sessions"."api_token_id" =' in q and q.startswith("SELECT") for q in sql), sql
+    assert not any("FOR UPDATE" in q and '"api_tokens"' in q for q in sql), sql  # no lock on the token
+
+
 def test_a_remembered_session_that_moved_on_elsewhere_is_planned_afresh(ollama_client, acme_token, owner):
     """Another process answered in the session since this one remembered it: a client coming back
     to the older point branches (as it would in any process), never appends after the other turn."""
