@@ -4,8 +4,9 @@
 
 One daphne is one Python process, so it uses one core at most. This starts N of them (one
 per core by default), each on its own Unix socket, and HAProxy (Debian's package: `make
-install-front`) in front on HOST:PORT. HAProxy balances by least connections, which suits
-long streamed answers; it passes WebSocket upgrades through and forwards streamed
+install-front`) in front on HOST:PORT. HAProxy balances pages and sockets by least
+connections, which suits long streamed answers, and a gateway token's calls by a hash of the
+token with bounded load (its conversation is remembered where it was last answered); it passes WebSocket upgrades through and forwards streamed
 bodies as they arrive (it never buffers a response), so live chat pages, NDJSON and SSE
 behave exactly as against one daphne. A daphne that dies is taken out of rotation by
 HAProxy's health check and restarted here; Ctrl-C or SIGTERM stops everything.
@@ -97,11 +98,26 @@ defaults
 
 frontend web
     bind {host}:{port}
+    # A gateway call's token: its Authorization header, or the <token> of a /t/<token>/ path.
+    http-request set-var(txn.token) req.hdr(authorization)
+    http-request set-var(txn.token) path,field(3,/) if {{ path_beg /t/ }}
+    use_backend gateway if {{ var(txn.token) -m found }}
     default_backend daphne
 
 backend daphne
     # A streamed answer holds its connection for seconds: count connections, not requests.
     balance leastconn
+{servers}
+
+backend gateway
+    # The daphne that answered a token's last call remembers where that conversation is stored
+    # and places the next call without reading it (docs/GATEWAY.md): a token's calls go to one
+    # daphne (a consistent hash of the token) unless it already holds more than its share of
+    # the open connections (the least HAProxy allows, 101 %), then to the next; so concurrent
+    # calls still spread over every core as with least connections.
+    balance hash var(txn.token)
+    hash-type consistent
+    hash-balance-factor 101
 {servers}
 """
 
@@ -234,11 +250,11 @@ class Front:
         lines = data.decode().splitlines()
         header = lines[0].lstrip("# ").split(",")
         rows = [dict(zip(header, line.split(","), strict=False)) for line in lines[1:] if line]
-        return {
-            row["svname"]: int(row["stot"] or 0)
-            for row in rows
-            if row.get("pxname") == "daphne" and row["svname"] not in ("BACKEND", "FRONTEND")
-        }
+        served: dict[str, int] = {}
+        for row in rows:  # both backends (pages and the gateway) send to the same daphnes
+            if row.get("pxname") in ("daphne", "gateway") and row["svname"] not in ("BACKEND", "FRONTEND"):
+                served[row["svname"]] = served.get(row["svname"], 0) + int(row["stot"] or 0)
+        return served
 
 
 def _wait_for_socket(path: Path, process: subprocess.Popen, timeout: float) -> None:

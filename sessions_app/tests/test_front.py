@@ -59,6 +59,9 @@ def test_haproxy_config_balances_unix_socket_daphnes_and_keeps_long_streams_open
     assert "bind 127.0.0.1:8000" in config
     assert f"server daphne1 unix@{sockets[0]} check" in config and f"server daphne2 unix@{sockets[1]} check" in config
     assert "balance leastconn" in config and "option forwardfor" in config
+    # A gateway token's calls prefer one daphne (its remembered conversation), spilling over under load.
+    assert "use_backend gateway if { var(txn.token) -m found }" in config
+    assert "balance hash var(txn.token)" in config and "hash-balance-factor 101" in config
     assert "option http-no-delay" in config  # a token is sent when it arrives, never corked
     assert "timeout tunnel 1h" in config  # WebSockets
     assert "http-buffer-request" not in config and "compression" not in config  # nothing held back
@@ -231,13 +234,23 @@ def test_a_chat_page_socket_upgrades_through_the_front_and_streams(front):
 
 
 @needs_deployment
+def test_a_tokens_calls_one_after_another_go_to_the_same_daphne(front):
+    """So the daphne that answered the last call, which remembers the conversation, gets the next."""
+    before = front.front.server_sessions()
+    for _ in range(4):
+        stream_first_token(front, "llama3.2").close()
+    after = front.front.server_sessions()
+    assert sorted(after[name] - before[name] for name in after) == [0, 4], (before, after)
+
+
+@needs_deployment
 def test_concurrent_calls_are_spread_over_every_daphne(front):
     before = front.front.server_sessions()
-    # Two answers streaming at once: least-connections sends the second to the idle process.
-    first = stream_first_token(front, PACED_MODEL)
-    second = stream_first_token(front, PACED_MODEL)
-    first.close()
-    second.close()
+    # Answers streaming at once: the token's daphne takes no more than its share of them (HAProxy's
+    # bounded load rounds the share up, so the third of one token's answers is sure to go elsewhere).
+    streams = [stream_first_token(front, PACED_MODEL) for _ in range(3)]
+    for streaming in streams:
+        streaming.close()
     after = front.front.server_sessions()
     assert sorted(after) == ["daphne1", "daphne2"]
     assert all(after[name] > before[name] for name in after), (before, after)
