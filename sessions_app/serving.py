@@ -59,9 +59,10 @@ def _on_start(reactor) -> None:
 
 
 def database_threads() -> int:
-    """As many database threads as the connection pool holds connections (20 without a pool)."""
+    """`DB_THREADS`, but never more than the connection pool holds connections."""
     pool = settings.DATABASES["default"].get("OPTIONS", {}).get("pool")
-    return pool.get("max_size", 20) if isinstance(pool, dict) else 20
+    most = pool.get("max_size", settings.DB_THREADS) if isinstance(pool, dict) else settings.DB_THREADS
+    return min(settings.DB_THREADS, most)
 
 
 def settle_at_start() -> int:

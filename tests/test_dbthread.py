@@ -42,3 +42,15 @@ def test_under_the_server_calls_run_on_its_database_threads(server_threads):
 def test_a_synchronous_caller_waiting_above_keeps_its_own_thread(server_threads):
     # A test or a command: the call must see the caller's connection (and its transaction).
     assert async_to_sync(dbthread.db_sync_to_async(_thread_name))() == threading.current_thread().name
+
+
+def test_the_server_runs_db_threads_but_never_more_than_the_pool_holds(settings):
+    from sessions_app.serving import database_threads
+
+    settings.DB_THREADS = 4
+    settings.DATABASES = {"default": {**settings.DATABASES["default"], "OPTIONS": {"pool": {"max_size": 20}}}}
+    assert database_threads() == 4
+    settings.DATABASES = {"default": {**settings.DATABASES["default"], "OPTIONS": {"pool": {"max_size": 2}}}}
+    assert database_threads() == 2
+    settings.DATABASES = {"default": {**settings.DATABASES["default"], "OPTIONS": {}}}
+    assert database_threads() == 4
