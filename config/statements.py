@@ -64,13 +64,12 @@ def insert(obj: Model) -> None:
         post_save.send(sender=model, instance=obj, created=True, update_fields=None, raw=False, using=using)
 
 
-def _where(model: type[Model], names: Iterable[str], values: Mapping[str, Any], table: str = "") -> tuple[str, list]:
-    """`names` = `values` as SQL conditions (None: IS NULL), columns qualified by `table` when given."""
+def _where(model: type[Model], conditions: Mapping[str, Any], table: str = "") -> tuple[str, list]:
+    """`conditions` (name: value) as SQL (None: IS NULL), columns qualified by `table` when given."""
     prefix = f"{_quote(table)}." if table else ""
     clauses, params = [], []
-    for name in names:
+    for name, value in conditions.items():
         field = _field(model, name)
-        value = values[name]
         if value is None:
             clauses.append(f"{prefix}{_quote(field.column)} IS NULL")
         else:
@@ -95,7 +94,7 @@ def update(
     `auto_now`.
     """
     add = add or {}
-    where_sql, where_params = _where(model, where, where)
+    where_sql, where_params = _where(model, where)
     sql = _update_sql(model, tuple(values), tuple(add), where_sql, connection.vendor)
     params = [_field(model, name).get_db_prep_save(value, connection) for name, value in values.items()]
     params += list(add.values()) + where_params
@@ -112,7 +111,7 @@ class Scalar:
 
     def sql(self) -> tuple[str, list]:
         table = self.model._meta.db_table
-        condition, params = _where(self.model, self.where, self.where, table)
+        condition, params = _where(self.model, self.where, table)
         column = _quote(str(_field(self.model, self.name).column))
         return f"(SELECT {_quote(table)}.{column} FROM {_quote(table)} WHERE {condition})", params  # noqa: S608
 
@@ -171,7 +170,7 @@ def _select(
         scalar_sql, scalar_params = scalar.sql()
         scalars.append((scalar_sql, _field(scalar.model, scalar.name)))
         params += scalar_params
-    where_sql, where_params = _where(model, where, where, model._meta.db_table)
+    where_sql, where_params = _where(model, where, model._meta.db_table)
     sql, converters = _select_sql(model, names, where_sql, for_update, join, tuple(scalars), connection.vendor)
     with connection.cursor() as cursor:
         cursor.execute(sql, params + where_params)
@@ -207,6 +206,11 @@ def select_row(
     return dict(zip((*names, *(also or {})), values, strict=True))
 
 
+@functools.cache
+def _attnames(model: type[Model]) -> tuple[str, ...]:
+    return tuple(field.attname for field in model._meta.concrete_fields)
+
+
 def select_instance(
     model: type[M], where: Mapping[str, Any], *, related: str = "", also: Mapping[str, Scalar] | None = None
 ) -> M | None:
@@ -214,7 +218,7 @@ def select_instance(
     queryset's row); with `related`, that foreign key's row too, in the same statement (as
     `select_related(related)` does, through an inner join). `also`'s values, read in the same
     statement, are the instance's `read_with` dict."""
-    names = tuple(field.attname for field in model._meta.concrete_fields)
+    names = _attnames(model)
     values = _select(model, names, where, join=related, also=also)
     if values is None:
         return None
@@ -222,7 +226,7 @@ def select_instance(
     rest = values[len(names) :]
     if related:
         other = _field(model, related).related_model
-        other_names = [field.attname for field in other._meta.concrete_fields]
+        other_names = _attnames(other)
         setattr(instance, related, other.from_db("default", other_names, rest[: len(other_names)]))
         rest = rest[len(other_names) :]
     instance.read_with = dict(zip(also or {}, rest, strict=True))  # type: ignore[attr-defined]

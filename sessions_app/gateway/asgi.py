@@ -23,6 +23,7 @@ So this handler sends both signals inline and closes the response inline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 
 from django.core import signals
@@ -89,50 +90,43 @@ class GatewayHandler(ASGIHandler):
             body_file = await self.read_body(receive)
         except RequestAborted:
             return
-        set_script_prefix(get_script_prefix(scope))
-        signals.request_started.send(sender=self.__class__, scope=scope)
-        request, error_response = self.create_request(scope, body_file)
-        if request is None:
-            assert error_response is not None  # Django gives one or the other
+        try:
+            set_script_prefix(get_script_prefix(scope))
+            signals.request_started.send(sender=self.__class__, scope=scope)
+            request, error_response = self.create_request(scope, body_file)
+            if request is None:
+                assert error_response is not None  # Django gives one or the other
+                await self.send_response(error_response, send)
+                error_response.close()
+                return
+            await self._respond(request, receive, send)
+        finally:
             body_file.close()
-            await self.send_response(error_response, send)
-            error_response.close()
-            return
+
+    async def _respond(self, request, receive, send) -> None:
+        """As Django does: a client that disconnects cancels the view (a turn stores its partial)."""
 
         async def process_request() -> HttpResponseBase:
             response = await self.run_get_response(request)
-            try:
+            with contextlib.suppress(asyncio.CancelledError):  # the client left while it was sent
                 await self.send_response(response, send)
-            except asyncio.CancelledError:
-                pass  # the client went away while the response was sent
             return response
 
-        # As Django does: a client that disconnects cancels the view (a turn stores its partial).
         listen = asyncio.create_task(self.listen_for_disconnect(receive))
         process = asyncio.create_task(process_request())
         await asyncio.wait((listen, process), return_when=asyncio.FIRST_COMPLETED)
         for task in (listen, process):
             if task.done():
-                try:
+                with contextlib.suppress(RequestAborted):
                     task.result()
-                except RequestAborted:
-                    pass
-                except AssertionError:
-                    body_file.close()
-                    raise
             else:
                 task.cancel()
-                try:
+                with contextlib.suppress(asyncio.CancelledError):
                     await task
-                except asyncio.CancelledError:
-                    pass
-        try:
-            response = process.result()
-        except asyncio.CancelledError:
+        if process.cancelled():
             signals.request_finished.send(sender=self.__class__)
         else:
-            response.close()  # its closers, then request_finished
-        body_file.close()
+            process.result().close()  # its closers, then request_finished
 
 
 @functools.lru_cache(maxsize=4096)

@@ -96,6 +96,22 @@ def same_model(a: str, b: str) -> bool:
     return norm(a) == norm(b)
 
 
+def _idle_cutoff():
+    """Sessions last active before this are idle: the guardian ends them, no call continues them."""
+    return timezone.now() - timedelta(seconds=settings.SESSION_IDLE_TIMEOUT)
+
+
+def _is_live(session: ChatSession, cutoff) -> bool:
+    return session.is_active and session.last_activity_at >= cutoff
+
+
+def _continued_exactly(rows: list[tuple], chat: ChatRequest) -> tuple[Match, bool]:
+    """How the client's history matches `rows` (`TURN_ROW_FIELDS`), and whether it is exactly
+    that conversation with nothing new before the message (no session can do better)."""
+    match = match_history([Stored(seq, role, content) for seq, role, content, *_ in rows], chat.history)
+    return match, bool(match.complete and match.matched and match.next_index == len(chat.history))
+
+
 def _stored_messages(sessions: list[ChatSession]) -> dict:
     rows = (
         SessionMessage.objects.filter(session__in=sessions)
@@ -156,12 +172,12 @@ def _plan(token: ApiToken, chat: ChatRequest) -> Plan:
        or regenerated turn, or a conversation whose session ended).
     3. Otherwise it is a new conversation: a new session.
     """
-    cutoff = timezone.now() - timedelta(seconds=settings.SESSION_IDLE_TIMEOUT)
+    cutoff = _idle_cutoff()
     recent = ChatSession.objects.filter(api_token=token, user=token.user, domain_id=token.client_id)
     candidates = list(
         services.with_pending_stream(recent.select_related("domain")).order_by("-last_activity_at")[:CANDIDATE_SESSIONS]
     )
-    live = [s for s in candidates if s.is_active and s.last_activity_at >= cutoff]
+    live = [s for s in candidates if _is_live(s, cutoff)]
     usable = [s for s in candidates if _same(s.system_prompt, chat.system)]  # a new prompt needs a new session
     complete: tuple[ChatSession, Match] | None = None
     partial: tuple[ChatSession, Match] | None = None
@@ -181,9 +197,8 @@ def _plan(token: ApiToken, chat: ChatRequest) -> Plan:
     current = next((s for s in live if s in usable), None)
     if current is not None:
         rows = _turn_rows(current)
-        match = match_history([Stored(seq, role, content) for seq, role, content, *_ in rows], chat.history)
-        if match.complete and match.matched and match.next_index == len(chat.history):
-            # Nothing new before the message: none can do better.
+        match, exactly = _continued_exactly(rows, chat)
+        if exactly:
             return Plan(live, current, None, [], services.KnownSession(current, rows))
         consider(current, match)
     others = [s for s in usable if s is not current]
@@ -227,19 +242,15 @@ class Remembered:
         if known is None:
             return None
         session = known.session
-        cutoff = timezone.now() - timedelta(seconds=settings.SESSION_IDLE_TIMEOUT)
+        # The conditions `_plan` puts on the session it would choose: this token's, live, the
+        # same system prompt and model, and a history that is exactly its conversation.
         if (
-            session.domain_id != token.client_id
-            or session.user_id != token.user_id
-            or session.api_token_id != token.pk
-            or not session.is_active
-            or session.last_activity_at < cutoff
-            or not same_model(session.current_model, chat.model_name)
-            or not _same(session.system_prompt, chat.system)
+            (session.domain_id, session.user_id, session.api_token_id) == (token.client_id, token.user_id, token.pk)
+            and _is_live(session, _idle_cutoff())
+            and same_model(session.current_model, chat.model_name)
+            and _same(session.system_prompt, chat.system)
+            and _continued_exactly(known.rows, chat)[1]
         ):
-            return None
-        match = match_history([Stored(seq, role, content) for seq, role, content, *_ in known.rows], chat.history)
-        if match.complete and match.matched and match.next_index == len(chat.history):
             return known
         return None
 

@@ -166,14 +166,8 @@ def _prepare_turn(token, body: bytes, parse: Callable[[dict], ChatRequest | None
     if len(chat.message) > settings.CHAT_MAX_MESSAGE_CHARS:
         limit = settings.CHAT_MAX_MESSAGE_CHARS
         raise MessageTooLarge(MESSAGE_TOO_LARGE.format(size=len(chat.message), limit=limit))
-    if (known := remembered.recall(token, chat)) is not None:
-        try:
-            start = services.begin_turn(
-                session_id=known.session.pk, user=token.user, message=chat.message, known=known, only_if_current=True
-            )
-            return token, data, chat, known.session, start
-        except services.KnownIsStale:
-            pass  # the session moved on since: plan the call afresh
+    if (begun := _begin_remembered(token, chat)) is not None:
+        return token, data, chat, *begun
     retried = False
     while True:
         session, known = gateway_join(token=token, chat=chat)
@@ -187,6 +181,21 @@ def _prepare_turn(token, body: bytes, parse: Callable[[dict], ChatRequest | None
             retried = True
             continue
         return token, data, chat, session, start
+
+
+def _begin_remembered(token, chat: ChatRequest) -> tuple[Any, Any] | None:
+    """(session, turn) begun in the session the token's last call was answered in, when this call
+    continues it and it has not moved on since; None: plan the call (`gateway_join`)."""
+    known = remembered.recall(token, chat)
+    if known is None:
+        return None
+    try:
+        start = services.begin_turn(
+            session_id=known.session.pk, user=token.user, message=chat.message, known=known, only_if_current=True
+        )
+    except services.KnownIsStale:
+        return None  # nothing was written
+    return known.session, start
 
 
 @dataclass
