@@ -10,11 +10,13 @@ when it starts and once when it ends, never once per request.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 
 from django.core.cache.backends.locmem import LocMemCache
-from django.core.cache.backends.redis import RedisCache
+from django.core.cache.backends.redis import RedisCache, RedisCacheClient
+from django.utils.functional import cached_property
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -85,6 +87,12 @@ class Outage:
 # One per Redis the cache talks to (tests point caches at unreachable ports of their own).
 _CACHE_OUTAGES: dict[str, Outage] = {}
 
+# One client, so one connection pool, per Redis and options, shared by every cache instance
+# of the process. Django makes a cache instance per thread and, under ASGI, per request; each
+# would otherwise open its own pool, that is a new connection (HELLO, SELECT) per request.
+_CACHE_CLIENTS: dict[tuple[str, str], RedisCacheClient] = {}
+_CACHE_CLIENTS_LOCK = threading.Lock()
+
 
 class ResilientRedisCache(RedisCache):
     """Django's Redis cache that serves from local memory while Redis is down.
@@ -98,7 +106,19 @@ class ResilientRedisCache(RedisCache):
         super().__init__(server, params)
         self._fallback = LocMemCache(f"redis-fallback:{server}", {"TIMEOUT": params.get("TIMEOUT", 300)})
         location = server if isinstance(server, str) else ",".join(server)
+        self._client_options = params.get("OPTIONS", {})
+        self._shared = (location, repr(sorted(self._client_options.items())))
         self._outage = _CACHE_OUTAGES.setdefault(location, Outage(f"The Redis cache at {location.split('@')[-1]}"))
+
+    @cached_property
+    def _cache(self):
+        client = _CACHE_CLIENTS.get(self._shared)
+        if client is None:
+            with _CACHE_CLIENTS_LOCK:
+                client = _CACHE_CLIENTS.setdefault(
+                    self._shared, RedisCacheClient(re.split("[;,]", self._shared[0]), **self._client_options)
+                )
+        return client
 
     def _either(self, name: str, *args, **kwargs):
         if self._outage.should_skip():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import threading
 
 import pytest
 from django.core.cache import cache
@@ -52,3 +54,30 @@ def test_an_outage_tries_again_after_a_backoff_and_says_when_it_is_over(caplog):
         outage.recovered()
     assert not outage.down and not outage.should_skip()
     assert caplog.text.count("is unreachable") == 1 and caplog.text.count("answers again after") == 1
+
+
+def test_every_cache_instance_of_the_process_shares_one_redis_client_and_pool():
+    """Django makes a cache instance per thread and per ASGI request; none may open its own pool."""
+    params = {"OPTIONS": {"socket_connect_timeout": 1, "socket_timeout": 1}}
+    first = resilience.ResilientRedisCache(UNREACHABLE, params)
+    second = resilience.ResilientRedisCache(UNREACHABLE, params)
+    other_options = resilience.ResilientRedisCache(UNREACHABLE, {"OPTIONS": {"socket_timeout": 2}})
+    assert first._cache is second._cache
+    assert first._cache._get_connection_pool(True) is second._cache._get_connection_pool(False)
+    assert other_options._cache is not first._cache
+
+
+@pytest.mark.skipif(not os.environ.get("REDIS_URL"), reason="needs a Redis: REDIS_URL is not set")
+def test_requests_in_their_own_contexts_reuse_one_redis_connection():
+    location = os.environ["REDIS_URL"]
+    params = {"OPTIONS": {"socket_connect_timeout": 1, "socket_timeout": 1}}
+
+    def one_request(index: int) -> None:  # a thread of its own, as a request without one gets
+        resilience.ResilientRedisCache(location, params).get(f"resilience-test-{index}")
+
+    for index in range(5):
+        worker = threading.Thread(target=one_request, args=(index,))
+        worker.start()
+        worker.join()
+    pool = resilience.ResilientRedisCache(location, params)._cache._get_connection_pool(False)
+    assert pool._created_connections == 1
