@@ -13,7 +13,8 @@ results by the fields' and the backend's converters, and `insert` sends `pre_sav
 `post_save` as `save()` does (the invoice lock in `sessions_app/locks.py` listens there).
 
 Use them only for a statement that runs on every turn; everything else reads better as a
-queryset. Conditions are equalities (`None` means IS NULL); `add` increments a column.
+queryset. Conditions are equalities (`None` means IS NULL, `Outer(name)` the outer row's
+column in a subquery); `add` increments a column; `order_by` takes names, `-` for descending.
 """
 
 from __future__ import annotations
@@ -64,14 +65,29 @@ def insert(obj: Model) -> None:
         post_save.send(sender=model, instance=obj, created=True, update_fields=None, raw=False, using=using)
 
 
-def _where(model: type[Model], conditions: Mapping[str, Any], table: str = "") -> tuple[str, list]:
-    """`conditions` (name: value) as SQL (None: IS NULL), columns qualified by `table` when given."""
+class Outer:
+    """In a subquery's conditions (`Scalar`, `Exists`): the column `name` of the row read around it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def _where(
+    model: type[Model], conditions: Mapping[str, Any], table: str = "", outer: type[Model] | None = None
+) -> tuple[str, list]:
+    """`conditions` (name: value) as SQL (None: IS NULL), columns qualified by `table` when given;
+    `Outer` values name `outer`'s columns."""
     prefix = f"{_quote(table)}." if table else ""
     clauses, params = [], []
     for name, value in conditions.items():
         field = _field(model, name)
         if value is None:
             clauses.append(f"{prefix}{_quote(field.column)} IS NULL")
+        elif isinstance(value, Outer):
+            if outer is None:
+                raise ValueError(f"Outer({value.name!r}) outside a subquery")
+            column = f"{_quote(outer._meta.db_table)}.{_quote(_field(outer, value.name).column)}"
+            clauses.append(f"{prefix}{_quote(field.column)} = {column}")
         else:
             clauses.append(f"{prefix}{_quote(field.column)} = %s")
             params.append(field.get_db_prep_value(value, connection))
@@ -103,27 +119,73 @@ def update(
         return cursor.rowcount
 
 
-class Scalar:
-    """One value of another table's row, read in the same statement: `(SELECT column FROM ... WHERE ...)`."""
-
-    def __init__(self, model: type[Model], name: str, where: Mapping[str, Any]) -> None:
-        self.model, self.name, self.where = model, name, where
-
-    def sql(self) -> tuple[str, list]:
-        table = self.model._meta.db_table
-        condition, params = _where(self.model, self.where, table)
-        column = _quote(str(_field(self.model, self.name).column))
-        return f"(SELECT {_quote(table)}.{column} FROM {_quote(table)} WHERE {condition})", params  # noqa: S608
-
-
 def _converters(field, table: str) -> tuple:
     column = field.get_col(table)
     return tuple(connection.ops.get_db_converters(column) + field.get_db_converters(connection)), column
 
 
 @functools.cache
+def _column_converters(model: type[Model], name: str, vendor: str) -> tuple:
+    return _converters(_field(model, name), model._meta.db_table)
+
+
+def _convert(value, converters: tuple):
+    functions, column = converters
+    for function in functions:
+        value = function(value, column, connection)
+    return value
+
+
+class Scalar:
+    """One value of another table's row, read in the same statement: `(SELECT column FROM ... WHERE ...)`."""
+
+    def __init__(self, model: type[Model], name: str, where: Mapping[str, Any]) -> None:
+        self.model, self.name, self.where = model, name, where
+
+    def sql(self, outer: type[Model]) -> tuple[str, list]:
+        table = self.model._meta.db_table
+        condition, params = _where(self.model, self.where, table, outer)
+        column = _quote(str(_field(self.model, self.name).column))
+        return f"(SELECT {_quote(table)}.{column} FROM {_quote(table)} WHERE {condition})", params  # noqa: S608
+
+    def convert(self, value):
+        return _convert(value, _column_converters(self.model, self.name, connection.vendor))
+
+
+class Exists:
+    """Whether another table has a row matching `where`, read in the same statement: `EXISTS (...)`."""
+
+    def __init__(self, model: type[Model], where: Mapping[str, Any]) -> None:
+        self.model, self.where = model, where
+
+    def sql(self, outer: type[Model]) -> tuple[str, list]:
+        table = self.model._meta.db_table
+        condition, params = _where(self.model, self.where, table, outer)
+        return f"EXISTS (SELECT 1 FROM {_quote(table)} WHERE {condition})", params  # noqa: S608
+
+    def convert(self, value) -> bool:
+        return bool(value)  # SQLite answers 0 or 1
+
+
+def _order(model: type[Model], names: tuple[str, ...]) -> str:
+    table = _quote(model._meta.db_table)
+    return ", ".join(
+        f"{table}.{_quote(_field(model, name.lstrip('-')).column)}{' DESC' if name.startswith('-') else ''}"
+        for name in names
+    )
+
+
+@functools.cache
 def _select_sql(
-    model: type[Model], names: tuple[str, ...], where: str, lock: bool, join: str, scalars: tuple, vendor: str
+    model: type[Model],
+    names: tuple[str, ...],
+    where: str,
+    lock: bool,
+    join: str,
+    scalars: tuple[str, ...],
+    order_by: tuple[str, ...],
+    limit: int | None,
+    vendor: str,
 ) -> tuple[str, tuple]:
     table = model._meta.db_table
     fields = [_field(model, name) for name in names]
@@ -142,10 +204,12 @@ def _select_sql(
         for field in other._meta.concrete_fields:
             columns.append(f"{_quote(other_table)}.{_quote(field.column)}")
             converters.append(_converters(field, other_table))
-    for scalar_sql, field in scalars:
-        columns.append(scalar_sql)
-        converters.append(_converters(field, field.model._meta.db_table))
+    columns += scalars
     sql = f"SELECT {', '.join(columns)} FROM {source} WHERE {where}"  # noqa: S608 (as above)
+    if order_by:
+        sql += f" ORDER BY {_order(model, order_by)}"
+    if limit is not None:
+        sql += f" LIMIT {int(limit)}"
     if lock and connection.features.has_select_for_update:
         sql += (
             f" FOR UPDATE OF {_quote(table)}"
@@ -155,6 +219,9 @@ def _select_sql(
     return sql, tuple(converters)
 
 
+Also = Scalar | Exists
+
+
 def _select(
     model: type[Model],
     names: tuple[str, ...],
@@ -162,27 +229,35 @@ def _select(
     *,
     for_update: bool = False,
     join: str = "",
-    also: Mapping[str, Scalar] | None = None,
-) -> list | None:
-    also = also or {}
+    also: Mapping[str, Also] | None = None,
+    order_by: tuple[str, ...] = (),
+    limit: int | None = None,
+    many: bool = False,
+) -> list:
+    """The matching rows' converted values (`many`), or the one row's ([] for none)."""
+    extras = tuple((also or {}).values())
     scalars, params = [], []
-    for scalar in also.values():
-        scalar_sql, scalar_params = scalar.sql()
-        scalars.append((scalar_sql, _field(scalar.model, scalar.name)))
-        params += scalar_params
+    for extra in extras:
+        extra_sql, extra_params = extra.sql(model)
+        scalars.append(extra_sql)
+        params += extra_params
     where_sql, where_params = _where(model, where, model._meta.db_table)
-    sql, converters = _select_sql(model, names, where_sql, for_update, join, tuple(scalars), connection.vendor)
+    sql, converters = _select_sql(
+        model, names, where_sql, for_update, join, tuple(scalars), order_by, limit, connection.vendor
+    )
     with connection.cursor() as cursor:
         cursor.execute(sql, params + where_params)
-        row = cursor.fetchone()
-    if row is None:
-        return None
-    values = []
-    for value, (functions, column) in zip(row, converters, strict=True):
-        for function in functions:
-            value = function(value, column, connection)
-        values.append(value)
-    return values
+        rows = cursor.fetchall() if many else [row] if (row := cursor.fetchone()) is not None else []
+    fixed = len(converters)
+    converted = []
+    for row in rows:
+        values = [
+            _convert(value, converter) if converter[0] else value
+            for value, converter in zip(row[:fixed], converters, strict=True)
+        ]
+        values += [extra.convert(value) for extra, value in zip(extras, row[fixed:], strict=True)]
+        converted.append(values)
+    return converted if many else (converted[0] if converted else [])
 
 
 def select_row(
@@ -191,7 +266,7 @@ def select_row(
     where: Mapping[str, Any],
     *,
     for_update: bool = False,
-    also: Mapping[str, Scalar] | None = None,
+    also: Mapping[str, Also] | None = None,
 ) -> dict | None:
     """The one row matching `where` as {name: value} (converted as the ORM would), or None.
 
@@ -201,9 +276,16 @@ def select_row(
     """
     names = tuple(names)
     values = _select(model, names, where, for_update=for_update, also=also)
-    if values is None:
+    if not values:
         return None
     return dict(zip((*names, *(also or {})), values, strict=True))
+
+
+def select_rows(
+    model: type[Model], names: Iterable[str], where: Mapping[str, Any], *, order_by: Iterable[str] = ()
+) -> list[tuple]:
+    """Every row matching `where`, as tuples of `names`' values (as `values_list(*names)` gives them)."""
+    return [tuple(values) for values in _select(model, tuple(names), where, order_by=tuple(order_by), many=True)]
 
 
 @functools.cache
@@ -212,15 +294,22 @@ def _attnames(model: type[Model]) -> tuple[str, ...]:
 
 
 def select_instance(
-    model: type[M], where: Mapping[str, Any], *, related: str = "", also: Mapping[str, Scalar] | None = None
+    model: type[M],
+    where: Mapping[str, Any],
+    *,
+    related: str = "",
+    also: Mapping[str, Also] | None = None,
+    order_by: Iterable[str] = (),
 ) -> M | None:
     """The one instance matching `where`, every concrete field loaded (as `Model.from_db` loads a
     queryset's row); with `related`, that foreign key's row too, in the same statement (as
     `select_related(related)` does, through an inner join). `also`'s values, read in the same
-    statement, are the instance's `read_with` dict."""
+    statement, are the instance's `read_with` dict. With `order_by`, the first of the matching
+    rows in that order (`.order_by(...).first()`)."""
     names = _attnames(model)
-    values = _select(model, names, where, join=related, also=also)
-    if values is None:
+    order = tuple(order_by)
+    values = _select(model, names, where, join=related, also=also, order_by=order, limit=1 if order else None)
+    if not values:
         return None
     instance = model.from_db("default", names, values[: len(names)])
     rest = values[len(names) :]

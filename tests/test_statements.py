@@ -90,3 +90,56 @@ def test_an_instance_loads_every_field_as_a_queryset_would(owner, client_acme):
         getattr(orm, f.attname) for f in ApiToken._meta.concrete_fields
     ]
     assert statements.select_instance(ApiToken, {"token_hash": "no such hash", "revoked_at": None}) is None
+
+
+def _pending_stream():
+    from sessions_app.models import ContextStream
+
+    return statements.Exists(
+        ContextStream,
+        {
+            "session": statements.Outer("session_id"),
+            "settled_at": None,
+            "target_model": statements.Outer("current_model"),
+        },
+    )
+
+
+def test_the_first_instance_in_order_with_a_correlated_exists_reads_as_the_queryset(owner, client_acme):
+    older = services.session_start(user=owner, client=client_acme, model="ollama:llama3.2")
+    newer = services.session_start(user=owner, client=client_acme, model="ollama:llama3.2")
+    where = {"user": owner.pk, "domain": client_acme.pk}
+    for session in (older, newer):
+        services.session_switch(session_id=session.pk, user=owner, model="ollama:mistral")  # a stream waits
+    services.session_end(session_id=newer.pk, user=owner)
+    now = timezone.now()
+    ChatSession.objects.filter(pk=newer.pk).update(last_activity_at=now)
+    # The older session is the more recent now, and its stream no longer applies.
+    ChatSession.objects.filter(pk=older.pk).update(
+        last_activity_at=now + timedelta(seconds=1), current_model="ollama:x"
+    )
+
+    for order, expected in ((("-last_activity_at",), older), (("last_activity_at",), newer)):
+        loaded = statements.select_instance(
+            ChatSession, where, related="domain", order_by=order, also={"pending": _pending_stream()}
+        )
+        orm = services.with_pending_stream(ChatSession.objects.filter(**where)).order_by(*order).first()
+        assert loaded is not None and orm is not None and loaded.pk == orm.pk == expected.pk
+        assert loaded.read_with["pending"] is orm.has_pending_stream is (expected == newer)  # type: ignore[attr-defined]
+        assert loaded.domain == client_acme and loaded.total_messages == orm.total_messages
+    assert (
+        statements.select_instance(ChatSession, {**where, "user": owner.pk + 1000}, order_by=("-last_activity_at",))
+        is None
+    )
+
+
+def test_selected_rows_are_the_values_list_in_order(session, owner):
+    for content in ("one", "two's", "три"):
+        services.session_append_history(
+            session_id=session.pk, user=owner, messages=[{"role": "user", "content": content}]
+        )
+    names = ("seq", "role", "content", "model", "status", "hash", "timestamp")
+    rows = statements.select_rows(SessionMessage, names, {"session": session.pk}, order_by=("seq",))
+    assert rows == list(SessionMessage.objects.filter(session=session).order_by("seq").values_list(*names))
+    assert [row[2] for row in rows] == ["one", "two's", "три"] and rows[0][-1].tzinfo is not None
+    assert statements.select_rows(SessionMessage, names, {"session": uuid.uuid4()}) == []

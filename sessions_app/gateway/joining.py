@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -27,6 +28,7 @@ from django.db import connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
+from config import statements
 from providers.base import ChatMessage
 from sessions_app import services
 from sessions_app.errors import SessionError
@@ -239,20 +241,7 @@ class Remembered:
         """The remembered session, if `chat` continues it exactly (taken out: see the class)."""
         with self._lock:
             known = self._entries.pop(token.pk, None)
-        if known is None:
-            return None
-        session = known.session
-        # The conditions `_plan` puts on the session it would choose: this token's, live, the
-        # same system prompt and model, and a history that is exactly its conversation.
-        if (
-            (session.domain_id, session.user_id, session.api_token_id) == (token.client_id, token.user_id, token.pk)
-            and _is_live(session, _idle_cutoff())
-            and same_model(session.current_model, chat.model_name)
-            and _same(session.system_prompt, chat.system)
-            and _continued_exactly(known.rows, chat)[1]
-        ):
-            return known
-        return None
+        return known if known is not None and _continues(token, known, chat) else None
 
     def clear(self) -> None:
         with self._lock:
@@ -260,6 +249,60 @@ class Remembered:
 
 
 remembered = Remembered()
+
+
+def _continues(token: ApiToken, known: services.KnownSession, chat: ChatRequest) -> bool:
+    """The conditions `_plan` puts on the session it would choose first: this token's, live, the
+    same system prompt and model, and a history that is exactly its conversation."""
+    session = known.session
+    return (
+        (session.domain_id, session.user_id, session.api_token_id) == (token.client_id, token.user_id, token.pk)
+        and _is_live(session, _idle_cutoff())
+        and same_model(session.current_model, chat.model_name)
+        and _same(session.system_prompt, chat.system)
+        and _continued_exactly(known.rows, chat)[1]
+    )
+
+
+def is_first_message(chat: ChatRequest) -> bool:
+    """A call with no earlier turns: no stored conversation can match it."""
+    return not any(message["role"] != "system" for message in chat.history)
+
+
+def last_conversation(token: ApiToken) -> services.KnownSession | None:
+    """The token's most recently active session and its messages, as stored, in two prepared
+    statements: what `remembered` holds in the process that answered the token's last call."""
+    session = statements.select_instance(
+        ChatSession,
+        {"api_token": token.pk, "user": token.user_id, "domain": token.client_id},
+        related="domain",
+        order_by=("-last_activity_at",),
+        also={"has_pending_stream": services.PENDING_STREAM},
+    )
+    if session is None:
+        return None
+    session.has_pending_stream = session.read_with["has_pending_stream"]  # type: ignore[attr-defined]
+    rows = statements.select_rows(SessionMessage, services.TURN_ROW_FIELDS, {"session": session.pk}, order_by=("seq",))
+    return services.KnownSession(session, rows)
+
+
+def recollections(token: ApiToken, chat: ChatRequest) -> Iterator[services.KnownSession]:
+    """Sessions the call may continue without being planned, in the order to try them.
+
+    First the session this process remembers for the token; then, when it has none or the
+    claim finds it stale (another process answered the token since: a restart, or a front
+    that sent the call elsewhere), the token's last session as stored, two statements where
+    `_plan` reads the token's recent sessions and messages through the ORM. Each must still
+    be claimed with `only_if_current`; when neither holds, the call is planned.
+    """
+    known = remembered.recall(token, chat)
+    if known is not None:
+        yield known
+    if is_first_message(chat):
+        return
+    stored = last_conversation(token)
+    if stored is not None and _continues(token, stored, chat):
+        yield stored
 
 
 def _lock_token(token: ApiToken) -> None:
@@ -287,7 +330,7 @@ def gateway_join(*, token: ApiToken, chat: ChatRequest) -> tuple[ChatSession, se
     if token.client_id is None:
         raise GatewayError(400, TOKEN_WITHOUT_CLIENT, code="token_without_client")
     user = token.user
-    if not any(message["role"] != "system" for message in chat.history):
+    if is_first_message(chat):
         # A first message: no stored conversation can match it (`_plan` would read the token's
         # sessions and their messages to find none), and no other call can join it. A session of its own.
         with transaction.atomic():

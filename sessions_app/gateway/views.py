@@ -40,7 +40,7 @@ from sessions_app.gateway.common import (
     model_ref,
     read_json,
 )
-from sessions_app.gateway.joining import gateway_join, remembered
+from sessions_app.gateway.joining import gateway_join, recollections, remembered
 
 # What /api/version reports: the Ollama API level the gateway speaks (clients gate features on it).
 OLLAMA_API_VERSION = "0.12.0"
@@ -185,17 +185,17 @@ def _prepare_turn(token, body: bytes, parse: Callable[[dict], ChatRequest | None
 
 def _begin_remembered(token, chat: ChatRequest) -> tuple[Any, Any] | None:
     """(session, turn) begun in the session the token's last call was answered in, when this call
-    continues it and it has not moved on since; None: plan the call (`gateway_join`)."""
-    known = remembered.recall(token, chat)
-    if known is None:
-        return None
-    try:
-        start = services.begin_turn(
-            session_id=known.session.pk, user=token.user, message=chat.message, known=known, only_if_current=True
-        )
-    except services.KnownIsStale:
-        return None  # nothing was written
-    return known.session, start
+    continues it and it has not moved on since (`joining.recollections`); None: plan the call
+    (`gateway_join`)."""
+    for known in recollections(token, chat):
+        try:
+            start = services.begin_turn(
+                session_id=known.session.pk, user=token.user, message=chat.message, known=known, only_if_current=True
+            )
+        except services.KnownIsStale:
+            continue  # nothing was written
+        return known.session, start
+    return None
 
 
 @dataclass

@@ -19,6 +19,7 @@ package is split by lifecycle; callers import from here:
 
 from sessions_app.events import TURN_ROW_FIELDS, KnownIsStale, KnownSession
 from sessions_app.services.claims import (
+    PENDING_STREAM,
     _check_writable,
     _claim_or_explain,
     _release_claim,
@@ -162,6 +163,7 @@ __all__ = [
     "NAME_LIMIT",
     "NAME_TOO_LONG",
     "NOT_TEXT",
+    "PENDING_STREAM",
     "PROVIDER_FAILED",
     "PROVIDER_TIMED_OUT",
     "REASON_LIMIT",

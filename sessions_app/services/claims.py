@@ -108,6 +108,13 @@ def with_pending_stream(sessions):
     return sessions.annotate(has_pending_stream=Exists(pending))
 
 
+# `with_pending_stream`'s condition as a column of a prepared statement (`config.statements`).
+PENDING_STREAM = statements.Exists(
+    ContextStream,
+    {"session": statements.Outer("session_id"), "settled_at": None, "target_model": statements.Outer("current_model")},
+)
+
+
 def _claim_fields(now: datetime) -> dict[str, Any]:
     """What claiming a session for one answer writes: the claim, the activity, the user message's count."""
     return {

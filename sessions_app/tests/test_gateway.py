@@ -531,7 +531,7 @@ def test_a_session_ended_between_the_join_and_the_turn_is_joined_again(ollama_cl
         return session, known
 
     monkeypatch.setattr(views, "gateway_join", join_then_end)
-    views.remembered.clear()  # as in another process, which did not answer the first call
+    monkeypatch.setattr(views, "recollections", lambda token, chat: iter(()))  # the call is planned
     history += [{"role": "assistant", "content": answer}, {"role": "user", "content": "After the race"}]
     body = json.dumps({"model": "llama3.2", "messages": history}).encode()
     _token, _data, _chat, session, start = views._prepare(acme_token[1], body, ollama_wire.parse_chat)
@@ -572,6 +572,57 @@ def test_a_call_continuing_the_conversation_this_process_answered_reads_no_other
     assert not any('"ollama_streaming_sessions"."api_token_id"' in sql for sql in reads), reads
     # One read in all: the token, its user and the catalogue's version, in one statement.
     assert len(reads) == 1 and '"api_tokens"' in reads[0] and "model_catalogue_version" in reads[0], reads
+
+
+def test_a_call_continuing_a_conversation_another_process_answered_reads_two_rows_sets(ollama_client, acme_token):
+    """This process does not remember the token (another answered its last call, or it restarted):
+    the token's last session and its messages are read in two statements, and the call continues
+    it without the plan's reads of the token's recent sessions."""
+    from django.test.utils import CaptureQueriesContext
+
+    from sessions_app.gateway.joining import remembered
+
+    history = [{"role": "user", "content": "Remember me"}]
+    answer = ollama_client.chat(model="llama3.2", messages=history, stream=False).message.content
+    first = gateway_sessions(acme_token[0]).get()
+    history += [{"role": "assistant", "content": answer}, {"role": "user", "content": "And now?"}]
+    remembered.clear()
+
+    with CaptureQueriesContext(connection) as queries:
+        session, start = _prepare_only(acme_token[1], history)
+
+    assert session.pk == first.pk and start.user_message.seq == 3
+    reads = [q["sql"] for q in queries.captured_queries if q["sql"].lstrip().upper().startswith("SELECT")]
+    assert len(reads) == 3, reads  # the token; its last session (LIMIT 1); that session's messages
+    assert "LIMIT 1" in reads[1] and "ollama_session_messages" in reads[2], reads
+    assert not any("FOR UPDATE" in q["sql"] for q in queries.captured_queries), queries.captured_queries
+
+
+def test_a_stale_memory_falls_back_to_the_stored_conversation(ollama_client, acme_token):
+    """The remembered session moved on in another process, and the call continues what is stored
+    now: it is placed from the stored conversation, not planned, and nothing is branched."""
+    from sessions_app.gateway.joining import remembered
+
+    history = [{"role": "user", "content": "First question"}]
+    answer = ollama_client.chat(model="llama3.2", messages=history, stream=False).message.content
+    memory = dict(remembered._entries)
+    remembered.clear()  # the second call is answered "elsewhere"
+    history += [{"role": "assistant", "content": answer}, {"role": "user", "content": "Second question"}]
+    second = ollama_client.chat(model="llama3.2", messages=history, stream=False).message.content
+    remembered._entries.update(memory)  # this process still remembers the session after the first call
+
+    history += [{"role": "assistant", "content": second}, {"role": "user", "content": "Third question"}]
+    session, start = _prepare_only(acme_token[1], history)
+
+    assert gateway_sessions(acme_token[0]).count() == 1 and session == gateway_sessions(acme_token[0]).get()
+    assert start.user_message.seq == 5
+    assert [content for _, content in stored(session)] == [
+        "First question",
+        answer,
+        "Second question",
+        second,
+        "Third question",
+    ]
 
 
 def test_a_first_message_starts_its_session_without_reading_the_tokens_others(ollama_client, acme_token):
