@@ -12,8 +12,8 @@ They keep what the ORM guarantees for these rows: values are converted by their 
 results by the fields' and the backend's converters, and `insert` sends `pre_save` and
 `post_save` as `save()` does (the invoice lock in `sessions_app/locks.py` listens there).
 
-Use them only for a statement that runs on every turn; everything else reads better as a
-queryset. Conditions are equalities (`None` means IS NULL, `Outer(name)` the outer row's
+Use them only for a statement that runs on every turn or gateway call; everything else reads
+better as a queryset. Conditions are equalities (`None` means IS NULL, `Outer(name)` the outer row's
 column in a subquery); `add` increments a column; `order_by` takes names, `-` for descending.
 """
 

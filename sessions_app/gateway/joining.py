@@ -333,6 +333,8 @@ def gateway_join(*, token: ApiToken, chat: ChatRequest) -> tuple[ChatSession, se
     if is_first_message(chat):
         # A first message: no stored conversation can match it (`_plan` would read the token's
         # sessions and their messages to find none), and no other call can join it. A session of its own.
+        if not chat.history:
+            return _known_empty(_new_session(token, chat, []))
         with transaction.atomic():
             return _new_session(token, chat, chat.history), None
     plan = _plan(token, chat)
@@ -375,6 +377,13 @@ def _new_session(token: ApiToken, chat: ChatRequest, history: list[ChatMessage])
     if history:
         services.session_append_history(session_id=target.pk, user=token.user, messages=history)
     return target
+
+
+def _known_empty(session: ChatSession) -> tuple[ChatSession, services.KnownSession]:
+    """A session just started, with nothing stored and no context stream waiting: the turn
+    that follows claims it without reading it again (`services.begin_turn(known=...)`)."""
+    session.has_pending_stream = False  # type: ignore[attr-defined]
+    return session, services.KnownSession(session, [])
 
 
 def _switch(session: ChatSession, user, model: str) -> ChatSession:

@@ -14,6 +14,7 @@ from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from billing import budgets
+from config import statements
 from config.dbthread import db_sync_to_async
 from sessions_app import integrity
 from sessions_app.errors import (
@@ -106,21 +107,25 @@ def session_start(
     budgets.budget_check(client_id=domain.pk, model=model_name)  # a paid model for a client over budget
     brand_obj = _resolve_brand(brand, domain)
     now = timezone.now()
+    session = ChatSession(
+        user=user,
+        domain=domain,
+        brand=brand_obj,
+        name=name,
+        system_prompt=system_prompt,
+        started_at=now,
+        last_activity_at=now,
+        primary_model=model_name,
+        current_model=model_name,
+        source=source,
+        api_token=api_token,
+    )
+    # Every gateway conversation starts here: prepared statements, as `save()` would store them.
     with transaction.atomic():
-        session = ChatSession.objects.create(
-            user=user,
-            domain=domain,
-            brand=brand_obj,
-            name=name,
-            system_prompt=system_prompt,
-            started_at=now,
-            last_activity_at=now,
-            primary_model=model_name,
-            current_model=model_name,
-            source=source,
-            api_token=api_token,
+        statements.insert(session)
+        statements.insert(
+            SessionSegment(session=session, domain=domain, brand=brand_obj, model=model_name, started_at=now)
         )
-        SessionSegment.objects.create(session=session, domain=domain, brand=brand_obj, model=model_name, started_at=now)
     return session
 
 

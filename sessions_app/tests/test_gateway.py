@@ -637,6 +637,9 @@ def test_a_first_message_starts_its_session_without_reading_the_tokens_others(ol
     sql = [q["sql"] for q in queries.captured_queries]
     assert not any('"ollama_streaming_sessions"."api_token_id" =' in q and q.startswith("SELECT") for q in sql), sql
     assert not any("FOR UPDATE" in q and '"api_tokens"' in q for q in sql), sql  # no lock on the token
+    # The turn claims the session it has just started without reading it or its (no) messages again.
+    selects = [q for q in sql if q.startswith("SELECT")]
+    assert not any("ollama_session_messages" in q or "ollama_streaming_sessions" in q for q in selects), selects
 
 
 def test_a_remembered_session_that_moved_on_elsewhere_is_planned_afresh(ollama_client, acme_token, owner):
