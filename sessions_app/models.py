@@ -188,6 +188,8 @@ class ChatSession(models.Model):
             models.Index(fields=["domain", "started_at"], name="session_client_start_idx"),
             # Reports bill a session in the period where it ended.
             models.Index(fields=["ended_at"], name="session_ended_idx"),
+            # A gateway call looks for its token's most recent sessions (`gateway/joining.py`).
+            models.Index(fields=["api_token", "-last_activity_at"], name="session_token_activity_idx"),
         ]
 
     def __str__(self) -> str:
