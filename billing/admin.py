@@ -224,8 +224,19 @@ class BrandInline(admin.TabularInline):
         return format_html("{}{}{}", swatch(obj.primary_color), swatch(obj.accent_color), swatch(obj.background_color))
 
 
+class OneBudgetVersion:
+    """A changelist with a budget column: the budgets' version is read once for all its rows."""
+
+    def changelist_view(self, request, extra_context=None):
+        with budgets.budgets_at(budgets.read_version()):
+            response = super().changelist_view(request, extra_context)  # type: ignore[misc]
+            if hasattr(response, "render"):
+                response.render()  # the rows' budget cells are computed while it renders
+            return response
+
+
 @admin.register(ClientDomain)
-class ClientDomainAdmin(admin.ModelAdmin):
+class ClientDomainAdmin(OneBudgetVersion, admin.ModelAdmin):
     form = ClientDomainForm
     list_display = (
         "name",
@@ -697,7 +708,7 @@ class ClientBudgetForm(forms.ModelForm):
 
 
 @admin.register(ClientBudget)
-class ClientBudgetAdmin(admin.ModelAdmin):
+class ClientBudgetAdmin(OneBudgetVersion, admin.ModelAdmin):
     form = ClientBudgetForm
     list_display = ("client", "month_label", "limit_text", "hours_limit", "use_now")
     list_filter = ("client",)

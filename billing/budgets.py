@@ -16,33 +16,47 @@ The rule, in one place (docs/BILLING.md states it for people):
   hours limit warns but never refuses: refusing paid models would not stop the hours.
 
 The check at a paid turn's start is the hot path: with no budget for the client it costs no
-query (the budgets and rates are cached per process, and every change to them bumps a version
-in the shared cache that all processes read); with one, it costs one aggregate query.
+query of its own (the budgets, clients, terms and rates are cached per process, and every
+change to them gives the `budgets` row of `model_catalogue_version` a new version in the same
+transaction; the gateway reads it in the statement that reads the token, `budgets_at`); with
+one, it costs one aggregate query.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import datetime as dt
 import functools
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.core.cache import cache
 from django.core.mail import send_mail
 from django.db import IntegrityError, transaction
 from django.db.models import Count, DateTimeField, F, Q, Sum, Value
 from django.db.models.functions import Greatest, Least
 from django.utils import timezone
 
-from billing.models import BudgetAlert, ClientBudget, ClientDomain, ClientTerms, ExchangeRate
+from billing.models import (
+    BUDGETS_KEY,
+    BudgetAlert,
+    CatalogueVersion,
+    ClientBudget,
+    ClientDomain,
+    ClientTerms,
+    ExchangeRate,
+    new_version,
+)
 from billing.money import format_money, format_plain, quantize, quantize_cents, to_decimal
 from billing.reports import BASE_CURRENCY, HUNDRED, ZERO, RateBook, TermsBook, billing_tz, month_bounds
 from billing.selectors import rate_in_force
+from config import statements
 from providers.naming import parse_model
 from sessions_app.errors import SessionError
 from sessions_app.models import SessionMessage, SessionSegment
@@ -51,8 +65,7 @@ log = logging.getLogger(__name__)
 
 WARN_AT = 80
 STOP_AT = 100
-CACHE_SECONDS = 300  # a backstop: changes are seen at once through the shared version
-VERSION_KEY = "billing:budgets:version"
+CACHE_SECONDS = 300  # a backstop: changes are seen at once through the version
 
 ERR_BUDGET_EXCEEDED = (
     "{client} has used {used} of its {limit} paid-model budget for {month}: paid models are paused "
@@ -183,32 +196,62 @@ class BudgetState:
 # --- The per-process cache ----------------------------------------------------------------
 
 _lock = threading.Lock()
-_local: dict = {"version": None, "loaded": 0.0, "budgets": {}, "clients": {}, "rates": None}
+_NOT_LOADED = object()
+_local: dict = {"version": _NOT_LOADED, "loaded": 0.0, "budgets": {}, "clients": {}, "rates": None}
+# The version a caller has read with its own statement (`budgets_at`); _NOT_LOADED: read it.
+_pinned: contextvars.ContextVar = contextvars.ContextVar("budgets_version", default=_NOT_LOADED)
 
 
 def budgets_changed(**_kwargs) -> None:
-    """Every process forgets its cached budgets, clients and rates (connected to their saves)."""
-    try:
-        cache.set(VERSION_KEY, time.time_ns(), timeout=None)
-    except Exception:  # the shared cache is down: this process still forgets
-        log.warning("could not bump the budget cache version", exc_info=True)
+    """In the writer's transaction (connected to the saves of budgets, clients, terms and rates):
+    every process's cached copies go stale with it."""
+    new_version(BUDGETS_KEY)
     with _lock:
-        _local["version"] = None
+        _local["version"] = _NOT_LOADED
+
+
+def budgets_version_column() -> statements.Scalar:
+    """The budgets' version as a column of another statement (`statements.select_row(also=...)`)."""
+    return statements.Scalar(CatalogueVersion, "version", {"key": BUDGETS_KEY})
+
+
+@contextlib.contextmanager
+def budgets_at(version: object) -> Iterator[None]:
+    """A block in which budget checks use `version`, read with `budgets_version_column()`."""
+    token = _pinned.set(version)
+    try:
+        yield
+    finally:
+        _pinned.reset(token)
+
+
+def read_version() -> object:
+    """The budgets' version as stored now (one prepared statement)."""
+    row = statements.select_row(CatalogueVersion, ("version",), {"key": BUDGETS_KEY})
+    return row["version"] if row is not None else None
+
+
+def one_version(func):
+    """`func` reads the budgets' version once, whatever it uses of the cache (not at all when a
+    caller pinned one with `budgets_at`)."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        if _pinned.get() is not _NOT_LOADED:
+            return func(*args, **kwargs)
+        with budgets_at(read_version()):
+            return func(*args, **kwargs)
+
+    return wrapper
 
 
 def _fresh() -> dict:
-    """The cached budgets per client, reloaded when another process changed them (or after a while)."""
-    try:
-        version = cache.get(VERSION_KEY)
-        if version is None:
-            # No process has changed a budget since the cache started: give it a version now,
-            # or every turn would find "no version" and read the budgets again.
-            cache.add(VERSION_KEY, time.time_ns(), timeout=None)
-            version = cache.get(VERSION_KEY)
-    except Exception:
-        version = "unavailable"
+    """The cached budgets per client, reloaded when any process changed them (or after a while)."""
+    version = _pinned.get()
+    if version is _NOT_LOADED:
+        version = read_version()
     with _lock:
-        stale = _local["version"] is None or version != _local["version"]
+        stale = _local["version"] is _NOT_LOADED or version != _local["version"]
         if stale or time.monotonic() - _local["loaded"] > CACHE_SECONDS:
             budgets: dict = {}
             for row in ClientBudget.objects.order_by("client_id", "-month").values(
@@ -292,6 +335,7 @@ def _hours_used(client_id, start: dt.datetime, end: dt.datetime, now: dt.datetim
     return quantize(Decimal(seconds) / Decimal(3600), 2)
 
 
+@one_version
 def budget_state(*, client_id, now: dt.datetime | None = None, with_hours: bool = False) -> BudgetState | None:
     """The client's budget and use this month, or None when it has no budget."""
     now = now or timezone.now()
@@ -432,6 +476,7 @@ def _deliver(subject: str, body: str, recipients: list[str]) -> None:
         log.exception("budget alert email could not be sent: %s", subject)
 
 
+@one_version
 def budget_overview(*, now: dt.datetime | None = None) -> list[BudgetState]:
     """Every client with a budget this month, with cost and hours used (monitoring page, admin)."""
     now = now or timezone.now()

@@ -237,13 +237,14 @@ class Brand(models.Model):
         return self.FONT_STACKS.get(self.font, self.FONT_STACKS["system"])
 
 
-CATALOGUE_KEY = "catalogue"
+CATALOGUE_KEY = "catalogue"  # prices and aliases (`billing.catalogue`)
+BUDGETS_KEY = "budgets"  # budgets, clients, terms and exchange rates (`billing.budgets`)
 
 
 class CatalogueVersion(models.Model):
-    """One row: a new random `version` each time a price or alias is written, in the same
-    transaction, so every process sees at once that its cached catalogue is stale
-    (`billing.catalogue`)."""
+    """One row per cache every process keeps (`key`): a new random `version` each time what it
+    caches is written, in the same transaction, so every process sees at once that its copy
+    is stale (`new_version`)."""
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     key = models.CharField(max_length=20, unique=True, default=CATALOGUE_KEY)
@@ -256,11 +257,15 @@ class CatalogueVersion(models.Model):
         return f"catalogue version {self.version}"
 
 
-def catalogue_changed() -> None:
-    """Inside the writer's transaction: give the catalogue a new version (creating its row)."""
+def new_version(key: str) -> None:
+    """Inside the writer's transaction: give the cache `key` a new version (creating its row)."""
     new = uuid.uuid4()
-    if not CatalogueVersion.objects.filter(key=CATALOGUE_KEY).update(version=new):
-        CatalogueVersion.objects.update_or_create(key=CATALOGUE_KEY, defaults={"version": new})
+    if not CatalogueVersion.objects.filter(key=key).update(version=new):
+        CatalogueVersion.objects.update_or_create(key=key, defaults={"version": new})
+
+
+def catalogue_changed() -> None:
+    new_version(CATALOGUE_KEY)
 
 
 class CatalogueQuerySet(models.QuerySet):

@@ -11,13 +11,13 @@ import pytest
 from django.core import mail
 from django.core.management import call_command
 from django.core.management.base import CommandError
-from django.db import connection
+from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from billing import budgets
 from billing.budgets import ERR_BUDGET_EXCEEDED, BudgetExceeded, budget_state
-from billing.models import BudgetAlert, ClientBudget, ExchangeRate
+from billing.models import BUDGETS_KEY, BudgetAlert, ClientBudget, ExchangeRate, new_version
 from sessions_app import services
 from sessions_app.models import ChatSession, SessionMessage
 from tests.factories import ClientFactory, MessageFactory, SessionFactory
@@ -125,12 +125,51 @@ def test_the_check_costs_no_query_without_a_budget_and_one_with(db, client_acme,
     ClientBudget.objects.create(client=client_globex, month=month(), llm_limit=Decimal("1"))
     budgets.budget_check(client_id=client_acme.pk, model=PAID)  # warm the process cache
     budgets.budget_check(client_id=client_globex.pk, model=PAID)
-    with CaptureQueriesContext(connection) as free:
+    version = budgets.read_version()
+    # As the gateway checks: the budgets' version read with the token (`budgets_at`).
+    with budgets.budgets_at(version), CaptureQueriesContext(connection) as free:
         budgets.budget_check(client_id=client_acme.pk, model=PAID)
         budgets.budget_check(client_id=client_globex.pk, model=FREE)
-    with CaptureQueriesContext(connection) as limited:
+    with budgets.budgets_at(version), CaptureQueriesContext(connection) as limited:
         budgets.budget_check(client_id=client_globex.pk, model=PAID)
     assert (len(free), len(limited)) == (0, 1)
+    # Elsewhere the version costs one small read per check, and a free model none.
+    with CaptureQueriesContext(connection) as unpinned:
+        budgets.budget_check(client_id=client_acme.pk, model=PAID)
+        budgets.budget_check(client_id=client_globex.pk, model=FREE)
+    assert len(unpinned) == 1 and "model_catalogue_version" in unpinned[0]["sql"]
+
+
+def test_a_budget_set_in_another_process_refuses_this_ones_very_next_paid_check(budgeted, settings):
+    """The budgets' version lives in the database, renewed in the writer's transaction: no shared
+    cache is needed to see another process's edit, and a Redis outage cannot hide one."""
+    settings.CACHES = {  # the shared cache is down (nothing listens on the discard port)
+        "default": {
+            "BACKEND": "config.resilience.ResilientRedisCache",
+            "LOCATION": "redis://127.0.0.1:9/3",
+            "OPTIONS": {"socket_connect_timeout": 1, "socket_timeout": 1},
+        }
+    }
+    client_id = budgeted.domain_id
+    state = budgets.budget_check(client_id=client_id, model=PAID)  # 7.99 of 10.00, now cached
+    assert state is not None and not state.exceeded
+    # Another process lowers the budget: its save renews the version; this process's cache is untouched.
+    ClientBudget.objects.filter(client_id=client_id).update(llm_limit=Decimal("5.00"))
+    with transaction.atomic():
+        new_version(BUDGETS_KEY)
+    with pytest.raises(BudgetExceeded):
+        budgets.budget_check(client_id=client_id, model=PAID)
+
+
+def test_every_budget_client_terms_or_rate_write_renews_the_budgets_version(db, client_acme):
+    before = budgets.read_version()
+    ClientBudget.objects.create(client=client_acme, month=month(), llm_limit=Decimal("10.00"))
+    after_budget = budgets.read_version()
+    ExchangeRate.objects.create(currency="EUR", effective_from=timezone.now(), usd_rate=Decimal("0.9"))
+    after_rate = budgets.read_version()
+    client_acme.name = "Acme Renamed"
+    client_acme.save()
+    assert len({before, after_budget, after_rate, budgets.read_version()}) == 4
 
 
 def test_the_rest_api_answers_402_with_the_error_shape(budgeted, owner_client, client_acme, use_simulator):

@@ -21,6 +21,7 @@ from django.db import OperationalError
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
+from billing.budgets import budgets_at, budgets_version_column
 from billing.catalogue import catalogue_at, catalogue_version_column
 from config.dbthread import db_sync_to_async
 from config.logmask import mask
@@ -145,10 +146,14 @@ def _prepare(raw: str, body: bytes, parse: Callable[[dict], ChatRequest | None],
     """Authenticate, parse, validate, join the session and begin the turn (its user message
     stored), in one trip to the database thread: the provider is called straight after.
 
-    The catalogue's version (aliases and prices) is read with the token, and holds for the rest.
+    The catalogue's version (aliases and prices) and the budgets' are read with the token, and
+    hold for the rest.
     """
-    token = authenticate_raw(raw, request, also={"catalogue": catalogue_version_column()})
-    with catalogue_at(token.read_with["catalogue"]):  # type: ignore[attr-defined]
+    token = authenticate_raw(
+        raw, request, also={"catalogue": catalogue_version_column(), "budgets": budgets_version_column()}
+    )
+    versions = token.read_with  # type: ignore[attr-defined]
+    with catalogue_at(versions["catalogue"]), budgets_at(versions["budgets"]):
         return _prepare_turn(token, body, parse)
 
 

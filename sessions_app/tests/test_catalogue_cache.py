@@ -12,7 +12,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from billing.catalogue import CatalogueCache, catalogue_cache, catalogue_pinned
-from billing.models import CatalogueVersion, LLMUsage, ModelAlias, ModelPrice
+from billing.models import CATALOGUE_KEY, CatalogueVersion, LLMUsage, ModelAlias, ModelPrice
 from billing.pricing import load_price_list, price_for
 from providers import router
 from providers.naming import ModelRef
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("sound_sessions")
 
 
 def version() -> object:
-    return CatalogueVersion.objects.values_list("version", flat=True).get()
+    return CatalogueVersion.objects.filter(key=CATALOGUE_KEY).values_list("version", flat=True).get()
 
 
 def catalogue_queries(queries) -> list[str]:
@@ -113,7 +113,7 @@ def test_a_turn_reads_no_price_or_alias_rows_when_the_catalogue_is_unchanged(own
         _texts, done = run_chat(session, owner, "Again")
     assert done.message.cost_usd > 0
     assert catalogue_queries(queries.captured_queries) == []
-    reads = [q["sql"] for q in queries.captured_queries if "model_catalogue_version" in q["sql"]]
+    reads = [q["sql"] for q in queries.captured_queries if f"'{CATALOGUE_KEY}'" in q["sql"]]
     assert len(reads) == 2  # once as the turn is claimed, once as its answer is priced:
     assert "FOR UPDATE" in reads[1] or connection.vendor == "sqlite"  # with the locked session row
     assert '"ollama_streaming_sessions"' in reads[1]
@@ -151,10 +151,10 @@ def test_inside_a_pinned_block_lookups_cost_no_query(use_simulator):
 
 def test_a_catalogue_whose_version_row_is_gone_is_read_fresh_and_recreated_by_the_next_edit(use_simulator):
     cache = catalogue_cache()
-    CatalogueVersion.objects.all().delete()
+    CatalogueVersion.objects.filter(key=CATALOGUE_KEY).delete()
     loads = cache.loads
     assert price_for("openai", "gpt-4o") is not None
     assert price_for("openai", "gpt-4o") is not None
     assert cache.loads == loads + 2  # no version to trust: every lookup reads the rows
     ModelPrice.objects.filter(model="gpt-4o").update(source="edited")
-    assert CatalogueVersion.objects.count() == 1
+    assert CatalogueVersion.objects.filter(key=CATALOGUE_KEY).count() == 1
