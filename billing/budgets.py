@@ -46,12 +46,13 @@ from django.utils import timezone
 from billing.models import (
     BUDGETS_KEY,
     BudgetAlert,
-    CatalogueVersion,
     ClientBudget,
     ClientDomain,
     ClientTerms,
     ExchangeRate,
     new_version,
+    stored_version,
+    version_column,
 )
 from billing.money import format_money, format_plain, quantize, quantize_cents, to_decimal
 from billing.reports import BASE_CURRENCY, HUNDRED, ZERO, RateBook, TermsBook, billing_tz, month_bounds
@@ -212,7 +213,7 @@ def budgets_changed(**_kwargs) -> None:
 
 def budgets_version_column() -> statements.Scalar:
     """The budgets' version as a column of another statement (`statements.select_row(also=...)`)."""
-    return statements.Scalar(CatalogueVersion, "version", {"key": BUDGETS_KEY})
+    return version_column(BUDGETS_KEY)
 
 
 @contextlib.contextmanager
@@ -227,8 +228,7 @@ def budgets_at(version: object) -> Iterator[None]:
 
 def read_version() -> object:
     """The budgets' version as stored now (one prepared statement)."""
-    row = statements.select_row(CatalogueVersion, ("version",), {"key": BUDGETS_KEY})
-    return row["version"] if row is not None else None
+    return stored_version(BUDGETS_KEY)
 
 
 def one_version(func):

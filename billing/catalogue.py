@@ -26,7 +26,7 @@ from decimal import Decimal
 from functools import cache
 from pathlib import Path
 
-from billing.models import CATALOGUE_KEY, CatalogueVersion, ModelAlias, ModelPrice
+from billing.models import CATALOGUE_KEY, ModelAlias, ModelPrice, stored_version, version_column
 from config import statements
 from providers.base import ModelInfo
 from providers.naming import ModelRef
@@ -66,10 +66,8 @@ class CatalogueCache:
         return self._checked()
 
     def _checked(self) -> CatalogueSnapshot:
-        # Every turn reads it: one prepared statement.
-        row = statements.select_row(CatalogueVersion, ("version",), {"key": CATALOGUE_KEY})
         # The version is read before the rows: rows newer than it only make the next check reload.
-        return self._at(row["version"] if row is not None else None)
+        return self._at(stored_version(CATALOGUE_KEY))
 
     def _load(self, version: object) -> CatalogueSnapshot:
         self.loads += 1
@@ -127,7 +125,7 @@ def catalogue_pinned():
 
 def catalogue_version_column() -> statements.Scalar:
     """The catalogue's version as a column of another statement (`statements.select_row(also=...)`)."""
-    return statements.Scalar(CatalogueVersion, "version", {"key": CATALOGUE_KEY})
+    return version_column(CATALOGUE_KEY)
 
 
 def catalogue_at(version: object):

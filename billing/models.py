@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import uuid
 from decimal import Decimal
 from typing import TypedDict
@@ -12,6 +13,8 @@ from django.core.validators import MaxValueValidator, MinValueValidator, RegexVa
 from django.db import models, transaction
 from django.db.models import Q
 from django.utils import timezone
+
+from config import statements
 
 
 class Digits(TypedDict):
@@ -262,6 +265,18 @@ def new_version(key: str) -> None:
     new = uuid.uuid4()
     if not CatalogueVersion.objects.filter(key=key).update(version=new):
         CatalogueVersion.objects.update_or_create(key=key, defaults={"version": new})
+
+
+def stored_version(key: str) -> object:
+    """The cache `key`'s version as stored now (one prepared statement; None: no row)."""
+    row = statements.select_row(CatalogueVersion, ("version",), {"key": key})
+    return row["version"] if row is not None else None
+
+
+@functools.cache
+def version_column(key: str) -> statements.Scalar:
+    """The cache `key`'s version as a column of another statement (`statements.select_row(also=...)`)."""
+    return statements.Scalar(CatalogueVersion, "version", {"key": key})
 
 
 def catalogue_changed() -> None:
