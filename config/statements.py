@@ -232,9 +232,8 @@ def _select(
     also: Mapping[str, Also] | None = None,
     order_by: tuple[str, ...] = (),
     limit: int | None = None,
-    many: bool = False,
-) -> list:
-    """The matching rows' converted values (`many`), or the one row's ([] for none)."""
+) -> list[list]:
+    """The matching rows, each the list of its converted values."""
     extras = tuple((also or {}).values())
     scalars, params = [], []
     for extra in extras:
@@ -247,7 +246,7 @@ def _select(
     )
     with connection.cursor() as cursor:
         cursor.execute(sql, params + where_params)
-        rows = cursor.fetchall() if many else [row] if (row := cursor.fetchone()) is not None else []
+        rows = cursor.fetchall()
     fixed = len(converters)
     converted = []
     for row in rows:
@@ -257,7 +256,7 @@ def _select(
         ]
         values += [extra.convert(value) for extra, value in zip(extras, row[fixed:], strict=True)]
         converted.append(values)
-    return converted if many else (converted[0] if converted else [])
+    return converted
 
 
 def select_row(
@@ -275,17 +274,15 @@ def select_row(
     values in the same statement, under its own keys.
     """
     names = tuple(names)
-    values = _select(model, names, where, for_update=for_update, also=also)
-    if not values:
-        return None
-    return dict(zip((*names, *(also or {})), values, strict=True))
+    rows = _select(model, names, where, for_update=for_update, also=also)
+    return dict(zip((*names, *(also or {})), rows[0], strict=True)) if rows else None
 
 
 def select_rows(
     model: type[Model], names: Iterable[str], where: Mapping[str, Any], *, order_by: Iterable[str] = ()
 ) -> list[tuple]:
     """Every row matching `where`, as tuples of `names`' values (as `values_list(*names)` gives them)."""
-    return [tuple(values) for values in _select(model, tuple(names), where, order_by=tuple(order_by), many=True)]
+    return [tuple(values) for values in _select(model, tuple(names), where, order_by=tuple(order_by))]
 
 
 @functools.cache
@@ -308,9 +305,10 @@ def select_instance(
     rows in that order (`.order_by(...).first()`)."""
     names = _attnames(model)
     order = tuple(order_by)
-    values = _select(model, names, where, join=related, also=also, order_by=order, limit=1 if order else None)
-    if not values:
+    rows = _select(model, names, where, join=related, also=also, order_by=order, limit=1 if order else None)
+    if not rows:
         return None
+    values = rows[0]
     instance = model.from_db("default", names, values[: len(names)])
     rest = values[len(names) :]
     if related:

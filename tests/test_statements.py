@@ -92,19 +92,6 @@ def test_an_instance_loads_every_field_as_a_queryset_would(owner, client_acme):
     assert statements.select_instance(ApiToken, {"token_hash": "no such hash", "revoked_at": None}) is None
 
 
-def _pending_stream():
-    from sessions_app.models import ContextStream
-
-    return statements.Exists(
-        ContextStream,
-        {
-            "session": statements.Outer("session_id"),
-            "settled_at": None,
-            "target_model": statements.Outer("current_model"),
-        },
-    )
-
-
 def test_the_first_instance_in_order_with_a_correlated_exists_reads_as_the_queryset(owner, client_acme):
     older = services.session_start(user=owner, client=client_acme, model="ollama:llama3.2")
     newer = services.session_start(user=owner, client=client_acme, model="ollama:llama3.2")
@@ -121,7 +108,7 @@ def test_the_first_instance_in_order_with_a_correlated_exists_reads_as_the_query
 
     for order, expected in ((("-last_activity_at",), older), (("last_activity_at",), newer)):
         loaded = statements.select_instance(
-            ChatSession, where, related="domain", order_by=order, also={"pending": _pending_stream()}
+            ChatSession, where, related="domain", order_by=order, also={"pending": services.PENDING_STREAM}
         )
         orm = services.with_pending_stream(ChatSession.objects.filter(**where)).order_by(*order).first()
         assert loaded is not None and orm is not None and loaded.pk == orm.pk == expected.pk
